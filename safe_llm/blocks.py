@@ -1,0 +1,201 @@
+"""Architecture-independent access to a causal LM's decoder blocks.
+
+Nothing here knows model names. The blocks are the largest ``nn.ModuleList`` of identical
+modules that hold linear layers; what a block receives (hidden states plus the positional and
+keyword arguments the model passes: masks, rotary embeddings, position ids...) is recorded by
+swapping the blocks for recorders and running the model itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from safe_llm.errors import SafeLLMError
+
+PRUNABLE_TYPES = (nn.Linear, Conv1D)
+
+
+class BlockDiscoveryError(SafeLLMError):
+    """The model has no recognisable stack of decoder blocks."""
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Return ``(qualified_name, module_list)`` of the model's decoder blocks.
+
+    Chooses, among ``nn.ModuleList`` s whose children are all of one class and contain linear
+    layers, the one holding the most parameters.
+    """
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        if not any(isinstance(m, PRUNABLE_TYPES) for m in module[0].modules()):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None:
+        raise BlockDiscoveryError(
+            f"{type(model).__name__} has no list of identical blocks with linear layers; "
+            "safe-llm prunes decoder-only transformers"
+        )
+    return best[1], best[2]
+
+
+def prunable_layers(block: nn.Module, ignore: tuple[str, ...] = ()) -> dict[str, nn.Module]:
+    """Linear layers of a block, by name relative to the block, minus ``ignore`` patterns.
+
+    ``ignore`` holds fnmatch patterns matched against the relative name (``mlp.down_proj``).
+    """
+    return {
+        name: module
+        for name, module in block.named_modules()
+        if isinstance(module, PRUNABLE_TYPES)
+        and not any(fnmatch.fnmatch(name, pattern) for pattern in ignore)
+    }
+
+
+def weight_matrix(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as an ``[out, in]`` view (GPT-2's Conv1D stores ``[in, out]``)."""
+    return layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
+
+
+def _map_tensors(value: Any, fn) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(_map_tensors(v, fn) for v in value)
+    if isinstance(value, list):
+        return [_map_tensors(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+def _without_cache(value: Any) -> Any:
+    """Drop KV-cache objects: calibration forwards never use them."""
+    from transformers.cache_utils import Cache
+
+    return None if isinstance(value, Cache) else value
+
+
+@dataclass
+class BlockCall:
+    """The arguments a block receives besides its hidden states, recorded for one window.
+
+    Tensors in them have batch size 1 and broadcast over any batch of windows.
+    """
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    def to(self, device: torch.device) -> BlockCall:
+        return BlockCall(
+            _map_tensors(self.args, lambda t: t.to(device)),
+            _map_tensors(self.kwargs, lambda t: t.to(device)),
+        )
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
+    """Apply a block to ``hidden`` ``[batch, seq, d]``; returns ``[batch, seq, d]``."""
+    out = block(hidden, *call.args, **call.kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Recorder(nn.Module):
+    """Stands in for block ``index``; records its inputs and passes the hidden states on."""
+
+    def __init__(self, index: int, sink: dict, stop: bool):
+        super().__init__()
+        self.index, self.sink, self.stop = index, sink, stop
+
+    def forward(self, hidden, *args, **kwargs):
+        if self.stop:
+            self.sink.setdefault("hidden", []).append(hidden)
+            raise _StopForward
+        args = tuple(_without_cache(a) for a in args)
+        kwargs = {k: _without_cache(v) for k, v in kwargs.items()}
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        self.sink[self.index] = BlockCall(args, kwargs)
+        return hidden
+
+
+class _Swapped:
+    """Context manager: temporarily replace every block with a recorder."""
+
+    def __init__(self, blocks: nn.ModuleList, make):
+        self.blocks, self.make, self.saved = blocks, make, list(blocks)
+
+    def __enter__(self):
+        for i in range(len(self.blocks)):
+            self.blocks[i] = self.make(i)
+
+    def __exit__(self, *exc):
+        for i, block in enumerate(self.saved):
+            self.blocks[i] = block
+
+
+def _non_block_modules_to(model: nn.Module, blocks: nn.ModuleList, device: torch.device):
+    """Move everything but the blocks (embeddings, rotary tables, norms, head) to ``device``."""
+    with _Swapped(blocks, lambda i: nn.Identity()):
+        model.to(device)
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module,
+    windows: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 8,
+    storage_device: torch.device | None = None,
+) -> tuple[torch.Tensor, list[BlockCall]]:
+    """Run the model's embedding stage and record what each block receives.
+
+    Args:
+        windows: token ids ``[n, seq]``.
+        device: where the non-block modules run during capture (moved back afterwards).
+        storage_device: where the returned hidden states live (default ``device``).
+
+    Returns:
+        ``(hidden, calls)``: the first block's input hidden states ``[n, seq, d]`` and, per
+        block, the other arguments it receives (recorded with batch size 1; they broadcast).
+    """
+    _, blocks = find_blocks(model)
+    storage_device = storage_device or device
+    host = next(model.parameters()).device
+    _non_block_modules_to(model, blocks, device)
+    try:
+        calls: dict = {}
+        with _Swapped(blocks, lambda i: _Recorder(i, calls, stop=False)):
+            model(windows[:1].to(device), use_cache=False)
+        sink: dict = {}
+        with _Swapped(blocks, lambda i: _Recorder(i, sink, stop=i == 0)):
+            for start in range(0, len(windows), batch_size):
+                with contextlib.suppress(_StopForward):
+                    model(windows[start : start + batch_size].to(device), use_cache=False)
+                sink["hidden"][-1] = sink["hidden"][-1].to(storage_device)
+    finally:
+        _non_block_modules_to(model, blocks, host)
+    hidden = torch.cat(sink["hidden"])
+    return hidden, [calls[i] for i in range(len(blocks))]
+
+
+def iter_batches(tensor: torch.Tensor, batch_size: int) -> Iterator[slice]:
+    """Slices of the first dimension of ``tensor`` in steps of ``batch_size``."""
+    for start in range(0, tensor.shape[0], batch_size):
+        yield slice(start, min(start + batch_size, tensor.shape[0]))

@@ -1,0 +1,312 @@
+"""The sequential block engine: prune a causal LM one transformer block at a time.
+
+For block ``b`` with calibration inputs ``X_b`` ``[n, seq, d]``:
+
+1. move the block to the compute device;
+2. dense targets ``Y_b = block_b(X_b)`` (or, with ``dense_targets``, the block applied to the
+   dense stream, "global propagation");
+3. gather per-layer input statistics on the dense block;
+4. ``method.prune_block(ctx)`` changes the block's weights in place to meet the pattern;
+5. check the pattern, measure the reconstruction error, ``X_{b+1} = pruned_block_b(X_b)``;
+6. move the block back to where it was.
+
+Only one block is on the compute device at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from safe_llm.blocks import (
+    BlockCall,
+    capture_block_inputs,
+    find_blocks,
+    iter_batches,
+    prunable_layers,
+    run_block,
+    weight_matrix,
+)
+from safe_llm.layer_stats import InputStats, collect_input_stats
+from safe_llm.methods.base import PruningMethod
+from safe_llm.sparsity import SparsityPattern, achieved_sparsity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockContext:
+    """Everything a method may use to prune one block.
+
+    ``inputs`` and ``targets`` are ``[n, seq, d]`` and may live off the compute device;
+    ``batches`` yields device copies. ``stats`` holds the dense block's layer-input statistics.
+    """
+
+    index: int
+    block: nn.Module
+    layers: dict[str, nn.Module]
+    pattern: SparsityPattern
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    call: BlockCall
+    stats: dict[str, InputStats]
+    device: torch.device
+    batch_size: int
+    seed: int
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The block on a device batch ``[b, seq, d]`` with the recorded arguments."""
+        return run_block(self.block, hidden, self.call)
+
+    def batch(self, index: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of the windows ``index``, on the compute device."""
+        return (
+            self.inputs[index].to(self.device, non_blocking=True),
+            self.targets[index].to(self.device, non_blocking=True),
+        )
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for window_slice in iter_batches(self.inputs, self.batch_size):
+            yield self.batch(window_slice)
+
+    def matrix(self, name: str) -> torch.Tensor:
+        """Layer ``name``'s weight as an ``[out, in]`` view."""
+        return weight_matrix(self.layers[name])
+
+
+@dataclass
+class BlockReport:
+    index: int
+    seconds: float
+    reconstruction_error: float
+    layer_sparsity: dict[str, float]
+    layer_error: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PruneReport:
+    blocks: list[BlockReport]
+    seconds: float
+    peak_memory_bytes: int
+    overall_sparsity: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak accelerator memory on CUDA, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@torch.no_grad()
+def _apply(
+    block: nn.Module,
+    inputs: torch.Tensor,
+    call: BlockCall,
+    out: torch.Tensor,
+    device: torch.device,
+    batch_size: int,
+) -> None:
+    """``out[i] = block(inputs[i])`` batch by batch; ``out`` may be ``inputs`` (in place)."""
+    for window_slice in iter_batches(inputs, batch_size):
+        result = run_block(block, inputs[window_slice].to(device), call)
+        out[window_slice] = result.to(out.device, out.dtype)
+
+
+@torch.no_grad()
+def _relative_error(ctx: BlockContext) -> float:
+    num = den = 0.0
+    for x, y in ctx.batches():
+        diff = ctx.forward(x).float() - y.float()
+        num += float(diff.square().sum())
+        den += float(y.float().square().sum())
+    return num / max(den, 1e-30)
+
+
+def _layer_error(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``||(W - W') X||^2 / ||W X||^2`` through the Hessian ``2 X^T X / n``."""
+    delta = (dense - pruned).float()
+    num = (delta @ hessian * delta).sum()
+    den = (dense.float() @ hessian * dense.float()).sum()
+    return float(num / den.clamp_min(1e-30))
+
+
+def _storage_device(device: torch.device, bytes_needed: int) -> torch.device:
+    """Keep activations on the compute device when they take under half its free memory."""
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if bytes_needed < free // 2 else torch.device("cpu")
+
+
+def prune_model(
+    model: nn.Module,
+    windows: torch.Tensor,
+    method: PruningMethod,
+    pattern: SparsityPattern,
+    *,
+    device: torch.device,
+    batch_size: int = 8,
+    ignore: tuple[str, ...] = (),
+    dense_targets: bool = False,
+    layer_errors: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+    on_block: Callable[[BlockReport], None] | None = None,
+) -> PruneReport:
+    """Prune every decoder block of ``model`` in place.
+
+    Args:
+        windows: calibration token ids ``[n, seq]``.
+        method: the pruning method applied to each block.
+        pattern: the sparsity pattern every prunable layer must meet.
+        dense_targets: take targets from the dense stream (global propagation).
+        layer_errors: also report each layer's relative output error (needs ``X^T X``).
+    """
+    start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _, blocks = find_blocks(model)
+    for block in blocks:
+        for name, layer in prunable_layers(block, ignore).items():
+            pattern.check_shape(tuple(weight_matrix(layer).shape), name)
+    hidden, calls = capture_block_inputs(model, windows, device, batch_size)
+    storage = _storage_device(device, hidden.numel() * hidden.element_size() * 3)
+    hidden = hidden.to(storage)
+    dense_stream = hidden.clone() if dense_targets else None
+    targets = torch.empty_like(hidden)
+    reports = []
+    bar = tqdm(range(len(blocks)), desc=f"pruning ({method.name}, {pattern})", disable=not progress)
+    for index in bar:
+        report = _prune_block(
+            index,
+            blocks[index],
+            hidden,
+            dense_stream,
+            targets,
+            calls[index].to(device),
+            method,
+            pattern,
+            device,
+            batch_size,
+            ignore,
+            layer_errors,
+            seed,
+        )
+        if dense_stream is not None:
+            dense_stream, targets = targets, dense_stream
+        reports.append(report)
+        bar.set_postfix(err=f"{report.reconstruction_error:.3g}")
+        log.info(
+            "block %d/%d: %.1fs, reconstruction error %.4g, sparsity %.4f",
+            index + 1,
+            len(blocks),
+            report.seconds,
+            report.reconstruction_error,
+            sum(report.layer_sparsity.values()) / max(len(report.layer_sparsity), 1),
+        )
+        if on_block is not None:
+            on_block(report)
+    return PruneReport(
+        blocks=reports,
+        seconds=time.perf_counter() - start,
+        peak_memory_bytes=peak_memory_bytes(device),
+        overall_sparsity=model_sparsity(model, ignore),
+    )
+
+
+def _prune_block(
+    index,
+    block,
+    hidden,
+    dense_stream,
+    targets,
+    call,
+    method,
+    pattern,
+    device,
+    batch_size,
+    ignore,
+    layer_errors,
+    seed,
+) -> BlockReport:
+    start = time.perf_counter()
+    home = next(block.parameters()).device
+    block.to(device)
+    _apply(
+        block,
+        dense_stream if dense_stream is not None else hidden,
+        call,
+        targets,
+        device,
+        batch_size,
+    )
+    layers = prunable_layers(block, ignore)
+    want_hessian = method.needs_hessian or layer_errors
+    stats = collect_input_stats(
+        layers,
+        lambda: (
+            run_block(block, hidden[s].to(device), call) for s in iter_batches(hidden, batch_size)
+        ),
+        hessian=want_hessian,
+    )
+    dense = (
+        {name: weight_matrix(layer).detach().clone() for name, layer in layers.items()}
+        if layer_errors
+        else {}
+    )
+    ctx = BlockContext(
+        index,
+        block,
+        layers,
+        pattern,
+        hidden,
+        targets,
+        call,
+        stats,
+        device,
+        batch_size,
+        seed + index,
+    )
+    extra = method.prune_block(ctx) or {}
+    for name in layers:
+        if not pattern.satisfied_by(ctx.matrix(name)):
+            raise RuntimeError(f"{method.name} left block {index} layer {name} off {pattern}")
+    error = _relative_error(ctx)
+    _apply(block, hidden, call, hidden, device, batch_size)
+    layer_error = {
+        name: _layer_error(dense[name], ctx.matrix(name), stats[name].hessian) for name in dense
+    }
+    block.to(home)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return BlockReport(
+        index=index,
+        seconds=time.perf_counter() - start,
+        reconstruction_error=error,
+        layer_sparsity={n: achieved_sparsity(ctx.matrix(n)) for n in layers},
+        layer_error=layer_error,
+        extra=extra,
+    )
+
+
+def model_sparsity(model: nn.Module, ignore: tuple[str, ...] = ()) -> float:
+    """Fraction of zeros over all prunable layers of all blocks."""
+    _, blocks = find_blocks(model)
+    zeros = total = 0
+    for block in blocks:
+        for layer in prunable_layers(block, ignore).values():
+            zeros += int((layer.weight == 0).sum())
+            total += layer.weight.numel()
+    return zeros / max(total, 1)

@@ -1,0 +1,55 @@
+"""Pruning methods. Each module in this package registers its methods with ``@register``;
+the engine only sees the :class:`~safe_llm.methods.base.PruningMethod` interface."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+
+from safe_llm.errors import SafeLLMError
+from safe_llm.methods.base import PruningMethod
+
+METHODS: dict[str, type[PruningMethod]] = {}
+
+
+def register(cls: type[PruningMethod]) -> type[PruningMethod]:
+    """Class decorator: make ``cls`` available as ``--method cls.name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+def available_methods() -> list[str]:
+    _load_all()
+    return sorted(METHODS)
+
+
+def method_options(name: str) -> list[dataclasses.Field]:
+    """The option fields of method ``name``."""
+    return list(dataclasses.fields(get_method_class(name).Options))
+
+
+def get_method_class(name: str) -> type[PruningMethod]:
+    _load_all()
+    if name not in METHODS:
+        raise SafeLLMError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def build_method(name: str, options: dict | None = None) -> PruningMethod:
+    """Instantiate method ``name`` with ``options`` (keys must be fields of its Options)."""
+    cls = get_method_class(name)
+    known = {f.name for f in dataclasses.fields(cls.Options)}
+    unknown = set(options or {}) - known
+    if unknown:
+        raise SafeLLMError(
+            f"method {name!r} has no option(s) {', '.join(sorted(unknown))}; "
+            f"its options are: {', '.join(sorted(known)) or 'none'}"
+        )
+    return cls(cls.Options(**(options or {})))

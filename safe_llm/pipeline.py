@@ -1,0 +1,126 @@
+"""The one path through the system: config -> model + calibration -> engine -> checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from safe_llm import data
+from safe_llm.config import PruneConfig, make_config
+from safe_llm.engine import PruneReport, prune_model
+from safe_llm.methods import build_method
+from safe_llm.models import load_model, resolve_device, resolve_dtype
+from safe_llm.perplexity import perplexity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    tokenizer: object
+    config: PruneConfig
+    report: dict
+
+
+def evaluate_sources(model, tokenizer, config: PruneConfig, device, progress: bool) -> dict:
+    """Token perplexity on each ``config.eval`` source (the SparseGPT/Wanda protocol)."""
+    seqlen = config.eval_seqlen or config.seqlen
+    results = {}
+    for source in config.eval:
+        windows = data.evaluation_windows(
+            tokenizer,
+            source,
+            seqlen,
+            max_windows=config.eval_max_windows,
+            text_column=config.text_column,
+        )
+        results[source] = {
+            "perplexity": perplexity(model, windows, config.batch_size, device, progress),
+            "seqlen": seqlen,
+            "windows": int(windows.shape[0]),
+        }
+    return results
+
+
+def _evaluate_on_device(model, tokenizer, config, device, progress) -> dict:
+    if not config.eval:
+        return {}
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        return evaluate_sources(model, tokenizer, config, device, progress)
+    finally:
+        model.to(home)
+
+
+def run_prune(config: PruneConfig, progress: bool = True) -> PruneResult:
+    """Load, calibrate, prune block by block and (optionally) evaluate. Writes nothing."""
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    method = build_method(config.method, config.method_options)
+    pattern = config.pattern()
+    model, tokenizer, _ = load_model(config.model, dtype, config.trust_remote_code)
+    windows = data.calibration_windows(
+        tokenizer,
+        config.dataset,
+        config.nsamples,
+        config.seqlen,
+        config.seed,
+        text_column=config.text_column,
+    )
+    log.info("calibration: %d windows x %d tokens from %s", *windows.shape, config.dataset)
+    dense_eval = _evaluate_on_device(model, tokenizer, config, device, progress)
+    engine_report: PruneReport = prune_model(
+        model,
+        windows,
+        method,
+        pattern,
+        device=device,
+        batch_size=config.batch_size,
+        ignore=tuple(config.ignore),
+        dense_targets=config.dense_targets,
+        layer_errors=config.layer_errors,
+        seed=config.seed,
+        progress=progress,
+    )
+    pruned_eval = _evaluate_on_device(model, tokenizer, config, device, progress)
+    report = {
+        "method": config.method,
+        "pattern": pattern.structure,
+        "sparsity": pattern.sparsity,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "calibration": {
+            "dataset": config.dataset,
+            "nsamples": config.nsamples,
+            "seqlen": config.seqlen,
+            "seed": config.seed,
+        },
+        "evaluation": {"dense": dense_eval, "pruned": pruned_eval},
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **engine_report.to_dict(),
+    }
+    return PruneResult(model, tokenizer, config, report)
+
+
+def prune(model: str, **options) -> tuple[nn.Module, dict]:
+    """Python API: prune ``model`` with the options of ``safe-llm prune``.
+
+    Example: ``model, report = prune("smollm2-135m", method="wanda", sparsity=0.5,
+    dataset="builtin-c4", nsamples=32, seqlen=512)``. Writes a checkpoint when ``output``
+    is given. Returns the pruned model (on the host) and the run report.
+    """
+    from safe_llm.checkpoint import save_checkpoint
+
+    method_options = options.pop("method_options", {})
+    config = make_config(overrides={"model": model, **options, "method_options": method_options})
+    result = run_prune(config, progress=options.get("progress", False))
+    if config.output:
+        save_checkpoint(result)
+    return result.model, result.report

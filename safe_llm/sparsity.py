@@ -1,0 +1,146 @@
+"""Sparsity patterns: which entries of a weight matrix survive, given an importance score.
+
+Every method turns its importance scores into a keep-mask through :class:`SparsityPattern`,
+so exact counts, N:M groups and per-row comparisons are implemented once.
+
+Weights follow ``nn.Linear`` layout: ``[out_features, in_features]``; N:M groups run along the
+input dimension (consecutive columns of a row), as sparse tensor cores expect.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from safe_llm.errors import SafeLLMError
+
+
+class PatternError(SafeLLMError):
+    """A sparsity pattern that cannot be built or cannot be applied to a matrix."""
+
+
+@dataclass(frozen=True)
+class SparsityPattern:
+    """Target sparsity of one matrix.
+
+    ``n``/``m`` set for N:M (keep ``n`` of every ``m`` consecutive inputs), else unstructured
+    with fraction ``sparsity`` of entries set to zero.
+    """
+
+    sparsity: float
+    n: int | None = None
+    m: int | None = None
+
+    @classmethod
+    def parse(cls, structure: str, sparsity: float | None = None) -> SparsityPattern:
+        """Build from a CLI-style structure string: ``unstructured``, ``2:4``, ``4:8``..."""
+        structure = structure.strip().lower()
+        if structure == "unstructured":
+            if sparsity is None or not 0.0 < sparsity < 1.0:
+                raise PatternError(
+                    f"sparsity must be strictly between 0 and 1, got {sparsity}; "
+                    "e.g. --sparsity 0.5 for 50%"
+                )
+            return cls(sparsity=float(sparsity))
+        match = re.fullmatch(r"(\d+):(\d+)", structure)
+        if not match:
+            raise PatternError(
+                f"unknown structure {structure!r}; use 'unstructured' or N:M such as '2:4'"
+            )
+        n, m = int(match.group(1)), int(match.group(2))
+        if not 0 < n < m:
+            raise PatternError(f"N:M needs 0 < N < M, got {n}:{m}")
+        implied = 1.0 - n / m
+        if sparsity is not None and abs(sparsity - implied) > 1e-9:
+            raise PatternError(
+                f"--sparsity {sparsity} contradicts structure {n}:{m} (which means {implied:g}); "
+                "drop --sparsity or make them agree"
+            )
+        return cls(sparsity=implied, n=n, m=m)
+
+    @property
+    def is_nm(self) -> bool:
+        return self.n is not None
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:.0%} unstructured"
+
+    @property
+    def structure(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+
+    def with_sparsity(self, sparsity: float) -> SparsityPattern:
+        """The same kind of pattern at another sparsity (unstructured only)."""
+        if self.is_nm:
+            raise PatternError("an N:M pattern has a fixed sparsity")
+        return SparsityPattern.parse("unstructured", sparsity)
+
+    def check_shape(self, shape: tuple[int, ...], name: str = "matrix") -> None:
+        """Raise :class:`PatternError` when a ``[out, in]`` matrix cannot take this pattern."""
+        if len(shape) != 2:
+            raise PatternError(f"{name}: expected a 2-D weight, got shape {tuple(shape)}")
+        if self.is_nm and shape[1] % self.m:
+            raise PatternError(
+                f"{name}: in_features={shape[1]} is not divisible by M={self.m} for {self}; "
+                "pick another N:M or exclude the layer with --ignore"
+            )
+
+    def kept_count(self, numel: int) -> int:
+        """Entries kept out of ``numel`` for unstructured sparsity (exact, round-half-even)."""
+        return int(round((1.0 - self.sparsity) * numel))
+
+    def keep_mask(self, scores: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+        """Boolean keep-mask, same shape as ``scores`` ``[out, in]``; largest scores survive.
+
+        Unstructured keeps exactly :meth:`kept_count` entries of the matrix (``per_row=False``)
+        or of every row (``per_row=True``, Wanda's comparison group). N:M keeps the ``n``
+        largest of each group of ``m`` consecutive columns; ``per_row`` does not change it.
+        Ties are broken by ``torch.topk``, never by a threshold, so counts are exact.
+        """
+        self.check_shape(tuple(scores.shape))
+        rows, cols = scores.shape
+        scores = scores.float()
+        if self.is_nm:
+            groups = scores.reshape(rows, cols // self.m, self.m)
+            keep = torch.zeros_like(groups, dtype=torch.bool)
+            keep.scatter_(2, groups.topk(self.n, dim=2).indices, True)
+            return keep.reshape(rows, cols)
+        if per_row:
+            keep = torch.zeros_like(scores, dtype=torch.bool)
+            keep.scatter_(1, scores.topk(self.kept_count(cols), dim=1).indices, True)
+            return keep
+        flat = scores.flatten()
+        keep = torch.zeros_like(flat, dtype=torch.bool)
+        keep[flat.topk(self.kept_count(flat.numel())).indices] = True
+        return keep.reshape(rows, cols)
+
+    def project(
+        self, weight: torch.Tensor, importance: torch.Tensor | None = None, per_row: bool = False
+    ) -> torch.Tensor:
+        """Projection onto the sparse set: zero all but the kept entries of ``weight``.
+
+        ``importance`` is an optional per-input-feature weighting ``[in]`` (e.g. activation
+        norms ``||X_j||``); the score is then ``|W_ij| * importance_j`` (SAFE+ / Wanda).
+        """
+        scores = weight.detach().abs().float()
+        if importance is not None:
+            scores = scores * importance.to(scores.device, torch.float32).unsqueeze(0)
+        return weight * self.keep_mask(scores, per_row=per_row).to(weight.dtype)
+
+    def satisfied_by(self, weight: torch.Tensor, per_row: bool = False) -> bool:
+        """Whether ``weight`` has exactly this pattern's zeros (at least, for N:M groups)."""
+        nonzero = weight.detach() != 0
+        rows, cols = nonzero.shape
+        if self.is_nm:
+            per_group = nonzero.reshape(rows, cols // self.m, self.m).sum(dim=2)
+            return bool((per_group <= self.n).all())
+        if per_row:
+            return bool((nonzero.sum(dim=1) <= self.kept_count(cols)).all())
+        return int(nonzero.sum()) <= self.kept_count(nonzero.numel())
+
+
+def achieved_sparsity(weight: torch.Tensor) -> float:
+    """Fraction of exact zeros in ``weight``."""
+    return float((weight == 0).sum()) / weight.numel()

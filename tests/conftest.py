@@ -1,0 +1,55 @@
+"""Shared offline fixtures: a tiny byte-level BPE tokenizer and tiny random Llama models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+_TOKENIZER_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Pruning removes weights from a trained language model without retraining it.",
+    "Calibration data is a few random windows of text; evaluation uses wikitext and c4.",
+    "= Robert Boulter = Robert Boulter is an English film , television and theatre actor .",
+    "Sparse models with flat minima keep their perplexity close to the dense model.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (any UTF-8 text encodes) trained offline on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    tok.train_from_iterator(_TOKENIZER_CORPUS * 20, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+@pytest.fixture
+def make_tiny_llama():
+    """Factory for a tiny seeded random ``LlamaForCausalLM`` (``**overrides`` go to the config)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make(seed: int = 0, **overrides) -> LlamaForCausalLM:
+        settings = dict(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
+        settings.update(overrides)
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(**settings)).eval()
+
+    return make
