@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,15 +40,18 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             continue
         if len({type(child) for child in module}) != 1:
             continue
-        if not any(isinstance(m, PRUNABLE_TYPES) for m in module[0].modules()):
-            continue
+        if isinstance(module[0], PRUNABLE_TYPES) or not any(
+            isinstance(m, PRUNABLE_TYPES) for m in module[0].modules()
+        ):
+            continue  # a block holds linear layers; a list of bare linears is not a stack
         size = sum(p.numel() for p in module.parameters())
         if best is None or size > best[0]:
             best = (size, name, module)
     if best is None:
         raise BlockDiscoveryError(
-            f"{type(model).__name__} has no list of identical blocks with linear layers; "
-            "safe-llm prunes decoder-only transformers"
+            f"{type(model).__name__} has no decoder blocks: found no nn.ModuleList of "
+            "identical modules containing linear layers; safe-llm prunes decoder-only "
+            "transformers whose blocks are stored in an nn.ModuleList"
         )
     return best[1], best[2]
 
@@ -116,27 +120,89 @@ class _StopForward(Exception):
     pass
 
 
-class _Recorder(nn.Module):
-    """Stands in for block ``index``; records its inputs and passes the hidden states on."""
+def _hidden_parameter(block: nn.Module) -> str:
+    """Name of the first parameter of ``block.forward`` (the hidden states)."""
+    for param in inspect.signature(block.forward).parameters.values():
+        if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            return param.name
+    return "hidden_states"
 
-    def __init__(self, index: int, sink: dict, stop: bool):
-        super().__init__()
-        self.index, self.sink, self.stop = index, sink, stop
 
-    def forward(self, hidden, *args, **kwargs):
-        if self.stop:
-            self.sink.setdefault("hidden", []).append(hidden)
-            raise _StopForward
-        args = tuple(_without_cache(a) for a in args)
-        kwargs = {k: _without_cache(v) for k, v in kwargs.items()}
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
-        self.sink[self.index] = BlockCall(args, kwargs)
-        return hidden
+def _split_call(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
+    """Separate the hidden states from the other arguments of a call to ``block``.
+
+    The hidden states may come positionally or by keyword; the rest is returned without
+    KV caches and with ``use_cache=False`` so that :func:`run_block` can replay it.
+    """
+    kwargs = dict(kwargs)
+    if args:
+        hidden, args = args[0], args[1:]
+    else:
+        name = _hidden_parameter(block)
+        if name not in kwargs:
+            raise BlockDiscoveryError(
+                f"{type(block).__name__} was called without hidden states "
+                f"(no positional argument and no {name!r} keyword)"
+            )
+        hidden = kwargs.pop(name)
+    args = tuple(_without_cache(a) for a in args)
+    kwargs = {k: _without_cache(v) for k, v in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return hidden, BlockCall(args, kwargs)
+
+
+class _Recording:
+    """Context manager: hooks on the real blocks that record their calls.
+
+    The blocks themselves stay in the model (so whatever the model reads from them, like a
+    layer type, and whatever they return, tuple or tensor, is the real thing). With
+    ``stop_at_first`` the first block records its hidden states and aborts the forward;
+    otherwise each block is moved to ``device`` for its own call only and runs normally.
+    """
+
+    def __init__(self, blocks: nn.ModuleList, device: torch.device, stop_at_first: bool):
+        self.blocks, self.device, self.stop = blocks, device, stop_at_first
+        self.calls: dict[int, BlockCall] = {}
+        self.hidden: list[torch.Tensor] = []
+        self.handles: list = []
+        self.homes: dict[int, torch.device] = {}
+
+    def _pre(self, index: int):
+        def hook(block, args, kwargs):
+            hidden, call = _split_call(block, args, kwargs)
+            if self.stop:
+                self.hidden.append(hidden)
+                raise _StopForward
+            self.calls[index] = call
+            params = next(block.parameters(), None)
+            self.homes[index] = params.device if params is not None else self.device
+            block.to(self.device)
+
+        return hook
+
+    def _post(self, index: int):
+        def hook(block, _args, _output):
+            block.to(self.homes.pop(index))
+
+        return hook
+
+    def __enter__(self):
+        for i, block in enumerate(self.blocks):
+            self.handles.append(block.register_forward_pre_hook(self._pre(i), with_kwargs=True))
+            if not self.stop:
+                self.handles.append(block.register_forward_hook(self._post(i)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        for index, home in self.homes.items():  # a block whose forward raised
+            self.blocks[index].to(home)
 
 
 class _Swapped:
-    """Context manager: temporarily replace every block with a recorder."""
+    """Context manager: temporarily replace every block with ``make(index)``."""
 
     def __init__(self, blocks: nn.ModuleList, make):
         self.blocks, self.make, self.saved = blocks, make, list(blocks)
@@ -178,21 +244,33 @@ def capture_block_inputs(
     _, blocks = find_blocks(model)
     storage_device = storage_device or device
     host = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # dropout would make the recorded inputs random
     _non_block_modules_to(model, blocks, device)
     try:
-        calls: dict = {}
-        with _Swapped(blocks, lambda i: _Recorder(i, calls, stop=False)):
+        with _Recording(blocks, device, stop_at_first=False) as recording:
             model(windows[:1].to(device), use_cache=False)
-        sink: dict = {}
-        with _Swapped(blocks, lambda i: _Recorder(i, sink, stop=i == 0)):
+        calls = recording.calls
+        missing = [i for i in range(len(blocks)) if i not in calls]
+        if missing:
+            raise BlockDiscoveryError(
+                f"the forward of {type(model).__name__} never called block(s) {missing} of "
+                "its decoder stack"
+            )
+        chunks = []
+        with _Recording(blocks, device, stop_at_first=True) as recording:
             for start in range(0, len(windows), batch_size):
                 with contextlib.suppress(_StopForward):
                     model(windows[start : start + batch_size].to(device), use_cache=False)
-                sink["hidden"][-1] = sink["hidden"][-1].to(storage_device)
+                if len(recording.hidden) != len(chunks) + 1:
+                    raise BlockDiscoveryError(
+                        f"the forward of {type(model).__name__} never reached its first block"
+                    )
+                chunks.append(recording.hidden[-1].to(storage_device))
     finally:
         _non_block_modules_to(model, blocks, host)
-    hidden = torch.cat(sink["hidden"])
-    return hidden, [calls[i] for i in range(len(blocks))]
+        model.train(was_training)
+    return torch.cat(chunks), [calls[i] for i in range(len(blocks))]
 
 
 def iter_batches(tensor: torch.Tensor, batch_size: int) -> Iterator[slice]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,30 +28,62 @@ def sparsity_metadata(result) -> dict:
     }
 
 
+def recipe_of(result) -> dict:
+    """The options of the run, with the sparsity the pattern resolved to (``0.5`` by default)."""
+    return {**result.config.to_dict(), "sparsity": result.report["sparsity"]}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _missing_ancestors(path: Path) -> list[Path]:
+    """``path``'s ancestors that do not exist yet, outermost first."""
+    missing = []
+    for parent in path.parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing[::-1]
+
+
 def save_checkpoint(result) -> Path:
     """Write model, tokenizer, ``recipe.yaml`` and ``report.json`` into ``config.output``.
 
     Everything goes to a temporary sibling directory first and is renamed into place, so a
-    crash never leaves a half-written checkpoint; an existing output (``--overwrite``) is
-    replaced only after the new one is complete.
+    crash never leaves a half-written checkpoint (nor the temporary directory, nor parent
+    directories created for it); an existing output (``--overwrite``) is replaced only after
+    the new one is complete, and is put back if the final rename fails.
     """
-    output = Path(result.config.output)
+    output = Path(result.config.output).expanduser()
+    created = _missing_ancestors(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700)
         setattr(result.model.config, CONFIG_KEY, sparsity_metadata(result))
         result.model.save_pretrained(tmp, max_shard_size=result.config.max_shard_size)
         result.tokenizer.save_pretrained(tmp)
-        (tmp / "recipe.yaml").write_text(yaml.safe_dump(result.config.to_dict(), sort_keys=False))
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe_of(result), sort_keys=False))
         (tmp / "report.json").write_text(json.dumps(result.report, indent=2))
         if output.exists():
-            old = output.with_name(f".{output.name}.old")
+            # rename(2) replaces an empty directory atomically: park the old checkpoint there
+            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
             output.rename(old)
-            tmp.rename(output)
-            shutil.rmtree(old)
+            try:
+                tmp.rename(output)
+            except BaseException:
+                old.rename(output)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for directory in reversed(created):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         raise
     return output

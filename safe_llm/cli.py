@@ -146,7 +146,8 @@ def _summary(report: dict, output: str | None) -> str:
     lines = [
         f"method {report['method']}, pattern {report['pattern']}, "
         f"overall sparsity {report['overall_sparsity']:.4f}",
-        f"time {report['seconds']:.1f}s, peak memory {report['peak_memory_bytes'] / 2**30:.2f} GiB",
+        f"time {report['total_seconds']:.1f}s (pruning {report['seconds']:.1f}s), "
+        f"peak memory {report['peak_memory_bytes'] / 2**30:.2f} GiB",
     ]
     for source, dense in report["evaluation"]["dense"].items():
         pruned = report["evaluation"]["pruned"][source]
@@ -198,16 +199,36 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(exc: BaseException) -> str:
+    """The error message on one line (library messages often span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _quiet_libraries() -> None:
+    """No transformers/hub progress bars: safe-llm shows its own, and an error stays one line."""
+    import huggingface_hub.utils
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
+def _install_log_handler(quiet: bool) -> None:
+    if not any(isinstance(h, _TqdmHandler) for h in log.handlers):  # main() may run repeatedly
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = _TqdmHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    _install_log_handler(getattr(args, "quiet", False))
+    _quiet_libraries()
     try:
         return _run_prune(args) if args.command == "prune" else _run_eval(args)
     except SafeLLMError as exc:
-        print(f"safe-llm: error: {exc}", file=sys.stderr)
+        print(f"safe-llm: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("safe-llm: interrupted; nothing was written", file=sys.stderr)

@@ -7,13 +7,16 @@ hyperparameters sit under ``method_options`` in a recipe and are plain flags on 
 from __future__ import annotations
 
 import dataclasses
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from safe_llm.errors import SafeLLMError
-from safe_llm.methods import build_method
+from safe_llm.methods import build_method, method_options
 from safe_llm.sparsity import SparsityPattern
 
 
@@ -87,13 +90,38 @@ class PruneConfig:
         return dataclasses.asdict(self)
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.2 numbers: ``2:4`` stays a string (YAML 1.1 reads it as the base-60 int 124)
+    and ``1e-3`` is a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _NUMBER_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+|0o?[0-7_]+)$"),
+    list("-+0123456789"),
+)
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
 def load_recipe(path: str | Path) -> dict:
     """Read a YAML recipe: a mapping of :class:`PruneConfig` keys."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_RecipeLoader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -107,13 +135,55 @@ def make_config(recipe: dict | None = None, overrides: dict | None = None) -> Pr
     overrides = dict(overrides or {})
     options = {**values.pop("method_options", {}), **overrides.pop("method_options", {})}
     values.update(overrides)
-    known = {f.name for f in dataclasses.fields(PruneConfig)}
-    unknown = set(values) - known
+    fields = {f.name: f for f in dataclasses.fields(PruneConfig)}
+    unknown = set(values) - set(fields)
     if unknown:
         raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    if not isinstance(options, dict):
+        raise ConfigError("method_options must be a mapping of option: value")
+    for name, value in values.items():
+        values[name] = _check_type(name, value, fields[name])
     config = PruneConfig(**values, method_options=options)
+    method_fields = {f.name: f for f in method_options(config.method)}
+    for name, value in options.items():
+        if name in method_fields:  # unknown names are reported by validate()
+            options[name] = _check_type(name, value, method_fields[name])
     validate(config)
     return config
+
+
+def _check_type(name: str, value, f: dataclasses.Field):
+    """``value`` if it fits field ``f``'s annotation (ints pass as floats), else ConfigError."""
+    annotation = f.type
+    if isinstance(annotation, str):  # ``from __future__ import annotations``
+        annotation = eval(annotation, vars(typing), {})
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    optional = type(None) in typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = args[0]
+    if value is None:
+        if optional or f.name == "model":
+            return value
+        raise ConfigError(f"option {name} needs a value")
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ConfigError(f"option {name} must be a list of strings, got {value!r}")
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, bool):
+        raise ConfigError(f"option {name} must be an integer, got {value!r}")
+    if annotation is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # YAML reads ``max_shard_size: 500`` or ``model: 1234`` as numbers
+    if isinstance(annotation, type) and not isinstance(value, annotation):
+        raise ConfigError(
+            f"option {name} must be of type {annotation.__name__}, got {value!r} "
+            f"({type(value).__name__})"
+        )
+    return value
 
 
 def validate(config: PruneConfig) -> None:
@@ -127,14 +197,38 @@ def validate(config: PruneConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     if config.seqlen < 2:
         raise ConfigError("--seqlen must be at least 2")
+    if config.eval_seqlen is not None and config.eval_seqlen < 2:
+        raise ConfigError("--eval-seqlen must be at least 2")
+    if config.eval_max_windows is not None and config.eval_max_windows < 1:
+        raise ConfigError("--eval-max-windows must be at least 1")
+    for source in [config.dataset, *config.eval]:
+        _check_source(source)
     if config.output:
         _check_output(Path(config.output), config.model, config.overwrite)
 
 
+def _check_source(source: str) -> None:
+    """A text source that is plainly a local file must exist (checked before any loading)."""
+    from safe_llm import data
+
+    suffixes = data.TEXT_SUFFIXES + data.JSON_SUFFIXES + data.PARQUET_SUFFIXES
+    if source in ("c4", "wikitext2") or source in data.BUILTIN_SOURCES:
+        return
+    looks_local = source.startswith((".", "/", "~")) or source.lower().endswith(suffixes)
+    if looks_local and not Path(source).expanduser().exists():
+        raise ConfigError(f"text source {source} does not exist")
+
+
 def _check_output(output: Path, model: str, overwrite: bool) -> None:
-    model_dir = Path(model)
-    if model_dir.exists() and output.resolve() == model_dir.resolve():
-        raise ConfigError("--output is the input model's directory; choose another directory")
+    model_dir = Path(model).expanduser()
+    if model_dir.exists():
+        out, src = output.expanduser().resolve(), model_dir.resolve()
+        if out == src:
+            raise ConfigError("--output is the input model's directory; choose another directory")
+        if out in src.parents:
+            raise ConfigError(
+                f"--output {output} contains the input model {model}; choose another directory"
+            )
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output {output} exists and is not a directory")
     if output.is_dir() and any(output.iterdir()) and not overwrite:

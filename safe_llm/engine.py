@@ -136,7 +136,7 @@ def _relative_error(ctx: BlockContext) -> float:
 
 def _layer_error(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
     """``||(W - W') X||^2 / ||W X||^2`` through the Hessian ``2 X^T X / n``."""
-    delta = (dense - pruned).float()
+    delta = (dense - pruned.detach()).float()
     num = (delta @ hessian * delta).sum()
     den = (dense.float() @ hessian * dense.float()).sum()
     return float(num / den.clamp_min(1e-30))
@@ -162,6 +162,7 @@ def prune_model(
     dense_targets: bool = False,
     layer_errors: bool = True,
     seed: int = 0,
+    max_blocks: int | None = None,
     progress: bool = True,
     on_block: Callable[[BlockReport], None] | None = None,
 ) -> PruneReport:
@@ -173,6 +174,7 @@ def prune_model(
         pattern: the sparsity pattern every prunable layer must meet.
         dense_targets: take targets from the dense stream (global propagation).
         layer_errors: also report each layer's relative output error (needs ``X^T X``).
+        max_blocks: prune only the first ``max_blocks`` blocks (timing and quick studies).
     """
     start = time.perf_counter()
     if device.type == "cuda":
@@ -187,7 +189,8 @@ def prune_model(
     dense_stream = hidden.clone() if dense_targets else None
     targets = torch.empty_like(hidden)
     reports = []
-    bar = tqdm(range(len(blocks)), desc=f"pruning ({method.name}, {pattern})", disable=not progress)
+    count = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
+    bar = tqdm(range(count), desc=f"pruning ({method.name}, {pattern})", disable=not progress)
     for index in bar:
         report = _prune_block(
             index,

@@ -7,10 +7,13 @@ share one accumulator.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 class InputStats:
@@ -79,4 +82,16 @@ def collect_input_stats(
     finally:
         for handle in handles:
             handle.remove()
+    for name, layer in layers.items():
+        if name not in owner:  # never called by the block's forward: no inputs seen
+            log.warning("layer %s received no inputs during calibration", name)
+            device = layer.weight.device
+            stats[name] = InputStats(_in_features(layer), device, hessian)
+            owner[name] = name
     return {name: stats[owner[name]] for name in layers}
+
+
+def _in_features(layer: nn.Module) -> int:
+    from safe_llm.blocks import weight_matrix
+
+    return weight_matrix(layer).shape[1]

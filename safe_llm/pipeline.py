@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from safe_llm import data
-from safe_llm.config import PruneConfig, make_config
+from safe_llm.blocks import find_blocks, prunable_layers, weight_matrix
+from safe_llm.config import ConfigError, PruneConfig, make_config
 from safe_llm.engine import PruneReport, prune_model
 from safe_llm.methods import build_method
 from safe_llm.models import load_model, resolve_device, resolve_dtype
@@ -58,14 +59,31 @@ def _evaluate_on_device(model, tokenizer, config, device, progress) -> dict:
         model.to(home)
 
 
+def check_prunable(model: nn.Module, pattern, ignore: tuple[str, ...] = ()) -> None:
+    """Raise before any calibration work if a block's layer cannot take ``pattern``."""
+    _, blocks = find_blocks(model)
+    layers = [prunable_layers(block, ignore) for block in blocks]
+    if not any(layers):
+        raise ConfigError("--ignore excludes every layer of every block; nothing would be pruned")
+    for index, block_layers in enumerate(layers):
+        for name, layer in block_layers.items():
+            pattern.check_shape(tuple(weight_matrix(layer).shape), f"block {index} {name}")
+
+
 def run_prune(config: PruneConfig, progress: bool = True) -> PruneResult:
-    """Load, calibrate, prune block by block and (optionally) evaluate. Writes nothing."""
+    """Load, calibrate, prune block by block and (optionally) evaluate. Writes nothing.
+
+    Every check that does not need the model runs before it is loaded, and every check that
+    needs it (pattern shapes, finite weights, enough calibration text) before any pruning.
+    """
+    start = time.perf_counter()
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     method = build_method(config.method, config.method_options)
     pattern = config.pattern()
     model, tokenizer, _ = load_model(config.model, dtype, config.trust_remote_code)
+    check_prunable(model, pattern, tuple(config.ignore))
     windows = data.calibration_windows(
         tokenizer,
         config.dataset,
@@ -105,6 +123,7 @@ def run_prune(config: PruneConfig, progress: bool = True) -> PruneResult:
         "evaluation": {"dense": dense_eval, "pruned": pruned_eval},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **engine_report.to_dict(),
+        "total_seconds": time.perf_counter() - start,
     }
     return PruneResult(model, tokenizer, config, report)
 
@@ -114,13 +133,15 @@ def prune(model: str, **options) -> tuple[nn.Module, dict]:
 
     Example: ``model, report = prune("smollm2-135m", method="wanda", sparsity=0.5,
     dataset="builtin-c4", nsamples=32, seqlen=512)``. Writes a checkpoint when ``output``
-    is given. Returns the pruned model (on the host) and the run report.
+    is given; ``progress=True`` shows progress bars. Returns the pruned model (on the host)
+    and the run report.
     """
     from safe_llm.checkpoint import save_checkpoint
 
+    progress = bool(options.pop("progress", False))
     method_options = options.pop("method_options", {})
     config = make_config(overrides={"model": model, **options, "method_options": method_options})
-    result = run_prune(config, progress=options.get("progress", False))
+    result = run_prune(config, progress=progress)
     if config.output:
         save_checkpoint(result)
     return result.model, result.report

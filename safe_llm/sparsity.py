@@ -33,6 +33,17 @@ class SparsityPattern:
     n: int | None = None
     m: int | None = None
 
+    def __post_init__(self):
+        if (self.n is None) != (self.m is None):
+            raise PatternError(f"N:M needs both N and M, got n={self.n}, m={self.m}")
+        if self.n is not None and not 0 < self.n < self.m:
+            raise PatternError(f"N:M needs 0 < N < M, got {self.n}:{self.m}")
+        if not 0.0 < self.sparsity < 1.0:  # also rejects NaN
+            raise PatternError(
+                f"sparsity must be strictly between 0 and 1, got {self.sparsity}; "
+                "e.g. --sparsity 0.5 for 50%"
+            )
+
     @classmethod
     def parse(cls, structure: str, sparsity: float | None = None) -> SparsityPattern:
         """Build from a CLI-style structure string: ``unstructured``, ``2:4``, ``4:8``..."""

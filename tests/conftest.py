@@ -53,3 +53,31 @@ def make_tiny_llama():
         return LlamaForCausalLM(LlamaConfig(**settings)).eval()
 
     return make
+
+
+@pytest.fixture
+def save_tiny_model(tmp_path, tiny_tokenizer, make_tiny_llama):
+    """Factory: save a tiny random Llama (vocabulary = the tiny tokenizer's) plus the tokenizer
+    with ``save_pretrained`` into ``tmp_path / name``; ``poison`` = (parameter name, value)
+    writes that value (e.g. NaN) into one weight first. Returns the directory."""
+
+    def save(name: str = "model", seed: int = 0, poison=None, **overrides):
+        model = make_tiny_llama(seed=seed, vocab_size=len(tiny_tokenizer), **overrides)
+        if poison is not None:
+            param_name, value = poison
+            with torch.no_grad():
+                model.get_parameter(param_name).view(-1)[3] = value
+        path = tmp_path / name
+        model.save_pretrained(path)
+        tiny_tokenizer.save_pretrained(path)
+        return path
+
+    return save
+
+
+@pytest.fixture
+def calibration_file(tmp_path):
+    """A small local text file (blank-line separated documents, ~5000 tiny-tokenizer tokens)."""
+    path = tmp_path / "calibration.txt"
+    path.write_text("\n\n".join(_TOKENIZER_CORPUS * 40), encoding="utf-8")
+    return path

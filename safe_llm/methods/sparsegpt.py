@@ -33,7 +33,8 @@ class SparseGPTOptions:
 def inverse_hessian_factor(hessian: torch.Tensor, damping: float, name: str) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damping * mean(diag H) I)^-1``, ``[d, d]``.
 
-    When the factorisation fails the damping is multiplied by 10 (up to 5 times) with a warning.
+    When the factorisation fails the damping is raised tenfold (from at least 0.01) up to five
+    times, each time with a ``RuntimeWarning``; after that a ``RuntimeError`` names the layer.
     """
     mean_diag = torch.diagonal(hessian).mean()
     eye = torch.eye(hessian.shape[0], device=hessian.device, dtype=hessian.dtype)
@@ -46,12 +47,14 @@ def inverse_hessian_factor(hessian: torch.Tensor, damping: float, name: str) -> 
                 return upper
         if attempt == 5:
             break
+        raised = max(damping * 10, 0.01)
         warnings.warn(
             f"SparseGPT: Cholesky failed for {name} at damping {damping:g}; "
-            f"retrying with {damping * 10:g}",
+            f"raising the damping to {raised:g}",
+            RuntimeWarning,
             stacklevel=2,
         )
-        damping *= 10
+        damping = raised
     raise RuntimeError(f"SparseGPT: Hessian of {name} is not positive definite even with damping")
 
 
@@ -73,13 +76,15 @@ def sparsegpt_prune(
     name: str = "layer",
 ) -> torch.Tensor:
     """Return the pruned ``[out, in]`` weight (float32) for inputs with Hessian ``[in, in]``."""
-    W = weight.detach().float().clone()
+    W = weight.detach().float().clone(memory_format=torch.contiguous_format)
     H = hessian.float().clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
     Hinv = inverse_hessian_factor(H, damping, name)
     rows, cols = W.shape
+    if pattern.is_nm:  # an N:M group must not straddle two column blocks
+        blocksize = -(-blocksize // pattern.m) * pattern.m
     pruned_per_block = _block_keep_counts(pattern, rows, cols, blocksize)
     for block_index, i1 in enumerate(range(0, cols, blocksize)):
         i2 = min(i1 + blocksize, cols)

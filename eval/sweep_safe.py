@@ -1,0 +1,68 @@
+"""Quick SAFE/SAFE+ hyperparameter study on SmolLM2: prune the first K blocks, measure perplexity.
+
+Usage: python eval/sweep_safe.py --blocks 6 --configs '{"method": "safe+", "lr": 1e-3}' ...
+Each config is a JSON object: "method" plus method options. Prints one line per config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+
+from safe_llm.data import calibration_windows, evaluation_windows
+from safe_llm.engine import prune_model
+from safe_llm.methods import build_method
+from safe_llm.models import load_model
+from safe_llm.perplexity import perplexity
+from safe_llm.sparsity import SparsityPattern
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--blocks", type=int, default=6, help="prune only the first K blocks")
+    parser.add_argument("--structure", default="unstructured")
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--configs", nargs="+", required=True, help="JSON objects")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    dense, tokenizer, _ = load_model(args.model)
+    calib = calibration_windows(tokenizer, "builtin-c4", args.nsamples, args.seqlen, 0)
+    evalw = evaluation_windows(tokenizer, "builtin-wiki", args.seqlen, args.eval_windows)
+    sparsity = args.sparsity if args.structure == "unstructured" else None
+    pattern = SparsityPattern.parse(args.structure, sparsity)
+    print(f"dense ppl {perplexity(dense, evalw, 8):.3f}", flush=True)
+    for text in args.configs:
+        options = json.loads(text)
+        method = options.pop("method")
+        dense_targets = options.pop("dense_targets", False)
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        report = prune_model(
+            model,
+            calib,
+            build_method(method, options),
+            pattern,
+            device=torch.device("cpu"),
+            max_blocks=args.blocks,
+            progress=False,
+            dense_targets=dense_targets,
+        )
+        seconds = time.perf_counter() - start
+        ppl = perplexity(model, evalw, 8)
+        errors = [round(b.reconstruction_error, 4) for b in report.blocks]
+        print(
+            f"{text}: ppl {ppl:.3f}  {seconds / args.blocks:.1f}s/block  errors {errors}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

