@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 import types
@@ -97,21 +96,24 @@ def _prune_parser(sub) -> None:
 def _eval_parser(sub) -> None:
     parser = sub.add_parser(
         "eval",
-        help="token perplexity of a model (SparseGPT/Wanda protocol)",
-        description="Perplexity = exp(mean over non-overlapping windows of the mean token "
-        "NLL). wikitext2: test split joined with blank lines; c4: first 1100 validation "
-        "documents, 256 windows.",
+        help="token perplexity and zero-shot accuracy of a model",
+        description="Token perplexity = exp(mean over non-overlapping windows of the mean token "
+        "NLL), the SparseGPT/Wanda protocol. wikitext2: test split joined with blank lines; c4: "
+        "first 1100 validation documents, 256 windows. --tasks runs zero-shot accuracy through "
+        "lm-evaluation-harness (pip install 'safe-llm[eval]'). Lists may be comma- or "
+        "space-separated.",
     )
     parser.add_argument("--model", required=True, help="directory, hub id, .gguf or built-in")
     parser.add_argument(
         "--datasets",
-        nargs="+",
-        default=["wikitext2"],
-        help="sources: wikitext2, c4, builtin-wiki, builtin-c4 or a local file",
+        nargs="*",
+        default=None,
+        help="perplexity sources: wikitext2, c4, builtin-wiki, builtin-c4, a local file or a "
+        "datasets id (default: wikitext2, or none when --tasks is given)",
     )
     parser.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
     parser.add_argument("--max-windows", type=int, default=None, help="at most this many windows")
-    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    parser.add_argument("--batch-size", type=int, default=1, help="windows / examples per pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--text-column", default="text", help="text column of a file/dataset")
@@ -119,6 +121,56 @@ def _eval_parser(sub) -> None:
         "--trust-remote-code", action="store_true", help="allow model code from the Hub"
     )
     parser.add_argument("--json", dest="json_path", help="also write the results to this file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    group = parser.add_argument_group("zero-shot tasks (lm-evaluation-harness)")
+    group.add_argument(
+        "--tasks",
+        nargs="*",
+        default=None,
+        help="lm-eval tasks, e.g. boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa",
+    )
+    group.add_argument("--num-fewshot", type=int, default=0, help="examples in each prompt")
+    group.add_argument(
+        "--limit", type=int, default=None, help="at most this many examples per task (a preview)"
+    )
+    group.add_argument("--include-path", help="a directory of extra lm-eval task YAMLs")
+    group.add_argument(
+        "--metric", choices=("acc", "acc_norm"), default="acc", help="metric of the task mean"
+    )
+
+
+def _push_parser(sub) -> None:
+    parser = sub.add_parser(
+        "push",
+        help="upload a checkpoint directory to the Hugging Face Hub",
+        description="Create the repository if needed and upload every file of the checkpoint "
+        "(its model card README.md included) in one commit. The token comes from HF_TOKEN or "
+        "the token file of `hf auth login`; it is never printed or written anywhere.",
+    )
+    parser.add_argument("checkpoint", help="checkpoint directory written by safe-llm prune")
+    parser.add_argument("--repo-id", required=True, help="Hub repository, user/name")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument("--revision", help="branch to push to (created if missing)")
+    parser.add_argument("--commit-message", help="commit message (default names the method)")
+
+
+def _export_parser(sub) -> None:
+    parser = sub.add_parser(
+        "export",
+        help="write a checkpoint in the compact bitmask format (safe_llm.load reads it)",
+        description="bitmask: each sparse matrix is stored as its non-zero values plus a "
+        "packed bit mask (1 bit per weight); other tensors as they are. safe_llm.load(path) "
+        "restores the exact dense model.",
+    )
+    parser.add_argument("checkpoint", help="checkpoint directory written by safe-llm prune")
+    parser.add_argument("--format", default="bitmask", choices=["bitmask"], help="file format")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="a directory (config, tokenizer and model.bitmask.safetensors) or a single "
+        "*.safetensors file (config embedded, no tokenizer)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,30 +224,74 @@ def _run_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_eval(args: argparse.Namespace) -> int:
-    from safe_llm import data
-    from safe_llm.models import load_model, resolve_device, resolve_dtype
-    from safe_llm.perplexity import perplexity
+def _check_eval_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The perplexity sources and tasks to run; raise before loading anything if unusable."""
+    from safe_llm.evaluate import EvalError, parse_list
 
-    device = resolve_device(args.device)
-    model, tokenizer, _ = load_model(
-        args.model, resolve_dtype(args.dtype, device), args.trust_remote_code
+    tasks = parse_list(args.tasks)
+    sources = parse_list(args.datasets) if args.datasets is not None else []
+    if args.datasets is None and not tasks:
+        sources = ["wikitext2"]
+    if not sources and not tasks:
+        raise EvalError("nothing to evaluate: give --datasets and/or --tasks")
+    for name, minimum in (("seqlen", 2), ("batch_size", 1), ("max_windows", 1), ("limit", 1)):
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise EvalError(f"{_flag(name)} must be at least {minimum}, got {value}")
+    if args.num_fewshot < 0:
+        raise EvalError(f"--num-fewshot must be at least 0, got {args.num_fewshot}")
+    if tasks:
+        from safe_llm.zeroshot import _lm_eval
+
+        _lm_eval()  # a missing extra fails before the model is loaded
+    return sources, tasks
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from safe_llm.evaluate import (
+        evaluate_perplexity,
+        format_perplexity,
+        results_document,
+        write_json,
     )
+    from safe_llm.models import load_model, resolve_device, resolve_dtype
+
+    sources, tasks = _check_eval_args(args)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model, tokenizer, _ = load_model(args.model, dtype, args.trust_remote_code)
     model.to(device)
-    results = {}
-    for source in args.datasets:
-        windows = data.evaluation_windows(
-            tokenizer, source, args.seqlen, args.max_windows, text_column=args.text_column
+    perplexities = evaluate_perplexity(
+        model,
+        tokenizer,
+        sources,
+        args.seqlen,
+        batch_size=args.batch_size,
+        device=device,
+        max_windows=args.max_windows,
+        text_column=args.text_column,
+        progress=not args.quiet,
+    )
+    for source, result in perplexities.items():
+        print(format_perplexity(source, result))
+    zeroshot = None
+    if tasks:
+        from safe_llm.zeroshot import evaluate_tasks, format_tasks
+
+        zeroshot = evaluate_tasks(
+            model,
+            tokenizer,
+            tasks,
+            batch_size=args.batch_size,
+            num_fewshot=args.num_fewshot,
+            limit=args.limit,
+            include_path=args.include_path,
+            metric=args.metric,
         )
-        ppl = perplexity(model, windows, args.batch_size, device, progress=True)
-        results[source] = {"perplexity": ppl, "seqlen": args.seqlen, "windows": len(windows)}
-        print(
-            f"{source}: perplexity {ppl:.4f} (token-level, seqlen {args.seqlen}, "
-            f"{len(windows)} windows)"
-        )
+        print("\n".join(format_tasks(zeroshot)))
     if args.json_path:
-        with open(args.json_path, "w") as fh:
-            json.dump({"model": args.model, "results": results}, fh, indent=2)
+        document = results_document(args.model, device, dtype, perplexities, zeroshot)
+        print(f"results written to {write_json(args.json_path, document)}")
     return 0
 
 

@@ -143,6 +143,10 @@ def make_config(recipe: dict | None = None, overrides: dict | None = None) -> Pr
         raise ConfigError("method_options must be a mapping of option: value")
     for name, value in values.items():
         values[name] = _check_type(name, value, fields[name])
+    if values.get("eval"):
+        from safe_llm.evaluate import parse_list
+
+        values["eval"] = parse_list(values["eval"])  # "wikitext2,c4" -> ["wikitext2", "c4"]
     config = PruneConfig(**values, method_options=options)
     method_fields = {f.name: f for f in method_options(config.method)}
     for name, value in options.items():

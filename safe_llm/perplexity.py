@@ -8,6 +8,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from safe_llm.errors import SafeLLMError
+
+
+class SeqlenError(SafeLLMError):
+    """Windows longer than the model's maximum length (they would be silently truncated)."""
+
 
 def model_max_length(model) -> int | None:
     """``max_position_embeddings`` (or ``n_positions``) of the model's config, if it has one."""
@@ -21,6 +27,16 @@ def model_max_length(model) -> int | None:
         if isinstance(value, int):
             return value
     return None
+
+
+def check_seqlen(model, seqlen: int) -> None:
+    """Raise :class:`SeqlenError` if ``seqlen`` exceeds the model's maximum length."""
+    max_length = model_max_length(model)
+    if max_length is not None and seqlen > max_length:
+        raise SeqlenError(
+            f"seqlen {seqlen} exceeds the model's maximum length {max_length}; "
+            f"evaluate with --seqlen {max_length} or less"
+        )
 
 
 def window_nlls(model, batch: torch.LongTensor) -> torch.Tensor:
@@ -47,7 +63,8 @@ def perplexity(
     ``exp`` of the mean over windows of each window's mean shifted next-token NLL, computed in
     float32 from the logits (the SparseGPT/Wanda protocol). The model is put in eval mode and is
     assumed to be on ``device`` already; batches are moved there (default: the device of the
-    model's first parameter). Raises ValueError if ``seqlen`` exceeds the model's maximum length.
+    model's first parameter). Raises :class:`SeqlenError` (a ValueError) if ``seqlen`` exceeds
+    the model's maximum length.
     """
     if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
         raise ValueError(
@@ -56,12 +73,7 @@ def perplexity(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     nwindows, seqlen = windows.shape
-    max_length = model_max_length(model)
-    if max_length is not None and seqlen > max_length:
-        raise ValueError(
-            f"seqlen {seqlen} exceeds the model's maximum length {max_length}; "
-            f"evaluate with --seqlen {max_length} or less"
-        )
+    check_seqlen(model, seqlen)
     if device is None:
         device = next(model.parameters()).device
     model.eval()

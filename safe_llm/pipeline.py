@@ -13,9 +13,9 @@ from safe_llm import data
 from safe_llm.blocks import find_blocks, prunable_layers, weight_matrix
 from safe_llm.config import ConfigError, PruneConfig, make_config
 from safe_llm.engine import PruneReport, prune_model
+from safe_llm.evaluate import evaluate_perplexity
 from safe_llm.methods import build_method
 from safe_llm.models import load_model, resolve_device, resolve_dtype
-from safe_llm.perplexity import perplexity
 
 log = logging.getLogger(__name__)
 
@@ -29,23 +29,19 @@ class PruneResult:
 
 
 def evaluate_sources(model, tokenizer, config: PruneConfig, device, progress: bool) -> dict:
-    """Token perplexity on each ``config.eval`` source (the SparseGPT/Wanda protocol)."""
-    seqlen = config.eval_seqlen or config.seqlen
-    results = {}
-    for source in config.eval:
-        windows = data.evaluation_windows(
-            tokenizer,
-            source,
-            seqlen,
-            max_windows=config.eval_max_windows,
-            text_column=config.text_column,
-        )
-        results[source] = {
-            "perplexity": perplexity(model, windows, config.batch_size, device, progress),
-            "seqlen": seqlen,
-            "windows": int(windows.shape[0]),
-        }
-    return results
+    """``{source: result}`` on each ``config.eval`` source (comma lists allowed), with the
+    harness of :mod:`safe_llm.evaluate` (token perplexity, SparseGPT/Wanda protocol)."""
+    return evaluate_perplexity(
+        model,
+        tokenizer,
+        config.eval,
+        config.eval_seqlen or config.seqlen,
+        batch_size=config.batch_size,
+        device=device,
+        max_windows=config.eval_max_windows,
+        text_column=config.text_column,
+        progress=progress,
+    )
 
 
 def _evaluate_on_device(model, tokenizer, config, device, progress) -> dict:
