@@ -173,6 +173,20 @@ def _export_parser(sub) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
+def _report_parser(sub) -> None:
+    parser = sub.add_parser(
+        "report",
+        help="compare pruning runs: a Markdown table and PNG plots",
+        description="Read each run directory's report.json and recipe.yaml (as written by "
+        "safe-llm prune --output) and write report.md (method, structure, sparsity, "
+        "perplexities, time, memory) plus reconstruction_error.png, layer_sparsity.png and "
+        "perplexity.png into --output. The plots need matplotlib: pip install 'safe-llm[eval]'.",
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="checkpoint directories")
+    parser.add_argument("--output", default="report", help="directory for the report files")
+    parser.add_argument("--no-plots", action="store_true", help="write only report.md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="safe-llm",
@@ -183,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _prune_parser(sub)
     _eval_parser(sub)
+    _report_parser(sub)
     return parser
 
 
@@ -295,6 +310,14 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_report(args: argparse.Namespace) -> int:
+    from safe_llm.report import write_report
+
+    for path in write_report(args.runs, args.output, plots=not args.no_plots):
+        print(f"wrote {path}")
+    return 0
+
+
 def _one_line(exc: BaseException) -> str:
     """The error message on one line (library messages often span several)."""
     return " ".join(str(exc).split()) or type(exc).__name__
@@ -322,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     _install_log_handler(getattr(args, "quiet", False))
     _quiet_libraries()
     try:
-        return _run_prune(args) if args.command == "prune" else _run_eval(args)
+        commands = {"prune": _run_prune, "eval": _run_eval, "report": _run_report}
+        return commands[args.command](args)
     except SafeLLMError as exc:
         print(f"safe-llm: error: {_one_line(exc)}", file=sys.stderr)
         return 2
