@@ -25,6 +25,7 @@ weights after the projection, ``patience`` stops a block whose loss has plateaue
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -32,9 +33,16 @@ from dataclasses import dataclass, field
 import torch
 
 from safe_llm.engine import BlockContext
+from safe_llm.errors import SafeLLMError
 from safe_llm.methods import register
 from safe_llm.methods.base import PruningMethod
 from safe_llm.methods.sparsegpt import sparsegpt_prune
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(SafeLLMError):
+    """The block's loss stayed NaN/Inf after the retries with smaller learning rates."""
 
 
 def _o(default, help: str, **kw):
@@ -66,6 +74,7 @@ class SAFEOptions:
         0, "SAFE: stop a block after this many epochs without 0.5%% loss improvement (0 = off)"
     )
     autocast: str = _o("auto", "SAFE: bf16 autocast with fp32 master weights: auto, bf16, off")
+    nan_retries: int = _o(2, "SAFE: retries of a block whose loss turns NaN/Inf (lr / 10 each)")
     train_others: bool = _o(True, "SAFE: also train the block's norms and biases (unconstrained)")
 
 
@@ -83,14 +92,14 @@ class _Split:
 class _Schedule:
     """Linear warm-up then linear decay of the learning rate; lambda per ``lam_schedule``."""
 
-    def __init__(self, opts: SAFEOptions, total_steps: int, steps_per_epoch: int):
-        self.opts, self.total = opts, max(total_steps, 1)
+    def __init__(self, opts: SAFEOptions, lr: float, total_steps: int, steps_per_epoch: int):
+        self.opts, self.base_lr, self.total = opts, lr, max(total_steps, 1)
         self.warmup = min(int(round(opts.warmup_epochs * steps_per_epoch)), self.total - 1)
 
     def lr(self, step: int) -> float:
         if step < self.warmup:
-            return self.opts.lr * (step + 1) / self.warmup
-        return self.opts.lr * max(self.total - step, 0) / max(self.total - self.warmup, 1)
+            return self.base_lr * (step + 1) / self.warmup
+        return self.base_lr * max(self.total - step, 0) / max(self.total - self.warmup, 1)
 
     def lam(self, step: int) -> float:
         o, t = self.opts, step / self.total
@@ -115,21 +124,42 @@ class SAFE(PruningMethod):
         return self.options.init == "sparsegpt"
 
     def prune_block(self, ctx: BlockContext) -> dict[str, float]:
+        """Solve the block; on a non-finite loss retry from the dense block with a tenth of
+        the learning rate (``nan_retries`` times), then stop with the block named."""
+        snapshot = {k: v.detach().clone() for k, v in ctx.block.state_dict().items()}
+        lr = self.options.lr
+        for attempt in range(self.options.nan_retries + 1):
+            try:
+                return self._solve(ctx, lr)
+            except FloatingPointError as exc:
+                ctx.block.load_state_dict(snapshot)
+                if attempt == self.options.nan_retries:
+                    raise NonFiniteLossError(
+                        f"{self.name}: the loss of block {ctx.index} stayed non-finite after "
+                        f"{attempt} retries (last lr {lr:g}); lower --lr or --rho"
+                    ) from exc
+                log.warning("%s; retrying block %d with lr %g", exc, ctx.index, lr / 10)
+                lr /= 10
+        raise AssertionError("unreachable")
+
+    def _solve(self, ctx: BlockContext, lr: float) -> dict[str, float]:
         opts = self.options
         home_dtype = next(ctx.block.parameters()).dtype
         ctx.block.float()  # fp32 master weights
         try:
             splits = self._splits(ctx)
             self._initialise(ctx, splits)
-            main = self._optimise(ctx, splits, opts.epochs, admm=True)
+            main = self._optimise(ctx, splits, opts.epochs, lr, admm=True)
+            residuals = main["residuals"] or [self._residual(splits)]
             self._project_final(ctx, splits)
-            final = self._optimise(ctx, splits, opts.final_epochs, admm=False)
+            final = self._optimise(ctx, splits, opts.final_epochs, lr, admm=False)
         finally:
             ctx.block.to(home_dtype)
         return {
             "steps": main["steps"] + final["steps"],
             "loss": final["loss"] if final["steps"] else main["loss"],
-            "primal_residual": main["primal_residual"],
+            "primal_residual_first": residuals[0],
+            "primal_residual": residuals[-1],
         }
 
     # -- set-up -----------------------------------------------------------------------------
@@ -180,7 +210,7 @@ class SAFE(PruningMethod):
         for micro in batch.chunk(self.options.grad_accum):
             x, y = ctx.batch(micro)
             with self._autocast(ctx.device):
-                out = ctx.forward(x)
+                out = ctx.forward(x.float())
             loss = torch.nn.functional.mse_loss(out.float(), y.float()) / self.options.grad_accum
             step_grads = torch.autograd.grad(loss, params)
             grads = (
@@ -211,19 +241,20 @@ class SAFE(PruningMethod):
         ids = {id(p) for p in pruned}
         return pruned + [p for p in ctx.block.parameters() if id(p) not in ids]
 
-    def _optimise(self, ctx, splits, epochs: float, admm: bool) -> dict[str, float]:
+    def _optimise(self, ctx, splits, epochs: float, lr: float, admm: bool) -> dict:
         opts = self.options
         n = ctx.inputs.shape[0]
         steps_per_epoch = math.ceil(n / opts.train_batch_size)
         total = int(round(epochs * steps_per_epoch))
         if total == 0:
-            return {"steps": 0, "loss": float("nan"), "primal_residual": self._residual(splits)}
+            return {"steps": 0, "loss": float("nan"), "residuals": []}
         params = self._trainable(ctx, splits)
         masks = None if admm else [(s.param != 0).to(s.param.dtype) for s in splits.values()]
         for p in params:
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0)
-        schedule = _Schedule(opts, total, steps_per_epoch)
+        schedule = _Schedule(opts, lr, total, steps_per_epoch)
+        residuals = []
         generator = torch.Generator().manual_seed(ctx.seed)
         zero = torch.zeros((), device=ctx.device)
         epoch_loss, best, stale, step = zero, float("inf"), 0, 0
@@ -245,6 +276,7 @@ class SAFE(PruningMethod):
                 step += 1
                 if admm and step % opts.interval == 0:
                     self._dual_update(ctx, splits)
+                    residuals.append(self._residual(splits))
                 if not admm:
                     with torch.no_grad():
                         torch._foreach_mul_([s.param for s in splits.values()], masks)
@@ -264,7 +296,7 @@ class SAFE(PruningMethod):
         for p in params:
             p.requires_grad_(False)
             p.grad = None
-        return {"steps": step, "loss": mean_loss, "primal_residual": self._residual(splits)}
+        return {"steps": step, "loss": mean_loss, "residuals": residuals}
 
     @torch.no_grad()
     def _add_proximal(self, splits: dict[str, _Split], grads: list, lam: float) -> None:
