@@ -248,3 +248,45 @@ def test_a_block_that_recovers_with_a_smaller_lr_is_finished(monkeypatch, caplog
     method.prune_block(ctx)
     assert lrs == [3e-2, pytest.approx(3e-3)]
     assert HALF.satisfied_by(ctx.block[0].weight)
+
+
+def _forward_count(ctx: BlockContext) -> list[int]:
+    calls = [0]
+    ctx.block.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize(("ascent", "passes"), [("exact", 16), ("previous", 9)])
+def test_sam_ascent_from_the_previous_step_costs_one_pass_a_step(ascent, passes):
+    ctx = _least_squares_context(seed=11)
+    calls = _forward_count(ctx)
+    build_method("safe", _admm_options(epochs=8, rho=1e-2, sam_ascent=ascent)).prune_block(ctx)
+    assert calls[0] == passes
+
+
+def test_previous_step_ascent_still_beats_one_shot_magnitude():
+    ctx = _least_squares_context(seed=2)
+    x, y = ctx.inputs, ctx.targets
+    magnitude = HALF.project(ctx.block[0].weight.detach())
+    options = _admm_options(rho=1e-2, epochs=120, sam_ascent="previous")
+    build_method("safe", options).prune_block(ctx)
+    solved = ctx.block[0].weight.detach()
+    assert (x @ solved.T - y).square().mean() < (x @ magnitude.T - y).square().mean()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("init", "random", "--init 'random' is not one of"),
+        ("lam_schedule", "step", "--lam-schedule"),
+        ("sam_ascent", "future", "--sam-ascent"),
+        ("lr", -1.0, "--lr must be >= 0"),
+        ("rho", float("nan"), "--rho must be >= 0"),
+        ("interval", 0, "--interval must be at least 1"),
+    ],
+)
+def test_bad_solver_options_are_refused_with_the_flag_named(option, value, message):
+    from safe_llm.errors import SafeLLMError
+
+    with pytest.raises(SafeLLMError, match=message):
+        build_method("safe+", {option: value})

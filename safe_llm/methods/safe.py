@@ -74,8 +74,20 @@ class SAFEOptions:
         0, "SAFE: stop a block after this many epochs without 0.5%% loss improvement (0 = off)"
     )
     autocast: str = _o("auto", "SAFE: bf16 autocast with fp32 master weights: auto, bf16, off")
+    sam_ascent: str = _o(
+        "exact",
+        "SAFE: SAM ascent direction: exact (this batch's gradient, two passes a step) or "
+        "previous (the last step's gradient, one pass a step)",
+    )
     nan_retries: int = _o(2, "SAFE: retries of a block whose loss turns NaN/Inf (lr / 10 each)")
     train_others: bool = _o(True, "SAFE: also train the block's norms and biases (unconstrained)")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise SafeLLMError(
+            f"--{name.replace('_', '-')} {value!r} is not one of: {', '.join(choices)}"
+        )
 
 
 @dataclass
@@ -122,6 +134,30 @@ class SAFE(PruningMethod):
     @property
     def needs_hessian(self) -> bool:  # type: ignore[override]
         return self.options.init == "sparsegpt"
+
+    def __init__(self, options: SAFEOptions | None = None):
+        super().__init__(options)
+        _check_choice("init", self.options.init, ("dense", "wanda", "sparsegpt"))
+        _check_choice("lam_schedule", self.options.lam_schedule, ("constant", "linear", "cosine"))
+        _check_choice("autocast", self.options.autocast, ("auto", "bf16", "off"))
+        _check_choice("sam_ascent", self.options.sam_ascent, ("exact", "previous"))
+        o = self.options
+        for name, value, low in [
+            ("lr", o.lr, 0.0),
+            ("epochs", o.epochs, 0.0),
+            ("final_epochs", o.final_epochs, 0.0),
+            ("rho", o.rho, 0.0),
+            ("lam", o.lam, 0.0),
+            ("lam_max", o.lam_max, 0.0),
+            ("warmup_epochs", o.warmup_epochs, 0.0),
+            ("patience", o.patience, 0),
+            ("nan_retries", o.nan_retries, 0),
+        ]:
+            if not value >= low:
+                raise SafeLLMError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+        for name in ("train_batch_size", "grad_accum", "interval"):
+            if getattr(o, name) < 1:
+                raise SafeLLMError(f"--{name.replace('_', '-')} must be at least 1")
 
     def prune_block(self, ctx: BlockContext) -> dict[str, float]:
         """Solve the block; on a non-finite loss retry from the dense block with a tenth of
@@ -180,8 +216,6 @@ class SAFE(PruningMethod):
     @torch.no_grad()
     def _initialise(self, ctx: BlockContext, splits: dict[str, _Split]) -> None:
         init = self.options.init
-        if init not in ("dense", "wanda", "sparsegpt"):
-            raise ValueError(f"unknown init {init!r}: dense, wanda or sparsegpt")
         for name, split in splits.items():
             if init == "sparsegpt":
                 solved = sparsegpt_prune(ctx.matrix(name), ctx.stats[name].hessian, ctx.pattern)
@@ -199,8 +233,6 @@ class SAFE(PruningMethod):
         mode = self.options.autocast
         if mode == "off" or (mode == "auto" and device.type not in ("cuda", "cpu")):
             return nullcontext()
-        if mode not in ("auto", "bf16"):
-            raise ValueError(f"unknown autocast {mode!r}: auto, bf16, off")
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
     def _loss_and_grads(self, ctx, params, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -221,18 +253,25 @@ class SAFE(PruningMethod):
             total_loss += loss.detach()
         return total_loss, list(grads)
 
-    def _sam_grads(self, ctx, params, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        loss, grads = self._loss_and_grads(ctx, params, batch)
-        if self.options.rho == 0:
-            return loss, grads
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        eps = torch._foreach_mul(grads, self.options.rho / (norm + 1e-12))
+    def _sam_grads(self, ctx, params, batch, previous) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Loss and gradient at the SAM-perturbed weights ``W + rho g / ||g||``.
+
+        ``g`` is this batch's gradient (two passes), or with ``sam_ascent="previous"`` the
+        previous step's gradient ``previous`` (one pass: the ascent reuses the last step's work).
+        """
+        rho = self.options.rho
+        if rho == 0:
+            return self._loss_and_grads(ctx, params, batch)
+        if previous is None:
+            loss, previous = self._loss_and_grads(ctx, params, batch)
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(previous)))
+        eps = torch._foreach_mul(previous, rho / (norm + 1e-12))
         with torch.no_grad():
             torch._foreach_add_(params, eps)
-        _, sharp_grads = self._loss_and_grads(ctx, params, batch)
+        sharp_loss, sharp_grads = self._loss_and_grads(ctx, params, batch)
         with torch.no_grad():
             torch._foreach_sub_(params, eps)
-        return loss, sharp_grads
+        return (sharp_loss if self.options.sam_ascent == "previous" else loss), sharp_grads
 
     def _trainable(self, ctx: BlockContext, splits: dict[str, _Split]) -> list[torch.nn.Parameter]:
         pruned = [s.param for s in splits.values()]
@@ -257,13 +296,17 @@ class SAFE(PruningMethod):
         residuals = []
         generator = torch.Generator().manual_seed(ctx.seed)
         zero = torch.zeros((), device=ctx.device)
-        epoch_loss, best, stale, step = zero, float("inf"), 0, 0
+        reuse = opts.sam_ascent == "previous"
+        epoch_loss, best, stale, step, previous = zero, float("inf"), 0, 0, None
         while step < total:
             order = torch.randperm(n, generator=generator)
+            epoch_start = step
             for batch in order.split(opts.train_batch_size):
                 if step == total:
                     break
-                loss, grads = self._sam_grads(ctx, params, batch)
+                loss, grads = self._sam_grads(ctx, params, batch, previous)
+                if reuse:
+                    previous = [g.clone() for g in grads]
                 if admm:
                     self._add_proximal(splits, grads, schedule.lam(step))
                 else:
@@ -281,7 +324,7 @@ class SAFE(PruningMethod):
                     with torch.no_grad():
                         torch._foreach_mul_([s.param for s in splits.values()], masks)
                 epoch_loss = epoch_loss + loss
-            mean_loss = float(epoch_loss) / steps_per_epoch  # one host sync per epoch
+            mean_loss = float(epoch_loss) / (step - epoch_start)  # one host sync per epoch
             epoch_loss = zero
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(
