@@ -1,10 +1,13 @@
-"""``safe-llm`` command line: ``prune`` and ``eval``."""
+"""``safe-llm`` command line: ``prune``, ``eval``, ``export`` and ``push``."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
+import shlex
+import signal
 import sys
 import types
 import typing
@@ -198,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     _prune_parser(sub)
     _eval_parser(sub)
     _report_parser(sub)
+    _push_parser(sub)
+    _export_parser(sub)
     return parser
 
 
@@ -227,16 +232,91 @@ def _summary(report: dict, output: str | None) -> str:
     return "\n".join(lines)
 
 
-def _run_prune(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _graceful_stop():
+    """SIGINT/SIGTERM ask the run to stop after the current block's save; a second one stops
+    at once. Yields a callable returning the first signal's number (or None)."""
+    received: list[int] = []
+
+    def handler(signum, _frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        log.warning(
+            "safe-llm: %s received: finishing the current block and saving it "
+            "(send it again to stop at once)",
+            signal.Signals(signum).name,
+        )
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: received[0] if received else None
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _command_line(argv: list[str] | None) -> str:
+    return shlex.join(["safe-llm", *(sys.argv[1:] if argv is None else argv)])
+
+
+def _run_prune(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from safe_llm.checkpoint import save_checkpoint
     from safe_llm.pipeline import run_prune
 
-    config = _config_from_args(args)
-    result = run_prune(config, progress=not args.quiet)
-    if config.output:
-        save_checkpoint(result)
+    config = dataclasses.replace(_config_from_args(args), command_line=_command_line(argv))
+    with _graceful_stop() as should_stop:
+        result = run_prune(config, progress=not args.quiet, should_stop=should_stop)
+        if config.output:
+            save_checkpoint(result)
     print(_summary(result.report, config.output))
+    if config.push_to_hub:
+        from safe_llm.hub import push_checkpoint
+
+        url = push_checkpoint(
+            config.output,
+            config.hub_repo_id,
+            private=config.hub_private,
+            revision=config.hub_revision,
+        )
+        print(f"pushed to {url}")
     return 0
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from safe_llm.hub import push_checkpoint
+
+    url = push_checkpoint(
+        args.checkpoint,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+    )
+    print(f"pushed {args.checkpoint} to {url}")
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from safe_llm.export import export_bitmask
+
+    sizes = export_bitmask(args.checkpoint, args.output, overwrite=args.overwrite)
+    print(
+        f"wrote {args.output}: {sizes.exported_bytes / 2**20:.2f} MiB, "
+        f"{sizes.ratio:.3f} of the dense weights ({sizes.dense_bytes / 2**20:.2f} MiB)"
+    )
+    return 0
+
+
+def _resume_hint(exc, argv: list[str] | None) -> str:
+    command = _command_line(argv)
+    if "--resume" not in command.split():
+        command += " --resume"
+    name = signal.Signals(exc.signum).name
+    stopped = f"safe-llm: {name}: stopped after {exc.finished}/{exc.total} blocks"
+    if exc.work_dir is None:
+        return f"{stopped}; nothing was saved (without --output there is no work area)"
+    return f"{stopped}, saved in {exc.work_dir}; continue with: {command}"
 
 
 def _check_eval_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -344,14 +424,29 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _install_log_handler(getattr(args, "quiet", False))
     _quiet_libraries()
+    from safe_llm.resume import Interrupted
+
+    commands = {
+        "prune": lambda: _run_prune(args, argv),
+        "eval": lambda: _run_eval(args),
+        "report": lambda: _run_report(args),
+        "push": lambda: _run_push(args),
+        "export": lambda: _run_export(args),
+    }
     try:
-        commands = {"prune": _run_prune, "eval": _run_eval, "report": _run_report}
-        return commands[args.command](args)
+        return commands[args.command]()
     except SafeLLMError as exc:
         print(f"safe-llm: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(_resume_hint(exc, argv), file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
-        print("safe-llm: interrupted; nothing was written", file=sys.stderr)
+        print(
+            "safe-llm: interrupted; no checkpoint was written (finished blocks stay in "
+            "--output's work area: add --resume to continue)",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -69,6 +69,14 @@ class PruneConfig:
     trust_remote_code: bool = _opt(False, "allow model code from the Hub (off unless asked)")
     output: str | None = _opt(None, "directory for the pruned checkpoint")
     overwrite: bool = _opt(False, "replace a non-empty output directory")
+    resume: bool = _opt(
+        False,
+        "continue an interrupted run from the last block saved in --output's work area "
+        "(the other options must be the same; starts from block 0 if nothing was saved)",
+    )
+    max_blocks: int | None = _opt(
+        None, "prune only the first N decoder blocks (quick studies; the rest stay dense)"
+    )
     max_shard_size: str = _opt("2GB", "largest safetensors shard")
     eval: list[str] = _opt(
         None,
@@ -79,7 +87,14 @@ class PruneConfig:
     )
     eval_seqlen: int | None = _opt(None, "window length for --eval (default: --seqlen)")
     eval_max_windows: int | None = _opt(None, "evaluate on at most this many windows")
+    push_to_hub: bool = _opt(
+        False, "upload the checkpoint to the Hugging Face Hub repo --hub-repo-id when written"
+    )
+    hub_repo_id: str | None = _opt(None, "Hub repository for --push-to-hub (user/name)")
+    hub_private: bool = _opt(False, "create the Hub repository private")
+    hub_revision: str | None = _opt(None, "Hub branch to push to (default: main)")
     method_options: dict = _opt(None, "method hyperparameters", factory=dict, cli=False)
+    command_line: str | None = _opt(None, "the command line that made the run", cli=False)
 
     def pattern(self) -> SparsityPattern:
         if self.structure.strip().lower() == "unstructured" and self.sparsity is None:
@@ -207,8 +222,14 @@ def validate(config: PruneConfig) -> None:
         raise ConfigError("--eval-max-windows must be at least 1")
     for source in [config.dataset, *config.eval]:
         _check_source(source)
+    if config.max_blocks is not None and config.max_blocks < 1:
+        raise ConfigError("--max-blocks must be at least 1")
+    if config.resume and not config.output:
+        raise ConfigError("--resume needs --output (the directory of the interrupted run)")
+    if config.push_to_hub and not (config.output and config.hub_repo_id):
+        raise ConfigError("--push-to-hub needs --output and --hub-repo-id user/name")
     if config.output:
-        _check_output(Path(config.output), config.model, config.overwrite)
+        _check_output(Path(config.output), config.model, config.overwrite, config.resume)
 
 
 def _check_source(source: str) -> None:
@@ -223,7 +244,7 @@ def _check_source(source: str) -> None:
         raise ConfigError(f"text source {source} does not exist")
 
 
-def _check_output(output: Path, model: str, overwrite: bool) -> None:
+def _check_output(output: Path, model: str, overwrite: bool, resume: bool = False) -> None:
     model_dir = Path(model).expanduser()
     if model_dir.exists():
         out, src = output.expanduser().resolve(), model_dir.resolve()
@@ -235,5 +256,14 @@ def _check_output(output: Path, model: str, overwrite: bool) -> None:
             )
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output {output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise ConfigError(f"--output {output} is not empty; pass --overwrite to replace it")
+    from safe_llm.resume import WORK_DIR
+
+    contents = {p.name for p in output.iterdir()} if output.is_dir() else set()
+    if contents and not overwrite:
+        if WORK_DIR in contents and not resume:
+            raise ConfigError(
+                f"--output {output} holds an unfinished run; pass --resume to continue it "
+                "or --overwrite to start over"
+            )
+        if contents - {WORK_DIR}:
+            raise ConfigError(f"--output {output} is not empty; pass --overwrite to replace it")

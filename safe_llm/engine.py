@@ -34,11 +34,17 @@ from safe_llm.blocks import (
     run_block,
     weight_matrix,
 )
+from safe_llm.errors import SafeLLMError
 from safe_llm.layer_stats import InputStats, collect_input_stats
 from safe_llm.methods.base import PruningMethod
+from safe_llm.resume import EngineState, rng_state, set_rng_state
 from safe_llm.sparsity import SparsityPattern, achieved_sparsity
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteError(SafeLLMError):
+    """A method left NaN or Inf in a block: the run stops before anything of it is saved."""
 
 
 @dataclass
@@ -97,6 +103,7 @@ class PruneReport:
     seconds: float
     peak_memory_bytes: int
     overall_sparsity: float
+    resumed_from_block: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -165,6 +172,8 @@ def prune_model(
     max_blocks: int | None = None,
     progress: bool = True,
     on_block: Callable[[BlockReport], None] | None = None,
+    resume: EngineState | None = None,
+    on_state: Callable[[EngineState, nn.Module], None] | None = None,
 ) -> PruneReport:
     """Prune every decoder block of ``model`` in place.
 
@@ -175,6 +184,10 @@ def prune_model(
         dense_targets: take targets from the dense stream (global propagation).
         layer_errors: also report each layer's relative output error (needs ``X^T X``).
         max_blocks: prune only the first ``max_blocks`` blocks (timing and quick studies).
+        resume: continue from this state; its blocks must already hold their pruned weights
+            (:meth:`safe_llm.resume.WorkArea.load` puts them there).
+        on_state: called after each block with the state to continue from and the pruned
+            block (to save it); a run resumed from that state gives the same bits.
     """
     start = time.perf_counter()
     if device.type == "cuda":
@@ -185,12 +198,16 @@ def prune_model(
             pattern.check_shape(tuple(weight_matrix(layer).shape), name)
     hidden, calls = capture_block_inputs(model, windows, device, batch_size)
     storage = _storage_device(device, hidden.numel() * hidden.element_size() * 3)
-    hidden = hidden.to(storage)
-    dense_stream = hidden.clone() if dense_targets else None
+    hidden, dense_stream, reports, first = _initial_state(hidden, storage, dense_targets, resume)
     targets = torch.empty_like(hidden)
-    reports = []
     count = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
-    bar = tqdm(range(count), desc=f"pruning ({method.name}, {pattern})", disable=not progress)
+    bar = tqdm(
+        range(first, count),
+        desc=f"pruning ({method.name}, {pattern})",
+        disable=not progress,
+        initial=first,
+        total=count,
+    )
     for index in bar:
         report = _prune_block(
             index,
@@ -221,12 +238,43 @@ def prune_model(
         )
         if on_block is not None:
             on_block(report)
+        if on_state is not None:
+            state = EngineState(
+                index + 1, hidden, dense_stream, [asdict(r) for r in reports], rng_state()
+            )
+            on_state(state, blocks[index])
     return PruneReport(
         blocks=reports,
         seconds=time.perf_counter() - start,
         peak_memory_bytes=peak_memory_bytes(device),
         overall_sparsity=model_sparsity(model, ignore),
+        resumed_from_block=first,
     )
+
+
+def _initial_state(
+    captured: torch.Tensor,
+    storage: torch.device,
+    dense_targets: bool,
+    resume: EngineState | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, list[BlockReport], int]:
+    """``(hidden, dense_stream, reports, first_block)``: the captured first-block inputs
+    ``[n, seq, d]``, or a saved state (whose RNG state is restored here)."""
+    if resume is None:
+        hidden = captured.to(storage)
+        return hidden, (hidden.clone() if dense_targets else None), [], 0
+    if resume.hidden.shape != captured.shape:
+        raise SafeLLMError(
+            f"saved hidden states have shape {tuple(resume.hidden.shape)}, this run's "
+            f"{tuple(captured.shape)}: the work area belongs to another run"
+        )
+    if dense_targets and resume.dense_stream is None:
+        raise SafeLLMError("the saved state has no dense stream but --dense-targets is on")
+    hidden = resume.hidden.to(storage, captured.dtype)
+    dense = resume.dense_stream.to(storage, captured.dtype) if dense_targets else None
+    set_rng_state(resume.rng)
+    log.info("resuming at block %d", resume.next_block)
+    return hidden, dense, [BlockReport(**r) for r in resume.reports], resume.next_block
 
 
 def _prune_block(
@@ -283,6 +331,8 @@ def _prune_block(
         seed + index,
     )
     extra = method.prune_block(ctx) or {}
+    _check_finite(method.name, index, ctx)
+    _positive_zeros(ctx)
     for name in layers:
         if not pattern.satisfied_by(ctx.matrix(name)):
             raise RuntimeError(f"{method.name} left block {index} layer {name} off {pattern}")
@@ -302,6 +352,25 @@ def _prune_block(
         layer_error=layer_error,
         extra=extra,
     )
+
+
+@torch.no_grad()
+def _positive_zeros(ctx: BlockContext) -> None:
+    """Make every pruned entry ``+0.0``: a weight times a 0 mask is ``-0.0`` where the weight
+    was negative, and the bitmask export keeps ``-0.0`` as a value (it is exact, bit for bit)."""
+    for name in ctx.layers:
+        matrix = ctx.matrix(name)
+        matrix.masked_fill_(matrix == 0, 0.0)
+
+
+def _check_finite(method: str, index: int, ctx: BlockContext) -> None:
+    """Raise :class:`NonFiniteError` naming the first parameter of the block with NaN/Inf."""
+    for name, param in ctx.block.named_parameters():
+        if not torch.isfinite(param).all():
+            raise NonFiniteError(
+                f"{method} left NaN or Inf in block {ctx.index} ({name}); the run stopped "
+                f"before saving block {index}: nothing with NaN/Inf was written"
+            )
 
 
 def model_sparsity(model: nn.Module, ignore: tuple[str, ...] = ()) -> float:

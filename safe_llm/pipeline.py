@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from safe_llm.engine import PruneReport, prune_model
 from safe_llm.evaluate import evaluate_perplexity
 from safe_llm.methods import build_method
 from safe_llm.models import load_model, resolve_device, resolve_dtype
+from safe_llm.resume import EngineState, Interrupted, WorkArea, work_dir
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +68,61 @@ def check_prunable(model: nn.Module, pattern, ignore: tuple[str, ...] = ()) -> N
             pattern.check_shape(tuple(weight_matrix(layer).shape), f"block {index} {name}")
 
 
-def run_prune(config: PruneConfig, progress: bool = True) -> PruneResult:
-    """Load, calibrate, prune block by block and (optionally) evaluate. Writes nothing.
+def _open_work_area(config: PruneConfig) -> tuple[WorkArea | None, bool]:
+    """``(work area, fresh)`` of a run with ``--output``; on ``--resume`` the saved options
+    must match (checked before anything is loaded)."""
+    if not config.output:
+        return None, True
+    work = WorkArea(work_dir(config.output))
+    if config.resume and work.exists():
+        work.check_config(config.to_dict())
+        log.info("resuming %s: %d block(s) already pruned", work.path, work.finished_blocks())
+        return work, False
+    if config.resume:
+        log.info("nothing to resume in %s; starting from block 0", work.path)
+    return work, True
 
-    Every check that does not need the model runs before it is loaded, and every check that
-    needs it (pattern shapes, finite weights, enough calibration text) before any pruning.
+
+def _state_saver(
+    work: WorkArea | None,
+    fresh: bool,
+    config: PruneConfig,
+    total: int,
+    should_stop: Callable[[], int | None] | None,
+) -> Callable[[EngineState, nn.Module], None]:
+    """The engine's ``on_state``: save the block's state, then stop if a signal asked to."""
+    started = not fresh
+
+    def on_state(state: EngineState, block: nn.Module) -> None:
+        nonlocal started
+        if work is not None:
+            if not started:
+                work.start(config.to_dict())
+                started = True
+            work.save(state, block, total)
+        signum = should_stop() if should_stop is not None else None
+        if signum:
+            raise Interrupted(signum, state.next_block, total, work.path if work else None)
+
+    return on_state
+
+
+def run_prune(
+    config: PruneConfig,
+    progress: bool = True,
+    should_stop: Callable[[], int | None] | None = None,
+) -> PruneResult:
+    """Load, calibrate, prune block by block and (optionally) evaluate.
+
+    With ``config.output`` each finished block's state is saved in the output's work area
+    (:mod:`safe_llm.resume`), and ``config.resume`` continues from it; nothing else is written.
+    ``should_stop`` is polled after each block's save: a signal number there raises
+    :class:`~safe_llm.resume.Interrupted`. Every check that does not need the model runs
+    before it is loaded, and every check that needs it (pattern shapes, finite weights,
+    enough calibration text) before any pruning.
     """
     start = time.perf_counter()
+    work, fresh = _open_work_area(config)
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -90,6 +140,9 @@ def run_prune(config: PruneConfig, progress: bool = True) -> PruneResult:
     )
     log.info("calibration: %d windows x %d tokens from %s", *windows.shape, config.dataset)
     dense_eval = _evaluate_on_device(model, tokenizer, config, device, progress)
+    _, blocks = find_blocks(model)
+    resume = work.load(blocks) if work is not None and not fresh else None
+    total = len(blocks) if config.max_blocks is None else min(config.max_blocks, len(blocks))
     engine_report: PruneReport = prune_model(
         model,
         windows,
@@ -101,10 +154,15 @@ def run_prune(config: PruneConfig, progress: bool = True) -> PruneResult:
         dense_targets=config.dense_targets,
         layer_errors=config.layer_errors,
         seed=config.seed,
+        max_blocks=config.max_blocks,
         progress=progress,
+        resume=resume,
+        on_state=_state_saver(work, fresh, config, total, should_stop),
     )
     pruned_eval = _evaluate_on_device(model, tokenizer, config, device, progress)
     report = {
+        "model": config.model,
+        "command": config.command_line,
         "method": config.method,
         "pattern": pattern.structure,
         "sparsity": pattern.sparsity,
@@ -136,6 +194,10 @@ def prune(model: str, **options) -> tuple[nn.Module, dict]:
 
     progress = bool(options.pop("progress", False))
     method_options = options.pop("method_options", {})
+    call = ", ".join([repr(model), *(f"{k}={v!r}" for k, v in options.items())])
+    if method_options:
+        call += f", method_options={method_options!r}"
+    options.setdefault("command_line", f"safe_llm.prune({call})")
     config = make_config(overrides={"model": model, **options, "method_options": method_options})
     result = run_prune(config, progress=progress)
     if config.output:

@@ -1,0 +1,139 @@
+"""The model card (``README.md`` with Hub metadata) written into every checkpoint."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from safe_llm import __version__
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def base_model_id(model: str) -> str | None:
+    """The Hub id ``model`` came from: a built-in's source, a Hub id itself, else None."""
+    from safe_llm.models import BUILTIN_MODELS
+
+    if model in BUILTIN_MODELS:
+        return BUILTIN_MODELS[model].hub_id
+    if HUB_ID.match(model) and not Path(model).expanduser().exists():
+        return model
+    return None
+
+
+def card_metadata(recipe: dict, report: dict) -> dict:
+    """The YAML front matter: base_model, library_name, pipeline_tag and tags."""
+    pattern = report["pattern"]
+    tags = ["safe-llm", "sparse", "pruned", pattern, recipe["method"]]
+    if pattern != "unstructured":
+        tags.append("n:m-sparsity")
+    metadata = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": tags}
+    base = base_model_id(str(recipe.get("model") or ""))
+    if base:
+        metadata = {"base_model": base, **metadata}
+    return metadata
+
+
+def _pattern_text(report: dict) -> str:
+    if report["pattern"] == "unstructured":
+        return f"{report['sparsity']:.0%} unstructured"
+    return f"{report['pattern']} semi-structured ({report['sparsity']:.0%})"
+
+
+def _settings_table(recipe: dict, report: dict) -> list[str]:
+    calibration = report.get("calibration", {})
+    options = recipe.get("method_options") or {}
+    rows = [
+        ("Base model", f"`{recipe.get('model')}`"),
+        ("Method", recipe["method"] + (f" ({options})" if options else "")),
+        ("Pattern", _pattern_text(report)),
+        (
+            "Overall sparsity",
+            f"{report.get('overall_sparsity', float('nan')):.4f} of the pruned layers' weights",
+        ),
+        (
+            "Pruned layers",
+            "every linear layer of the decoder blocks"
+            + (f" except {', '.join(recipe['ignore'])}" if recipe.get("ignore") else "")
+            + "; embeddings and lm_head are dense",
+        ),
+        (
+            "Calibration",
+            f"{calibration.get('nsamples')} windows x {calibration.get('seqlen')} "
+            f"tokens of `{calibration.get('dataset')}`, seed {calibration.get('seed')}",
+        ),
+        (
+            "Targets",
+            "dense stream (global propagation)"
+            if recipe.get("dense_targets")
+            else "pruned stream (sequential)",
+        ),
+        ("Dtype / device", f"{report.get('dtype')} on {report.get('device')}"),
+    ]
+    return ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+
+
+def _perplexity_table(report: dict) -> list[str]:
+    evaluation = report.get("evaluation") or {}
+    dense, pruned = evaluation.get("dense") or {}, evaluation.get("pruned") or {}
+    sources = [s for s in pruned if s in dense] or list(pruned)
+    if not sources:
+        return ["Not evaluated (run `safe-llm prune` with `--eval` to add perplexities)."]
+    lines = ["| Text | Seqlen | Windows | Dense | Pruned |", "|---|---|---|---|---|"]
+    for source in sources:
+        p, d = pruned[source], dense.get(source, {})
+        dense_ppl = f"{d['perplexity']:.3f}" if "perplexity" in d else "-"
+        lines.append(
+            f"| {source} | {p['seqlen']} | {p['windows']} | {dense_ppl} | {p['perplexity']:.3f} |"
+        )
+    lines.append("")
+    lines.append("Token-level perplexity, non-overlapping windows (SparseGPT/Wanda protocol).")
+    return lines
+
+
+def render_model_card(recipe: dict, report: dict) -> str:
+    """``README.md`` text for a checkpoint made with ``recipe`` (the options) and ``report``
+    (``report.json``): Hub metadata, settings, perplexities and the command that made it."""
+    front = yaml.safe_dump(card_metadata(recipe, report), sort_keys=False).strip()
+    command = report.get("command") or "(not recorded)"
+    title = f"{recipe.get('model')} pruned to {_pattern_text(report)} with {recipe['method']}"
+    lines = [
+        "---",
+        front,
+        "---",
+        "",
+        f"# {title}",
+        "",
+        f"Pruned with safe-llm {__version__}, block by block, without "
+        "retraining. The zeros are stored in place: the weights load as a dense model in "
+        "`transformers`, vLLM or any other tool.",
+        "",
+        "## Settings",
+        "",
+        *_settings_table(recipe, report),
+        "",
+        "## Perplexity",
+        "",
+        *_perplexity_table(report),
+        "",
+        "## How it was made",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        "`recipe.yaml` holds every option; `report.json` the per-block times and errors.",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'model = AutoModelForCausalLM.from_pretrained("<this repository>")',
+        'tokenizer = AutoTokenizer.from_pretrained("<this repository>")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

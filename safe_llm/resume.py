@@ -1,0 +1,291 @@
+"""Resumable runs: the engine's state after each finished block, kept in a work area.
+
+The work area is ``<output>/.safe_llm_work/``::
+
+    config.json                the options that decide the result (compared on --resume)
+    block_00003.safetensors    block 3's state dict after pruning
+    stream_00004.safetensors   what feeds block 4: ``hidden`` [n, seq, d], ``dense`` [n, seq, d]
+                               (with dense targets) and the RNG state
+    progress.json              the commit record: finished blocks, their reports, the stream file
+
+Every file is written under a temporary name, fsynced and renamed into place (``os.replace``);
+``progress.json`` is replaced only after the files it names are complete. A kill at any moment
+therefore leaves the state of the last finished block. The final checkpoint replaces the whole
+output directory (work area included) in one rename, only once it is complete.
+
+A later streaming or data-parallel engine needs only :class:`EngineState` and the three
+:class:`WorkArea` calls ``save``, ``load`` and ``check_config``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from safe_llm.errors import SafeLLMError
+
+log = logging.getLogger(__name__)
+
+WORK_DIR = ".safe_llm_work"
+FORMAT_VERSION = 1
+
+# Options that do not change the pruned weights: a resume may change them freely.
+IGNORED_KEYS = frozenset(
+    {
+        "output",
+        "overwrite",
+        "resume",
+        "max_blocks",
+        "max_shard_size",
+        "eval",
+        "eval_seqlen",
+        "eval_max_windows",
+        "trust_remote_code",
+        "command_line",
+        "push_to_hub",
+        "hub_repo_id",
+        "hub_private",
+        "hub_revision",
+    }
+)
+
+
+class ResumeError(SafeLLMError):
+    """A work area that cannot be resumed (different options, missing or damaged files)."""
+
+
+class WorkAreaError(SafeLLMError):
+    """The work area could not be written; the message says what is still intact."""
+
+
+@dataclass
+class EngineState:
+    """Everything the engine needs to continue with block ``next_block``.
+
+    ``hidden``: the pruned stream feeding block ``next_block`` ``[n, seq, d]``;
+    ``dense_stream``: the dense stream ``[n, seq, d]`` (dense targets only, else None);
+    ``reports``: the finished blocks' reports (``BlockReport`` as dicts);
+    ``rng``: the global RNG states after the last finished block (see :func:`rng_state`).
+    """
+
+    next_block: int
+    hidden: torch.Tensor
+    dense_stream: torch.Tensor | None = None
+    reports: list[dict] = field(default_factory=list)
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; the run stopped after saving block ``finished - 1``."""
+
+    def __init__(self, signum: int, finished: int, total: int, work_dir: Path | None):
+        super().__init__(f"interrupted by signal {signum} after {finished}/{total} blocks")
+        self.signum, self.finished, self.total, self.work_dir = signum, finished, total, work_dir
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """The CPU and every CUDA device's global RNG state, as uint8 tensors."""
+    states = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"rng.cuda.{index}"] = state
+    return states
+
+
+def set_rng_state(states: dict[str, torch.Tensor]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    if "rng.cpu" in states:
+        torch.set_rng_state(states["rng.cpu"])
+    cuda = [states[k] for k in sorted(states) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def work_dir(output: str | os.PathLike) -> Path:
+    """The work area of a run writing its checkpoint to ``output``."""
+    return Path(output).expanduser() / WORK_DIR
+
+
+def decisive_options(config: dict) -> dict:
+    """The options of ``config`` (``PruneConfig.to_dict()``) that decide the pruned weights,
+    as plain JSON values."""
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in IGNORED_KEYS}))
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """``key: saved -> current`` for every decisive option that differs, sorted by key."""
+    saved, current = decisive_options(saved), decisive_options(current)
+    keys = sorted(set(saved) | set(current))
+    missing = "(unset)"
+    return [
+        f"{k}: {saved.get(k, missing)!r} -> {current.get(k, missing)!r}"
+        for k in keys
+        if saved.get(k, missing) != current.get(k, missing)
+    ]
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then fsync and ``os.replace(tmp, path)``: ``path`` is old or new, never
+    partial. The temporary file is removed if anything fails."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
+        _fsync(path.parent, directory=True)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value, indent=1)))
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy that shares memory with nothing (safetensors refuses aliases)."""
+    return tensor.detach().to("cpu", copy=True).contiguous()
+
+
+class WorkArea:
+    """The saved state of one run in ``path`` (normally ``<output>/.safe_llm_work``)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @property
+    def progress_file(self) -> Path:
+        return self.path / "progress.json"
+
+    def exists(self) -> bool:
+        return self.progress_file.is_file() or (self.path / "config.json").is_file()
+
+    def progress(self) -> dict:
+        """The commit record; ``{"finished_blocks": 0, ...}`` when no block is saved yet."""
+        if not self.progress_file.is_file():
+            return {"finished_blocks": 0, "reports": []}
+        try:
+            return json.loads(self.progress_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise ResumeError(f"work area {self.path} is damaged ({exc}); use --overwrite") from exc
+
+    def finished_blocks(self) -> int:
+        return int(self.progress()["finished_blocks"])
+
+    def saved_config(self) -> dict | None:
+        path = self.path / "config.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def check_config(self, config: dict) -> None:
+        """Raise :class:`ResumeError` naming every decisive option that differs from the
+        saved run's."""
+        saved = self.saved_config()
+        if saved is None:
+            return
+        differences = config_differences(saved, config)
+        if differences:
+            raise ResumeError(
+                f"cannot resume the run in {self.path}: it used different options "
+                f"({'; '.join(differences)}); rerun with the same options, or pass --overwrite "
+                "instead of --resume to start over"
+            )
+
+    def start(self, config: dict) -> None:
+        """Begin a fresh run: drop any earlier state and record ``config``."""
+        self.remove()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            _write_json(self.path / "config.json", decisive_options(config))
+        except OSError as exc:
+            raise WorkAreaError(
+                f"cannot create the work area {self.path}: {exc.strerror or exc}; "
+                "nothing of this run was saved"
+            ) from exc
+
+    def save(self, state: EngineState, block: nn.Module, total_blocks: int) -> None:
+        """Record block ``state.next_block - 1`` (its weights ``block``) as finished."""
+        index = state.next_block - 1
+        previous = self.progress()
+        stream = {"hidden": _host_copy(state.hidden), **state.rng}
+        if state.dense_stream is not None:
+            stream["dense"] = _host_copy(state.dense_stream)
+        weights = {name: _host_copy(t) for name, t in block.state_dict().items()}
+        try:
+            _write_tensors(self.path / f"block_{index:05d}.safetensors", weights)
+            stream_name = f"stream_{state.next_block:05d}.safetensors"
+            _write_tensors(self.path / stream_name, stream)
+            _write_json(
+                self.progress_file,
+                {
+                    "version": FORMAT_VERSION,
+                    "finished_blocks": state.next_block,
+                    "total_blocks": total_blocks,
+                    "stream": stream_name,
+                    "reports": state.reports,
+                },
+            )
+        except OSError as exc:
+            kept = previous["finished_blocks"]
+            raise WorkAreaError(
+                f"cannot save block {index} in the work area {self.path}: {exc.strerror or exc}; "
+                f"the work area still holds the {kept} finished block(s) before it intact"
+            ) from exc
+        old_stream = previous.get("stream")
+        if old_stream and old_stream != stream_name:
+            with contextlib.suppress(OSError):
+                (self.path / old_stream).unlink()
+
+    def load(self, blocks: nn.ModuleList) -> EngineState | None:
+        """Put the saved pruned weights into ``blocks`` and return the state to continue from
+        (``None`` when no block was finished)."""
+        progress = self.progress()
+        finished = int(progress["finished_blocks"])
+        if finished == 0:
+            return None
+        if finished > len(blocks):
+            raise ResumeError(
+                f"work area {self.path} has {finished} blocks but the model has {len(blocks)}"
+            )
+        try:
+            for index in range(finished):
+                state = load_file(str(self.path / f"block_{index:05d}.safetensors"))
+                blocks[index].load_state_dict(state, strict=True)
+            stream = load_file(str(self.path / progress["stream"]))
+        except (OSError, RuntimeError, KeyError) as exc:
+            raise ResumeError(
+                f"work area {self.path} is damaged ({exc}); use --overwrite to start over"
+            ) from exc
+        return EngineState(
+            next_block=finished,
+            hidden=stream.pop("hidden"),
+            dense_stream=stream.pop("dense", None),
+            reports=progress["reports"],
+            rng={k: v for k, v in stream.items() if k.startswith("rng.")},
+        )
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
