@@ -81,3 +81,13 @@ def calibration_file(tmp_path):
     path = tmp_path / "calibration.txt"
     path.write_text("\n\n".join(_TOKENIZER_CORPUS * 40), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """``SAFE_LLM_CACHE`` pointed at a session directory (never the user's cache), shared by the
+    slow tests so the built-in model's GGUF is converted once per session."""
+    cache = tmp_path_factory.mktemp("safe_llm_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFE_LLM_CACHE", str(cache))
+        yield cache

@@ -1,6 +1,7 @@
 """End-to-end checks on the real built-in SmolLM2-135M (offline GGUF) with the built-in texts.
 
-Slow: the GGUF -> safetensors conversion runs once per session into a session cache; each
+Slow: the GGUF -> safetensors conversion runs once per session into a session cache
+(``smollm2_cache`` in conftest.py); each
 method prunes its own deep copy of the dense model once (shared by the tests below).
 Calibration: 16 windows x 256 tokens of builtin-c4 (seed 0); evaluation: the first 16
 windows x 256 tokens of builtin-wiki.
@@ -33,15 +34,6 @@ MODEL = "smollm2-135m"
 NSAMPLES, SEQLEN, SEED = 16, 256, 0
 EVAL_WINDOWS = 16
 BATCH = 8
-
-
-@pytest.fixture(scope="session")
-def smollm2_cache(tmp_path_factory):
-    """``SAFE_LLM_CACHE`` pointed at a session directory (never the user's cache)."""
-    cache = tmp_path_factory.mktemp("safe_llm_cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SAFE_LLM_CACHE", str(cache))
-        yield cache
 
 
 @pytest.fixture(scope="session")
