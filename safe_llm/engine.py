@@ -116,28 +116,43 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-@torch.no_grad()
-def _apply(
+def _forward_batches(
     block: nn.Module,
     inputs: torch.Tensor,
     call: BlockCall,
-    out: torch.Tensor,
+    out: torch.Tensor | None,
     device: torch.device,
     batch_size: int,
-) -> None:
-    """``out[i] = block(inputs[i])`` batch by batch; ``out`` may be ``inputs`` (in place)."""
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield ``(slice, block(inputs[slice]))`` batch by batch, storing results in ``out``.
+
+    ``out`` may be ``inputs`` (in place) or None; results are on ``device``.
+    """
     for window_slice in iter_batches(inputs, batch_size):
-        result = run_block(block, inputs[window_slice].to(device), call)
-        out[window_slice] = result.to(out.device, out.dtype)
+        with torch.no_grad():
+            result = run_block(block, inputs[window_slice].to(device), call)
+            if out is not None:
+                out[window_slice] = result.to(out.device, out.dtype)
+        yield window_slice, result
 
 
 @torch.no_grad()
-def _relative_error(ctx: BlockContext) -> float:
+def _apply(block, inputs, call, out, device, batch_size) -> None:
+    """``out[i] = block(inputs[i])`` for every window."""
+    for _ in _forward_batches(block, inputs, call, out, device, batch_size):
+        pass
+
+
+@torch.no_grad()
+def _advance(block, hidden, targets, call, device, batch_size) -> float:
+    """Replace ``hidden`` by the pruned block's outputs and return their relative error
+    ``||block(X) - Y||^2 / ||Y||^2`` against ``targets`` (one pass for both)."""
     num = den = 0.0
-    for x, y in ctx.batches():
-        diff = ctx.forward(x).float() - y.float()
-        num += float(diff.square().sum())
-        den += float(y.float().square().sum())
+    for window_slice, out in _forward_batches(block, hidden, call, None, device, batch_size):
+        y = targets[window_slice].to(device).float()
+        num += float((out.float() - y).square().sum())
+        den += float(y.square().sum())
+        hidden[window_slice] = out.to(hidden.device, hidden.dtype)
     return num / max(den, 1e-30)
 
 
@@ -295,22 +310,15 @@ def _prune_block(
     start = time.perf_counter()
     home = next(block.parameters()).device
     block.to(device)
-    _apply(
-        block,
-        dense_stream if dense_stream is not None else hidden,
-        call,
-        targets,
-        device,
-        batch_size,
-    )
     layers = prunable_layers(block, ignore)
-    want_hessian = method.needs_hessian or layer_errors
+    if dense_stream is not None:  # targets from the dense stream take a pass of their own
+        _apply(block, dense_stream, call, targets, device, batch_size)
+    # one pass over the dense block gathers the layer statistics (and the targets)
+    target_out = None if dense_stream is not None else targets
     stats = collect_input_stats(
         layers,
-        lambda: (
-            run_block(block, hidden[s].to(device), call) for s in iter_batches(hidden, batch_size)
-        ),
-        hessian=want_hessian,
+        lambda: _forward_batches(block, hidden, call, target_out, device, batch_size),
+        hessian=method.needs_hessian or layer_errors,
     )
     dense = (
         {name: weight_matrix(layer).detach().clone() for name, layer in layers.items()}
@@ -336,8 +344,7 @@ def _prune_block(
     for name in layers:
         if not pattern.satisfied_by(ctx.matrix(name)):
             raise RuntimeError(f"{method.name} left block {index} layer {name} off {pattern}")
-    error = _relative_error(ctx)
-    _apply(block, hidden, call, hidden, device, batch_size)
+    error = _advance(block, hidden, targets, call, device, batch_size)
     layer_error = {
         name: _layer_error(dense[name], ctx.matrix(name), stats[name].hessian) for name in dense
     }
