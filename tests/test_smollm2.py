@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ pytestmark = [
 ]
 
 MODEL = "smollm2-135m"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 NSAMPLES, SEQLEN, SEED = 16, 256, 0
 EVAL_WINDOWS = 16
 BATCH = 8
@@ -171,3 +173,35 @@ def test_api_checkpoint_reloads_with_plain_transformers_and_gives_the_same_logit
         got = reloaded(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert reloaded.config.safe_llm_sparsity["method"] == "wanda"
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+def test_safe_plus_cpu_recipe_reconstructs_the_first_blocks_better_than_sparsegpt(
+    smollm2, structure
+):
+    """The SmolLM2 CPU recipe's solver on the first 3 blocks, against SparseGPT on the same
+    calibration: SAFE+ starts from SparseGPT's solution and must lower every block's error."""
+    from safe_llm.config import load_recipe
+    from safe_llm.engine import prune_model
+    from safe_llm.methods import build_method
+    from safe_llm.sparsity import SparsityPattern
+
+    tag = "50" if structure == "unstructured" else "2-4"
+    recipe = load_recipe(RECIPES / f"smollm2-135m-safe+-{tag}.yaml")
+    pattern = SparsityPattern.parse(structure, 0.5 if structure == "unstructured" else None)
+    errors = {}
+    for method, options in [("sparsegpt", {}), ("safe+", recipe["method_options"])]:
+        report = prune_model(
+            copy.deepcopy(smollm2["model"]),
+            smollm2["calibration"],
+            build_method(method, options),
+            pattern,
+            device=torch.device("cpu"),
+            batch_size=BATCH,
+            seed=SEED,
+            max_blocks=3,
+            progress=False,
+        )
+        errors[method] = [b.reconstruction_error for b in report.blocks]
+    print(f"\n{structure} block errors: {errors}")
+    assert all(s < g for s, g in zip(errors["safe+"], errors["sparsegpt"], strict=True))
