@@ -44,11 +44,13 @@ def reference_windows(tokenizer, seqlen: int = 512, count: int = 64) -> torch.Te
 
 def score(model_dir: str, args, tokenizer) -> dict[str, float]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    wiki = evaluation_windows(tokenizer, "builtin-wiki", args.seqlen, args.eval_windows)
-    return {
-        "wiki": perplexity(model, wiki, batch_size=8),
-        "ref": perplexity(model, reference_windows(tokenizer), batch_size=8),
-    }
+    scores = {}
+    if "wiki" in args.protocols:
+        wiki = evaluation_windows(tokenizer, "builtin-wiki", args.seqlen, args.eval_windows)
+        scores["wiki"] = perplexity(model, wiki, batch_size=8)
+    if "ref" in args.protocols:
+        scores["ref"] = perplexity(model, reference_windows(tokenizer), batch_size=8)
+    return scores
 
 
 def recipe_for(method: str, structure: str, recipe_dir: str | None) -> list[str]:
@@ -109,6 +111,13 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
+        "--protocols",
+        nargs="+",
+        default=["wiki", "ref"],
+        choices=["wiki", "ref"],
+        help="perplexity protocols to score (see above)",
+    )
+    parser.add_argument(
         "--recipe-dir",
         default=str(ROOT / "recipes"),
         help="SAFE/SAFE+ options from smollm2-135m-<method>-<50|2-4>.yaml",
@@ -147,7 +156,8 @@ def main() -> None:
         per_block = r.get("seconds_per_block", 0)
         ratio = per_block / sparsegpt[r["structure"]] if r["structure"] in sparsegpt else 0
         print(
-            f"| {r['method']} | {r['structure']} | {r['wiki']:.2f} | {r['ref']:.2f} | "
+            f"| {r['method']} | {r['structure']} | {r.get('wiki', float('nan')):.2f} | "
+            f"{r.get('ref', float('nan')):.2f} | "
             f"{r.get('seconds', 0):.0f} | {per_block:.1f} | {ratio:.1f} | "
             f"{r.get('peak_memory_gib', 0):.2f} |"
         )
