@@ -120,6 +120,10 @@ class _StopForward(Exception):
     pass
 
 
+def _to_meta(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to("meta")
+
+
 def _hidden_parameter(block: nn.Module) -> str:
     """Name of the first parameter of ``block.forward`` (the hidden states)."""
     for param in inspect.signature(block.forward).parameters.values():
@@ -158,7 +162,9 @@ class _Recording:
     The blocks themselves stay in the model (so whatever the model reads from them, like a
     layer type, and whatever they return, tuple or tensor, is the real thing). With
     ``stop_at_first`` the first block records its hidden states and aborts the forward;
-    otherwise each block is moved to ``device`` for its own call only and runs normally.
+    otherwise each block is moved to ``device`` for its own call only and runs normally. A
+    block whose weights are not loaded (meta, a streamed model) runs on meta copies of its
+    arguments, which gives the next block's call at no cost; the forward stops after the last.
     """
 
     def __init__(self, blocks: nn.ModuleList, device: torch.device, stop_at_first: bool):
@@ -176,6 +182,8 @@ class _Recording:
                 raise _StopForward
             self.calls[index] = call
             params = next(block.parameters(), None)
+            if params is not None and params.is_meta:
+                return _map_tensors(args, _to_meta), _map_tensors(kwargs, _to_meta)
             self.homes[index] = params.device if params is not None else self.device
             block.to(self.device)
 
@@ -183,7 +191,10 @@ class _Recording:
 
     def _post(self, index: int):
         def hook(block, _args, _output):
-            block.to(self.homes.pop(index))
+            if index in self.homes:
+                block.to(self.homes.pop(index))
+            elif index == len(self.blocks) - 1:  # the stack ran on meta: nothing more to see
+                raise _StopForward
 
         return hook
 
@@ -248,7 +259,10 @@ def capture_block_inputs(
     model.eval()  # dropout would make the recorded inputs random
     _non_block_modules_to(model, blocks, device)
     try:
-        with _Recording(blocks, device, stop_at_first=False) as recording:
+        with (
+            _Recording(blocks, device, stop_at_first=False) as recording,
+            contextlib.suppress(_StopForward),
+        ):
             model(windows[:1].to(device), use_cache=False)
         calls = recording.calls
         missing = [i for i in range(len(blocks)) if i not in calls]

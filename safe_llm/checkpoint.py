@@ -32,6 +32,11 @@ def sparsity_metadata(result) -> dict:
         "sparsity": result.report["sparsity"],
         "ignore": list(result.config.ignore),
         "overall_sparsity": result.report["overall_sparsity"],
+        **(
+            {"sparsity_per_block": result.report["block_sparsity"]}
+            if result.report.get("sparsity_profile", "uniform") != "uniform"
+            else {}
+        ),
     }
 
 
@@ -84,7 +89,10 @@ def save_checkpoint(result) -> Path:
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700)
         setattr(result.model.config, CONFIG_KEY, sparsity_metadata(result))
-        result.model.save_pretrained(tmp, max_shard_size=result.config.max_shard_size)
+        if getattr(result, "write_weights", None) is not None:  # a streamed model
+            result.write_weights(tmp, result.config.max_shard_size)
+        else:
+            result.model.save_pretrained(tmp, max_shard_size=result.config.max_shard_size)
         result.tokenizer.save_pretrained(tmp)
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe_of(result), sort_keys=False))
         (tmp / "report.json").write_text(json.dumps(result.report, indent=2))

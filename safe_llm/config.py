@@ -40,6 +40,16 @@ class PruneConfig:
         None, "fraction of weights set to zero in every pruned matrix (default 0.5; implied by N:M)"
     )
     structure: str = _opt("unstructured", "'unstructured' or N:M such as 2:4 or 4:8")
+    sparsity_profile: str = _opt(
+        "uniform",
+        "how the sparsity is spread over blocks: uniform, or owl (outlier-weighted: blocks with "
+        "more activation outliers keep more weights; the overall sparsity stays --sparsity)",
+    )
+    owl_m: float = _opt(5.0, "OWL: a score above M times its block's mean is an outlier")
+    owl_lambda: float = _opt(0.08, "OWL: block sparsities range over --sparsity -/+ lambda")
+    sparsity_per_block: list[float] | None = _opt(
+        None, "explicit sparsity of every decoder block, in order (unstructured only)", nargs="*"
+    )
     dataset: str = _opt(
         "c4",
         "calibration text: c4, wikitext2, builtin-c4, builtin-wiki, a .txt/.jsonl/.parquet "
@@ -78,6 +88,14 @@ class PruneConfig:
         None, "prune only the first N decoder blocks (quick studies; the rest stay dense)"
     )
     max_shard_size: str = _opt("2GB", "largest safetensors shard")
+    stream_from_disk: bool = _opt(
+        False,
+        "keep only one block in memory: load the model skeleton empty, read each block from the "
+        "local safetensors files and write it pruned to --output (needs --output, no --eval)",
+    )
+    max_activation_memory: str | None = _opt(
+        None, "calibration activations above this size (e.g. 4GB) spill to a memory-mapped file"
+    )
     eval: list[str] = _opt(
         None,
         factory=list,
@@ -185,6 +203,14 @@ def _check_type(name: str, value, f: dataclasses.Field):
             return value
         raise ConfigError(f"option {name} needs a value")
     origin = typing.get_origin(annotation)
+    if origin is list and typing.get_args(annotation)[0] is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = [value]
+        if isinstance(value, list | tuple) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value
+        ):
+            return [float(v) for v in value]
+        raise ConfigError(f"option {name} must be a list of numbers, got {value!r}")
     if origin is list:
         if isinstance(value, str):
             value = [value]
@@ -224,12 +250,67 @@ def validate(config: PruneConfig) -> None:
         _check_source(source)
     if config.max_blocks is not None and config.max_blocks < 1:
         raise ConfigError("--max-blocks must be at least 1")
+    _check_profile(config)
+    _check_streaming(config)
     if config.resume and not config.output:
         raise ConfigError("--resume needs --output (the directory of the interrupted run)")
     if config.push_to_hub and not (config.output and config.hub_repo_id):
         raise ConfigError("--push-to-hub needs --output and --hub-repo-id user/name")
     if config.output:
         _check_output(Path(config.output), config.model, config.overwrite, config.resume)
+
+
+def _check_profile(config: PruneConfig) -> None:
+    """A non-uniform profile needs unstructured sparsity and sane OWL parameters."""
+    from safe_llm.sparsity import PROFILES, check_block_sparsities
+
+    if config.sparsity_profile not in PROFILES:
+        raise ConfigError(
+            f"--sparsity-profile {config.sparsity_profile!r} is not one of: {', '.join(PROFILES)}"
+        )
+    non_uniform = config.sparsity_profile != "uniform" or config.sparsity_per_block is not None
+    if non_uniform and config.pattern().is_nm:
+        raise ConfigError(
+            f"N:M ({config.structure}) is a fixed sparsity: --sparsity-profile "
+            f"{config.sparsity_profile} / sparsity_per_block need --structure unstructured"
+        )
+    if config.sparsity_per_block is not None:
+        if config.sparsity_profile != "uniform":
+            raise ConfigError("give either --sparsity-profile owl or sparsity_per_block, not both")
+        if not config.sparsity_per_block:
+            raise ConfigError("sparsity_per_block is empty: give one sparsity per decoder block")
+        check_block_sparsities(config.sparsity_per_block)
+    if not config.owl_m > 0:
+        raise ConfigError(f"--owl-m must be > 0, got {config.owl_m}")
+    if not 0 <= config.owl_lambda < 0.5:
+        raise ConfigError(f"--owl-lambda must be in [0, 0.5), got {config.owl_lambda}")
+
+
+def _check_streaming(config: PruneConfig) -> None:
+    if config.max_activation_memory is not None:
+        parse_size(config.max_activation_memory, "--max-activation-memory")
+    if not config.stream_from_disk:
+        return
+    if not config.output:
+        raise ConfigError(
+            "--stream-from-disk needs --output: each pruned block is written there when done"
+        )
+    if config.eval:
+        raise ConfigError(
+            "--eval cannot run with --stream-from-disk (the model is never whole in memory); "
+            "evaluate the written checkpoint with safe-llm eval"
+        )
+
+
+def parse_size(text: str, flag: str = "size") -> int:
+    """Bytes in a size such as ``4GB``, ``500MB``, ``2GiB`` or ``1024``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*", str(text).lower())
+    if not match:
+        raise ConfigError(f"{flag} {text!r} is not a size such as 4GB or 500MB")
+    unit = (match.group(2) or "b").rstrip("b") or "b"
+    scale = {"b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+    scale.update({"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40})
+    return int(float(match.group(1)) * scale[unit])
 
 
 def _check_source(source: str) -> None:

@@ -16,10 +16,15 @@ Only one block is on the compute device at a time.
 from __future__ import annotations
 
 import logging
+import math
 import resource
+import shutil
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -45,6 +50,72 @@ log = logging.getLogger(__name__)
 
 class NonFiniteError(SafeLLMError):
     """A method left NaN or Inf in a block: the run stops before anything of it is saved."""
+
+
+class BlockSource(Protocol):
+    """Hands the engine one decoder block at a time (on the host) and takes it back."""
+
+    def load(self, index: int) -> nn.Module: ...
+
+    def release(self, index: int) -> None: ...
+
+
+class ResidentBlocks:
+    """The default source: blocks that stay in memory all along."""
+
+    def __init__(self, blocks: nn.ModuleList):
+        self.blocks = blocks
+
+    def load(self, index: int) -> nn.Module:
+        return self.blocks[index]
+
+    def release(self, index: int) -> None:
+        pass
+
+
+class Activations:
+    """Allocates the engine's ``[n, seq, d]`` streams: on ``storage``, or in memory-mapped
+    files of a temporary directory under ``spill_root`` (removed by :meth:`close`)."""
+
+    def __init__(self, storage: torch.device, spill_root: str | Path | None = None):
+        self.storage = storage
+        self.spill: Path | None = None
+        if spill_root is not None:
+            Path(spill_root).mkdir(parents=True, exist_ok=True)
+            self.spill = Path(tempfile.mkdtemp(prefix=".safe_llm-activations-", dir=spill_root))
+        self.count = 0
+
+    def empty(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        if self.spill is None:
+            return torch.empty(shape, dtype=dtype, device=self.storage)
+        self.count += 1
+        path = self.spill / f"stream{self.count}.bin"
+        flat = torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=dtype)
+        return flat.view(shape)
+
+    def copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = self.empty(tensor.shape, tensor.dtype)
+        out.copy_(tensor)
+        return out
+
+    def close(self) -> None:
+        if self.spill is not None:
+            shutil.rmtree(self.spill, ignore_errors=True)
+
+
+def _activations(
+    storage: torch.device, stream_bytes: int, budget: int | None, spill_root: str | Path | None
+) -> Activations:
+    """Spill to disk when the streams (``stream_bytes`` in all) exceed ``budget`` bytes."""
+    if budget is None or stream_bytes <= budget:
+        return Activations(storage)
+    log.info(
+        "calibration activations (%.2f GB) exceed --max-activation-memory (%.2f GB): "
+        "memory-mapping them",
+        stream_bytes / 1e9,
+        budget / 1e9,
+    )
+    return Activations(torch.device("cpu"), spill_root or tempfile.gettempdir())
 
 
 @dataclass
@@ -189,6 +260,10 @@ def prune_model(
     on_block: Callable[[BlockReport], None] | None = None,
     resume: EngineState | None = None,
     on_state: Callable[[EngineState, nn.Module], None] | None = None,
+    block_patterns: Sequence[SparsityPattern] | None = None,
+    source: BlockSource | None = None,
+    activation_budget: int | None = None,
+    spill_dir: str | Path | None = None,
 ) -> PruneReport:
     """Prune every decoder block of ``model`` in place.
 
@@ -203,18 +278,46 @@ def prune_model(
             (:meth:`safe_llm.resume.WorkArea.load` puts them there).
         on_state: called after each block with the state to continue from and the pruned
             block (to save it); a run resumed from that state gives the same bits.
+        block_patterns: one pattern per block (a non-uniform profile), else ``pattern`` for all.
+        source: where blocks come from and go back to (default: the model's own blocks);
+            :class:`safe_llm.streaming.DiskBlocks` reads each from disk.
+        activation_budget: bytes above which the ``[n, seq, d]`` streams are memory-mapped
+            files in a temporary directory under ``spill_dir``.
     """
     start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _, blocks = find_blocks(model)
-    for block in blocks:
+    source = source or ResidentBlocks(blocks)
+    patterns = list(block_patterns) if block_patterns is not None else [pattern] * len(blocks)
+    if len(patterns) != len(blocks):
+        raise SafeLLMError(f"{len(patterns)} block sparsities given for {len(blocks)} blocks")
+    for block, block_pattern in zip(blocks, patterns, strict=True):
         for name, layer in prunable_layers(block, ignore).items():
-            pattern.check_shape(tuple(weight_matrix(layer).shape), name)
+            block_pattern.check_shape(tuple(weight_matrix(layer).shape), name)
     hidden, calls = capture_block_inputs(model, windows, device, batch_size)
+    stream_bytes = hidden.numel() * hidden.element_size() * (3 if dense_targets else 2)
     storage = _storage_device(device, hidden.numel() * hidden.element_size() * 3)
-    hidden, dense_stream, reports, first = _initial_state(hidden, storage, dense_targets, resume)
-    targets = torch.empty_like(hidden)
+    space = _activations(storage, stream_bytes, activation_budget, spill_dir)
+    try:
+        return _run_blocks(
+            model, blocks, source, patterns, hidden, calls, space, start, method, device,
+            batch_size, ignore, dense_targets, layer_errors, seed, max_blocks, progress,
+            on_block, resume, on_state,
+        )  # fmt: skip
+    finally:
+        space.close()
+
+
+def _run_blocks(
+    model, blocks, source, patterns, captured, calls, space, start, method, device, batch_size,
+    ignore, dense_targets, layer_errors, seed, max_blocks, progress, on_block, resume, on_state,
+) -> PruneReport:  # fmt: skip
+    """The block loop of :func:`prune_model`."""
+    pattern = patterns[0] if len(set(patterns)) == 1 else "per-block sparsity"
+    hidden, dense_stream, reports, first = _initial_state(captured, space, dense_targets, resume)
+    del captured
+    targets = space.empty(hidden.shape, hidden.dtype)
     count = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
     bar = tqdm(
         range(first, count),
@@ -224,15 +327,16 @@ def prune_model(
         total=count,
     )
     for index in bar:
+        block = source.load(index)
         report = _prune_block(
             index,
-            blocks[index],
+            block,
             hidden,
             dense_stream,
             targets,
             calls[index].to(device),
             method,
-            pattern,
+            patterns[index],
             device,
             batch_size,
             ignore,
@@ -257,27 +361,29 @@ def prune_model(
             state = EngineState(
                 index + 1, hidden, dense_stream, [asdict(r) for r in reports], rng_state()
             )
-            on_state(state, blocks[index])
+            on_state(state, block)
+        source.release(index)
     return PruneReport(
         blocks=reports,
         seconds=time.perf_counter() - start,
         peak_memory_bytes=peak_memory_bytes(device),
-        overall_sparsity=model_sparsity(model, ignore),
+        overall_sparsity=_overall_sparsity(blocks, reports, ignore),
         resumed_from_block=first,
     )
 
 
 def _initial_state(
     captured: torch.Tensor,
-    storage: torch.device,
+    space: Activations,
     dense_targets: bool,
     resume: EngineState | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, list[BlockReport], int]:
     """``(hidden, dense_stream, reports, first_block)``: the captured first-block inputs
-    ``[n, seq, d]``, or a saved state (whose RNG state is restored here)."""
+    ``[n, seq, d]``, or a saved state (whose RNG state is restored here), copied into
+    buffers of ``space``."""
     if resume is None:
-        hidden = captured.to(storage)
-        return hidden, (hidden.clone() if dense_targets else None), [], 0
+        hidden = space.copy(captured)
+        return hidden, (space.copy(captured) if dense_targets else None), [], 0
     if resume.hidden.shape != captured.shape:
         raise SafeLLMError(
             f"saved hidden states have shape {tuple(resume.hidden.shape)}, this run's "
@@ -285,8 +391,8 @@ def _initial_state(
         )
     if dense_targets and resume.dense_stream is None:
         raise SafeLLMError("the saved state has no dense stream but --dense-targets is on")
-    hidden = resume.hidden.to(storage, captured.dtype)
-    dense = resume.dense_stream.to(storage, captured.dtype) if dense_targets else None
+    hidden = space.copy(resume.hidden.to(captured.dtype))
+    dense = space.copy(resume.dense_stream.to(captured.dtype)) if dense_targets else None
     set_rng_state(resume.rng)
     log.info("resuming at block %d", resume.next_block)
     return hidden, dense, [BlockReport(**r) for r in resume.reports], resume.next_block
@@ -342,7 +448,8 @@ def _prune_block(
     _check_finite(method.name, index, ctx)
     _positive_zeros(ctx)
     for name in layers:
-        if not pattern.satisfied_by(ctx.matrix(name)):
+        matrix = ctx.matrix(name)  # per row: Wanda rounds each row's kept count
+        if not (pattern.satisfied_by(matrix) or pattern.satisfied_by(matrix, per_row=True)):
             raise RuntimeError(f"{method.name} left block {index} layer {name} off {pattern}")
     error = _advance(block, hidden, targets, call, device, batch_size)
     layer_error = {
@@ -378,6 +485,64 @@ def _check_finite(method: str, index: int, ctx: BlockContext) -> None:
                 f"{method} left NaN or Inf in block {ctx.index} ({name}); the run stopped "
                 f"before saving block {index}: nothing with NaN/Inf was written"
             )
+
+
+def _overall_sparsity(
+    blocks: nn.ModuleList, reports: list[BlockReport], ignore: tuple[str, ...]
+) -> float:
+    """:func:`model_sparsity`, with blocks not in memory (streamed) counted from their
+    reports (or as dense when they were not pruned)."""
+    achieved = {r.index: r.layer_sparsity for r in reports}
+    zeros = total = 0
+    for index, block in enumerate(blocks):
+        for name, layer in prunable_layers(block, ignore).items():
+            numel = layer.weight.numel()
+            total += numel
+            if not layer.weight.is_meta:
+                zeros += int((layer.weight == 0).sum())
+            elif name in achieved.get(index, {}):
+                zeros += round(achieved[index][name] * numel)
+    return zeros / max(total, 1)
+
+
+T = TypeVar("T")
+
+
+@torch.no_grad()
+def dense_pass(
+    model: nn.Module,
+    windows: torch.Tensor,
+    visit: Callable[[int, dict[str, nn.Module], dict[str, InputStats]], T],
+    *,
+    device: torch.device,
+    batch_size: int = 8,
+    ignore: tuple[str, ...] = (),
+    source: BlockSource | None = None,
+    progress: bool = True,
+) -> list[T]:
+    """Run the calibration windows ``[n, seq]`` through the dense model block by block and
+    return ``visit(index, layers, stats)`` of every block, ``stats`` being its layers' input
+    statistics (norms, no Hessian). One block is on ``device`` at a time; nothing changes."""
+    _, blocks = find_blocks(model)
+    source = source or ResidentBlocks(blocks)
+    hidden, calls = capture_block_inputs(model, windows, device, batch_size)
+    hidden = hidden.to(_storage_device(device, hidden.numel() * hidden.element_size()))
+    results = []
+    for index in tqdm(range(len(blocks)), desc="dense pass", disable=not progress):
+        block = source.load(index)
+        home = next(block.parameters()).device
+        block.to(device)
+        layers = prunable_layers(block, ignore)
+        call = calls[index].to(device)
+        stats = collect_input_stats(
+            layers,
+            lambda: _forward_batches(block, hidden, call, hidden, device, batch_size),  # noqa: B023
+            hessian=False,
+        )
+        results.append(visit(index, layers, stats))
+        block.to(home)
+        source.release(index)
+    return results
 
 
 def model_sparsity(model: nn.Module, ignore: tuple[str, ...] = ()) -> float:

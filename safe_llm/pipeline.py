@@ -6,18 +6,25 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from safe_llm import data
+from safe_llm import data, distributed
 from safe_llm.blocks import find_blocks, prunable_layers, weight_matrix
-from safe_llm.config import ConfigError, PruneConfig, make_config
-from safe_llm.engine import PruneReport, prune_model
+from safe_llm.config import ConfigError, PruneConfig, make_config, parse_size
+from safe_llm.engine import BlockSource, PruneReport, dense_pass, prune_model
 from safe_llm.evaluate import evaluate_perplexity
 from safe_llm.methods import build_method
 from safe_llm.models import load_model, resolve_device, resolve_dtype
 from safe_llm.resume import EngineState, Interrupted, WorkArea, work_dir
+from safe_llm.sparsity import (
+    SparsityPattern,
+    outlier_ratio,
+    owl_sparsities,
+    weighted_sparsity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +35,9 @@ class PruneResult:
     tokenizer: object
     config: PruneConfig
     report: dict
+    # writes config.json and the weights into a directory (given the max shard size), for a
+    # model that is not whole in memory (--stream-from-disk); None: model.save_pretrained
+    write_weights: Callable[[Path, str], None] | None = None
 
 
 def evaluate_sources(model, tokenizer, config: PruneConfig, device, progress: bool) -> dict:
@@ -107,6 +117,85 @@ def _state_saver(
     return on_state
 
 
+def _block_sizes(blocks: nn.ModuleList, ignore: tuple[str, ...]) -> list[int]:
+    """Prunable weights per block."""
+    return [
+        sum(weight_matrix(layer).numel() for layer in prunable_layers(block, ignore).values())
+        for block in blocks
+    ]
+
+
+def block_sparsities(
+    config: PruneConfig,
+    model: nn.Module,
+    windows: torch.Tensor,
+    device: torch.device,
+    source: BlockSource | None = None,
+    progress: bool = True,
+) -> tuple[list[float], list[float] | None]:
+    """``(sparsity of every block, OWL outlier ratios or None)`` for ``config``'s profile.
+
+    OWL takes a dense pass of the calibration windows ``[n, seq]`` through every block (the
+    engine's :func:`~safe_llm.engine.dense_pass`) for the Wanda scores' outlier ratios.
+    """
+    ignore = tuple(config.ignore)
+    _, blocks = find_blocks(model)
+    sizes = _block_sizes(blocks, ignore)
+    target = config.pattern().sparsity
+    if config.sparsity_per_block is not None:
+        given = config.sparsity_per_block
+        if len(given) != len(blocks):
+            raise ConfigError(
+                f"sparsity_per_block has {len(given)} values but the model has {len(blocks)} "
+                "decoder blocks"
+            )
+        overall = weighted_sparsity(given, sizes)
+        if config.sparsity is not None and abs(overall - config.sparsity) > 1e-6:
+            raise ConfigError(
+                f"sparsity_per_block gives an overall sparsity of {overall:.6g}, --sparsity "
+                f"says {config.sparsity:g}: drop --sparsity or make them agree"
+            )
+        return list(given), None
+    if config.sparsity_profile != "owl":
+        return [target] * len(blocks), None
+
+    def ratio(_index, layers, stats) -> float:
+        names = list(layers)
+        weights = [weight_matrix(layers[n]) for n in names]
+        return outlier_ratio(weights, [stats[n].norms for n in names], config.owl_m)
+
+    ratios = dense_pass(
+        model,
+        windows,
+        ratio,
+        device=device,
+        batch_size=config.batch_size,
+        ignore=ignore,
+        source=source,
+        progress=progress,
+    )
+    sparsities = owl_sparsities(ratios, sizes, target, config.owl_lambda)
+    log.info("OWL block sparsities: %s", ", ".join(f"{s:.3f}" for s in sparsities))
+    return sparsities, ratios
+
+
+def _load(config: PruneConfig, dtype: torch.dtype):
+    """``(model, tokenizer, block source or None, weight writer factory or None)``."""
+    if not config.stream_from_disk:
+        model, tokenizer, _ = load_model(config.model, dtype, config.trust_remote_code)
+        return model, tokenizer, None, None
+    from safe_llm.streaming import DiskBlocks, load_skeleton, write_weights
+
+    model, tokenizer, files = load_skeleton(config.model, dtype, config.trust_remote_code)
+
+    def writer(work: WorkArea, pruned: int) -> Callable[[Path, str], None]:
+        return lambda directory, size: write_weights(
+            model, files, work, pruned, directory, parse_size(size, "--max-shard-size")
+        )
+
+    return model, tokenizer, DiskBlocks(model, files), writer
+
+
 def run_prune(
     config: PruneConfig,
     progress: bool = True,
@@ -122,13 +211,15 @@ def run_prune(
     enough calibration text) before any pruning.
     """
     start = time.perf_counter()
+    distributed.init_from_env()
+    progress = progress and distributed.is_writer()
     work, fresh = _open_work_area(config)
     torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
+    device = distributed.local_device(resolve_device(config.device))
     dtype = resolve_dtype(config.dtype, device)
     method = build_method(config.method, config.method_options)
     pattern = config.pattern()
-    model, tokenizer, _ = load_model(config.model, dtype, config.trust_remote_code)
+    model, tokenizer, source, writer = _load(config, dtype)
     check_prunable(model, pattern, tuple(config.ignore))
     windows = data.calibration_windows(
         tokenizer,
@@ -140,8 +231,15 @@ def run_prune(
     )
     log.info("calibration: %d windows x %d tokens from %s", *windows.shape, config.dataset)
     dense_eval = _evaluate_on_device(model, tokenizer, config, device, progress)
+    sparsities, outlier_ratios = block_sparsities(config, model, windows, device, source, progress)
+    uniform = len(set(sparsities)) == 1 and sparsities[0] == pattern.sparsity
+    patterns = None if uniform else [SparsityPattern.parse("unstructured", s) for s in sparsities]
     _, blocks = find_blocks(model)
-    resume = work.load(blocks) if work is not None and not fresh else None
+    if work is not None and not fresh:
+        resume = work.load(None if source is not None else blocks)
+    else:
+        resume = None
+    writes = work if distributed.is_writer() else None
     total = len(blocks) if config.max_blocks is None else min(config.max_blocks, len(blocks))
     engine_report: PruneReport = prune_model(
         model,
@@ -157,7 +255,13 @@ def run_prune(
         max_blocks=config.max_blocks,
         progress=progress,
         resume=resume,
-        on_state=_state_saver(work, fresh, config, total, should_stop),
+        on_state=_state_saver(writes, fresh, config, total, should_stop),
+        block_patterns=patterns,
+        source=source,
+        activation_budget=(
+            parse_size(config.max_activation_memory) if config.max_activation_memory else None
+        ),
+        spill_dir=Path(config.output).expanduser().parent if config.output else None,
     )
     pruned_eval = _evaluate_on_device(model, tokenizer, config, device, progress)
     report = {
@@ -165,7 +269,15 @@ def run_prune(
         "command": config.command_line,
         "method": config.method,
         "pattern": pattern.structure,
-        "sparsity": pattern.sparsity,
+        "sparsity": pattern.sparsity
+        if config.sparsity_per_block is None
+        else weighted_sparsity(sparsities, _block_sizes(blocks, tuple(config.ignore))),
+        "sparsity_profile": "explicit"
+        if config.sparsity_per_block is not None
+        else config.sparsity_profile,
+        "block_sparsity": sparsities,
+        **({"owl_outlier_ratios": outlier_ratios} if outlier_ratios is not None else {}),
+        "data_parallel_ranks": distributed.world_size(),
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "calibration": {
@@ -179,7 +291,8 @@ def run_prune(
         **engine_report.to_dict(),
         "total_seconds": time.perf_counter() - start,
     }
-    return PruneResult(model, tokenizer, config, report)
+    write_weights = writer(work, total) if writer is not None and work is not None else None
+    return PruneResult(model, tokenizer, config, report, write_weights)
 
 
 def prune(model: str, **options) -> tuple[nn.Module, dict]:

@@ -47,6 +47,8 @@ IGNORED_KEYS = frozenset(
         "resume",
         "max_blocks",
         "max_shard_size",
+        "stream_from_disk",
+        "max_activation_memory",
         "eval",
         "eval_seqlen",
         "eval_max_windows",
@@ -181,6 +183,10 @@ class WorkArea:
     def progress_file(self) -> Path:
         return self.path / "progress.json"
 
+    def block_file(self, index: int) -> Path:
+        """Where block ``index``'s pruned state dict is saved."""
+        return self.path / f"block_{index:05d}.safetensors"
+
     def exists(self) -> bool:
         return self.progress_file.is_file() or (self.path / "config.json").is_file()
 
@@ -235,7 +241,7 @@ class WorkArea:
             stream["dense"] = _host_copy(state.dense_stream)
         weights = {name: _host_copy(t) for name, t in block.state_dict().items()}
         try:
-            _write_tensors(self.path / f"block_{index:05d}.safetensors", weights)
+            _write_tensors(self.block_file(index), weights)
             stream_name = f"stream_{state.next_block:05d}.safetensors"
             _write_tensors(self.path / stream_name, stream)
             _write_json(
@@ -259,20 +265,21 @@ class WorkArea:
             with contextlib.suppress(OSError):
                 (self.path / old_stream).unlink()
 
-    def load(self, blocks: nn.ModuleList) -> EngineState | None:
+    def load(self, blocks: nn.ModuleList | None) -> EngineState | None:
         """Put the saved pruned weights into ``blocks`` and return the state to continue from
-        (``None`` when no block was finished)."""
+        (``None`` when no block was finished). With ``blocks=None`` (a streamed run, whose
+        finished blocks stay in the work area) only the state is read."""
         progress = self.progress()
         finished = int(progress["finished_blocks"])
         if finished == 0:
             return None
-        if finished > len(blocks):
+        if blocks is not None and finished > len(blocks):
             raise ResumeError(
                 f"work area {self.path} has {finished} blocks but the model has {len(blocks)}"
             )
         try:
-            for index in range(finished):
-                state = load_file(str(self.path / f"block_{index:05d}.safetensors"))
+            for index in range(finished if blocks is not None else 0):
+                state = load_file(str(self.block_file(index)))
                 blocks[index].load_state_dict(state, strict=True)
             stream = load_file(str(self.path / progress["stream"]))
         except (OSError, RuntimeError, KeyError) as exc:

@@ -155,3 +155,60 @@ class SparsityPattern:
 def achieved_sparsity(weight: torch.Tensor) -> float:
     """Fraction of exact zeros in ``weight``."""
     return float((weight == 0).sum()) / weight.numel()
+
+
+# -- non-uniform sparsity across blocks ------------------------------------------------------
+
+PROFILES = ("uniform", "owl")
+
+
+def weighted_sparsity(sparsities: list[float], sizes: list[int]) -> float:
+    """Overall sparsity of blocks with ``sizes`` prunable weights pruned at ``sparsities``."""
+    total = sum(sizes)
+    return sum(s * n for s, n in zip(sparsities, sizes, strict=True)) / max(total, 1)
+
+
+@torch.no_grad()
+def outlier_ratio(weights: list[torch.Tensor], norms: list[torch.Tensor], m: float) -> float:
+    """OWL's layer-wise outlier ratio of one block (Yin et al. 2023).
+
+    ``weights[k]`` ``[out, in]`` and ``norms[k]`` ``[in]`` (``||X_j||``) give the Wanda scores
+    ``|W_ij| ||X_j||`` of every prunable matrix of the block; the ratio is the fraction of
+    those scores above ``m`` times their mean over the whole block (the paper's "layer").
+    """
+    scores = [
+        w.detach().abs().float() * n.to(w.device, torch.float32)
+        for w, n in zip(weights, norms, strict=True)
+    ]
+    count = sum(s.numel() for s in scores)
+    mean = sum(float(s.sum(dtype=torch.float64)) for s in scores) / max(count, 1)
+    outliers = sum(int((s > m * mean).sum()) for s in scores)
+    return outliers / max(count, 1)
+
+
+def owl_sparsities(ratios: list[float], sizes: list[int], target: float, lam: float) -> list[float]:
+    """Block sparsities from outlier ratios: OWL's linear spread of width ``2 lam``.
+
+    The block with the most outliers gets the lowest sparsity; the spread is shifted so the
+    size-weighted mean (the overall sparsity over all pruned weights) is exactly ``target``.
+    Equal ratios give the uniform profile.
+    """
+    r = torch.tensor(ratios, dtype=torch.float64)
+    span = float(r.max() - r.min()) if len(ratios) else 0.0
+    density = (r - r.min()) / span * (2 * lam) if span > 0 else torch.zeros_like(r)
+    sparsity = 1.0 - density
+    shift = weighted_sparsity(sparsity.tolist(), sizes) - target
+    result = (sparsity - shift).tolist()
+    check_block_sparsities(result)
+    return result
+
+
+def check_block_sparsities(sparsities: list[float]) -> None:
+    """Raise :class:`PatternError` unless every block sparsity is strictly inside (0, 1)."""
+    bad = [(i, s) for i, s in enumerate(sparsities) if not 0.0 < s < 1.0]
+    if bad:
+        index, value = bad[0]
+        raise PatternError(
+            f"block {index} would get sparsity {value:.4g}, outside (0, 1); lower the OWL "
+            "lambda or the target sparsity, or fix sparsity_per_block"
+        )

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from safe_llm import distributed
 from safe_llm.engine import BlockContext
 from safe_llm.errors import SafeLLMError
 from safe_llm.methods import register
@@ -236,14 +237,21 @@ class SAFE(PruningMethod):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
     def _loss_and_grads(self, ctx, params, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Mean squared error summed over micro-batches, with each micro-batch's targets."""
+        """Mean squared error summed over micro-batches, with each micro-batch's targets.
+
+        Data-parallel: each rank takes its share of every micro-batch and the sums are
+        all-reduced (:mod:`safe_llm.distributed`; a no-op in one process)."""
         total_loss = torch.zeros((), device=ctx.device)
         grads = None
         for micro in batch.chunk(self.options.grad_accum):
-            x, y = ctx.batch(micro)
+            local = distributed.shard(micro)
+            if len(local) == 0:
+                continue
+            x, y = ctx.batch(local)
             with self._autocast(ctx.device):
                 out = ctx.forward(x.float())
-            loss = torch.nn.functional.mse_loss(out.float(), y.float()) / self.options.grad_accum
+            count = len(micro) * y[0].numel() * self.options.grad_accum
+            loss = torch.nn.functional.mse_loss(out.float(), y.float(), reduction="sum") / count
             step_grads = torch.autograd.grad(loss, params)
             grads = (
                 step_grads
@@ -251,7 +259,9 @@ class SAFE(PruningMethod):
                 else [a + b for a, b in zip(grads, step_grads, strict=False)]
             )
             total_loss += loss.detach()
-        return total_loss, list(grads)
+        grads = list(grads) if grads is not None else [torch.zeros_like(p) for p in params]
+        distributed.all_reduce_sum_([total_loss, *grads])
+        return total_loss, grads
 
     def _sam_grads(self, ctx, params, batch, previous) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Loss and gradient at the SAM-perturbed weights ``W + rho g / ||g||``.
