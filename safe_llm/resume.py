@@ -62,6 +62,16 @@ IGNORED_KEYS = frozenset(
 )
 
 
+# Decisive options added after FORMAT_VERSION 1 work areas were first written, with the value
+# such a work area (which does not record them) was pruned with.
+ADDED_OPTIONS = {
+    "sparsity_profile": "uniform",
+    "owl_m": 5.0,
+    "owl_lambda": 0.08,
+    "sparsity_per_block": None,
+}
+
+
 class ResumeError(SafeLLMError):
     """A work area that cannot be resumed (different options, missing or damaged files)."""
 
@@ -126,7 +136,8 @@ def decisive_options(config: dict) -> dict:
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     """``key: saved -> current`` for every decisive option that differs, sorted by key."""
-    saved, current = decisive_options(saved), decisive_options(current)
+    saved = {**ADDED_OPTIONS, **decisive_options(saved)}
+    current = decisive_options(current)
     keys = sorted(set(saved) | set(current))
     missing = "(unset)"
     return [

@@ -88,6 +88,7 @@ def test_owl_refuses_a_spread_outside_zero_one():
         ({"sparsity_per_block": [0.5, 1.0]}, "outside"),
         ({"owl_lambda": 0.7}, "owl-lambda"),
         ({"stream_from_disk": True}, "needs --output"),
+        ({"stream_from_disk": True, "output": "o", "eval": ["builtin-wiki"]}, "--eval cannot"),
         ({"max_activation_memory": "lots"}, "not a size"),
     ],
 )
@@ -259,3 +260,25 @@ def test_two_process_safe_equals_the_single_process_run(
     for key in expected:
         assert torch.allclose(got[key], expected[key], atol=1e-5, rtol=1e-4), key
         assert torch.equal(got[key] == 0, expected[key] == 0), key
+
+
+def test_streams_over_the_activation_budget_are_memory_mapped_files(tmp_path):
+    from safe_llm.engine import _activations
+
+    space = _activations(torch.device("cpu"), 4000, 1000, tmp_path)
+    stream = space.copy(torch.arange(12.0).reshape(2, 3, 2))
+    files = list(tmp_path.glob(".safe_llm-activations-*/*.bin"))
+    assert len(files) == 1 and files[0].stat().st_size == 12 * 4
+    assert torch.equal(stream, torch.arange(12.0).reshape(2, 3, 2))
+    space.close()
+    assert not list(tmp_path.iterdir())
+    assert _activations(torch.device("cpu"), 4000, 8000, tmp_path).spill is None
+
+
+def test_a_work_area_from_before_the_profile_options_still_resumes():
+    from safe_llm.resume import config_differences
+
+    current = make_config(overrides={"model": "m", "dataset": "builtin-c4"}).to_dict()
+    saved = {k: v for k, v in current.items() if k not in ("sparsity_profile", "owl_m")}
+    assert config_differences(saved, current) == []
+    assert config_differences(saved, {**current, "sparsity_profile": "owl"})
