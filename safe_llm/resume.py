@@ -137,7 +137,7 @@ def decisive_options(config: dict) -> dict:
 def config_differences(saved: dict, current: dict) -> list[str]:
     """``key: saved -> current`` for every decisive option that differs, sorted by key."""
     saved = {**ADDED_OPTIONS, **decisive_options(saved)}
-    current = decisive_options(current)
+    current = {**ADDED_OPTIONS, **decisive_options(current)}
     keys = sorted(set(saved) | set(current))
     missing = "(unset)"
     return [
