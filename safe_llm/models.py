@@ -142,14 +142,19 @@ def load_model(
         )
     except (OSError, SafetensorError) as exc:
         raise ModelError(f"cannot load model {name!r}: {exc}") from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"model {name!r} has no usable tokenizer: {exc}") from exc
+    tokenizer = load_tokenizer(path, name, trust_remote_code)
     model.eval()
     model.config.use_cache = False
     check_finite(model, name)
     return model, tokenizer, path
+
+
+def load_tokenizer(path: str, name: str, trust_remote_code: bool = False):
+    """The tokenizer saved with model ``path``; :class:`ModelError` when there is none."""
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model {name!r} has no usable tokenizer: {exc}") from exc
 
 
 def check_finite(model: torch.nn.Module, name: str = "model") -> None:

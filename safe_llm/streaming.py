@@ -20,10 +20,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from safe_llm.blocks import find_blocks
-from safe_llm.models import ModelError, resolve_model_path
+from safe_llm.models import ModelError, load_tokenizer, resolve_model_path
 from safe_llm.resume import WorkArea, atomic_write
 
 log = logging.getLogger(__name__)
@@ -123,10 +123,7 @@ def load_skeleton(
     ]
     if empty:
         raise ModelError(f"{name}: tensor {empty[0]} is not in its safetensors files")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"model {name!r} has no usable tokenizer: {exc}") from exc
+    tokenizer = load_tokenizer(path, name, trust_remote_code)
     model.eval()
     model.config.use_cache = False
     return model, tokenizer, files
