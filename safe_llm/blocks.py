@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -240,6 +240,7 @@ def capture_block_inputs(
     device: torch.device,
     batch_size: int = 8,
     storage_device: torch.device | None = None,
+    allocate: Callable[[torch.Size, torch.dtype], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[BlockCall]]:
     """Run the model's embedding stage and record what each block receives.
 
@@ -247,6 +248,9 @@ def capture_block_inputs(
         windows: token ids ``[n, seq]``.
         device: where the non-block modules run during capture (moved back afterwards).
         storage_device: where the returned hidden states live (default ``device``).
+        allocate: ``(shape, dtype) -> tensor`` giving the ``[n, seq, d]`` buffer the hidden
+            states are written into batch by batch (e.g. a memory-mapped file), so the whole
+            set never sits in memory twice; default an empty tensor on ``storage_device``.
 
     Returns:
         ``(hidden, calls)``: the first block's input hidden states ``[n, seq, d]`` and, per
@@ -254,6 +258,11 @@ def capture_block_inputs(
     """
     _, blocks = find_blocks(model)
     storage_device = storage_device or device
+    if allocate is None:
+
+        def allocate(shape, dtype):
+            return torch.empty(shape, dtype=dtype, device=storage_device)
+
     host = next(model.parameters()).device
     was_training = model.training
     model.eval()  # dropout would make the recorded inputs random
@@ -271,20 +280,23 @@ def capture_block_inputs(
                 f"the forward of {type(model).__name__} never called block(s) {missing} of "
                 "its decoder stack"
             )
-        chunks = []
+        hidden = None
         with _Recording(blocks, device, stop_at_first=True) as recording:
-            for start in range(0, len(windows), batch_size):
+            for part in iter_batches(windows, batch_size):
                 with contextlib.suppress(_StopForward):
-                    model(windows[start : start + batch_size].to(device), use_cache=False)
-                if len(recording.hidden) != len(chunks) + 1:
+                    model(windows[part].to(device), use_cache=False)
+                if not recording.hidden:
                     raise BlockDiscoveryError(
                         f"the forward of {type(model).__name__} never reached its first block"
                     )
-                chunks.append(recording.hidden[-1].to(storage_device))
+                chunk = recording.hidden.pop()
+                if hidden is None:
+                    hidden = allocate(torch.Size((len(windows), *chunk.shape[1:])), chunk.dtype)
+                hidden[part].copy_(chunk)
     finally:
         _non_block_modules_to(model, blocks, host)
         model.train(was_training)
-    return torch.cat(chunks), [calls[i] for i in range(len(blocks))]
+    return hidden, [calls[i] for i in range(len(blocks))]
 
 
 def iter_batches(tensor: torch.Tensor, batch_size: int) -> Iterator[slice]:

@@ -295,18 +295,26 @@ def prune_model(
     for block, block_pattern in zip(blocks, patterns, strict=True):
         for name, layer in prunable_layers(block, ignore).items():
             block_pattern.check_shape(tuple(weight_matrix(layer).shape), name)
-    hidden, calls = capture_block_inputs(model, windows, device, batch_size)
-    stream_bytes = hidden.numel() * hidden.element_size() * (3 if dense_targets else 2)
-    storage = _storage_device(device, hidden.numel() * hidden.element_size() * 3)
-    space = _activations(storage, stream_bytes, activation_budget, spill_dir)
+    spaces: list[Activations] = []
+
+    def allocate(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """The first block's inputs go straight into the streams' storage (spilled or not)."""
+        one_stream = math.prod(shape) * dtype.itemsize
+        storage = _storage_device(device, one_stream * 3)
+        streams = 3 if dense_targets else 2
+        spaces.append(_activations(storage, one_stream * streams, activation_budget, spill_dir))
+        return spaces[0].empty(shape, dtype)
+
     try:
+        hidden, calls = capture_block_inputs(model, windows, device, batch_size, allocate=allocate)
         return _run_blocks(
-            model, blocks, source, patterns, hidden, calls, space, start, method, device,
+            model, blocks, source, patterns, hidden, calls, spaces[0], start, method, device,
             batch_size, ignore, dense_targets, layer_errors, seed, max_blocks, progress,
             on_block, resume, on_state,
         )  # fmt: skip
     finally:
-        space.close()
+        for space in spaces:
+            space.close()
 
 
 def _run_blocks(
@@ -379,11 +387,10 @@ def _initial_state(
     resume: EngineState | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, list[BlockReport], int]:
     """``(hidden, dense_stream, reports, first_block)``: the captured first-block inputs
-    ``[n, seq, d]``, or a saved state (whose RNG state is restored here), copied into
-    buffers of ``space``."""
+    ``[n, seq, d]`` (already a buffer of ``space``), or a saved state (whose RNG state is
+    restored here) copied into it."""
     if resume is None:
-        hidden = space.copy(captured)
-        return hidden, (space.copy(captured) if dense_targets else None), [], 0
+        return captured, (space.copy(captured) if dense_targets else None), [], 0
     if resume.hidden.shape != captured.shape:
         raise SafeLLMError(
             f"saved hidden states have shape {tuple(resume.hidden.shape)}, this run's "
@@ -391,7 +398,7 @@ def _initial_state(
         )
     if dense_targets and resume.dense_stream is None:
         raise SafeLLMError("the saved state has no dense stream but --dense-targets is on")
-    hidden = space.copy(resume.hidden.to(captured.dtype))
+    hidden = captured.copy_(resume.hidden)
     dense = space.copy(resume.dense_stream.to(captured.dtype)) if dense_targets else None
     set_rng_state(resume.rng)
     log.info("resuming at block %d", resume.next_block)
@@ -519,14 +526,35 @@ def dense_pass(
     ignore: tuple[str, ...] = (),
     source: BlockSource | None = None,
     progress: bool = True,
+    activation_budget: int | None = None,
+    spill_dir: str | Path | None = None,
 ) -> list[T]:
     """Run the calibration windows ``[n, seq]`` through the dense model block by block and
     return ``visit(index, layers, stats)`` of every block, ``stats`` being its layers' input
-    statistics (norms, no Hessian). One block is on ``device`` at a time; nothing changes."""
+    statistics (norms, no Hessian). One block is on ``device`` at a time; nothing changes.
+    One ``[n, seq, d]`` stream, memory-mapped above ``activation_budget`` bytes."""
     _, blocks = find_blocks(model)
     source = source or ResidentBlocks(blocks)
-    hidden, calls = capture_block_inputs(model, windows, device, batch_size)
-    hidden = hidden.to(_storage_device(device, hidden.numel() * hidden.element_size()))
+    spaces: list[Activations] = []
+
+    def allocate(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        one_stream = math.prod(shape) * dtype.itemsize
+        storage = _storage_device(device, one_stream)
+        spaces.append(_activations(storage, one_stream, activation_budget, spill_dir))
+        return spaces[0].empty(shape, dtype)
+
+    try:
+        hidden, calls = capture_block_inputs(model, windows, device, batch_size, allocate=allocate)
+        return _dense_blocks(
+            blocks, source, hidden, calls, visit, device, batch_size, ignore, progress
+        )
+    finally:
+        for space in spaces:
+            space.close()
+
+
+def _dense_blocks(blocks, source, hidden, calls, visit, device, batch_size, ignore, progress):
+    """The block loop of :func:`dense_pass`: ``hidden`` is advanced in place."""
     results = []
     for index in tqdm(range(len(blocks)), desc="dense pass", disable=not progress):
         block = source.load(index)

@@ -125,6 +125,16 @@ def _block_sizes(blocks: nn.ModuleList, ignore: tuple[str, ...]) -> list[int]:
     ]
 
 
+def _activation_storage(config: PruneConfig) -> dict:
+    """The engine's ``activation_budget`` and ``spill_dir`` for ``--max-activation-memory``
+    (the memory-mapped streams sit next to ``--output``)."""
+    budget = config.max_activation_memory
+    return {
+        "activation_budget": parse_size(budget) if budget else None,
+        "spill_dir": Path(config.output).expanduser().parent if config.output else None,
+    }
+
+
 def block_sparsities(
     config: PruneConfig,
     model: nn.Module,
@@ -173,6 +183,7 @@ def block_sparsities(
         ignore=ignore,
         source=source,
         progress=progress,
+        **_activation_storage(config),
     )
     sparsities = owl_sparsities(ratios, sizes, target, config.owl_lambda)
     log.info("OWL block sparsities: %s", ", ".join(f"{s:.3f}" for s in sparsities))
@@ -258,10 +269,7 @@ def run_prune(
         on_state=_state_saver(writes, fresh, config, total, should_stop),
         block_patterns=patterns,
         source=source,
-        activation_budget=(
-            parse_size(config.max_activation_memory) if config.max_activation_memory else None
-        ),
-        spill_dir=Path(config.output).expanduser().parent if config.output else None,
+        **_activation_storage(config),
     )
     pruned_eval = _evaluate_on_device(model, tokenizer, config, device, progress)
     report = {

@@ -160,6 +160,21 @@ def test_captured_inputs_reproduce_first_and_last_block_of_a_full_forward(arch):
         torch.testing.assert_close(run_block(blocks[-1], last_in, calls[-1]), last_out)
 
 
+def test_capture_writes_the_hidden_states_into_the_buffer_it_is_given():
+    model = make_model(AVAILABLE[0])
+    windows = make_windows(5)
+    given = []
+
+    def allocate(shape, dtype):
+        given.append(torch.full(shape, float("nan"), dtype=dtype))
+        return given[-1]
+
+    expected, _ = capture_block_inputs(model, windows, CPU, batch_size=2)
+    hidden, _ = capture_block_inputs(model, windows, CPU, batch_size=2, allocate=allocate)
+    assert len(given) == 1 and hidden is given[0]
+    torch.testing.assert_close(hidden, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("arch", [a for a in ("gemma2", "gemma3") if a in AVAILABLE])
 def test_sliding_window_layers_receive_their_own_mask(arch):
     model = make_model(arch)

@@ -275,6 +275,37 @@ def test_streams_over_the_activation_budget_are_memory_mapped_files(tmp_path):
     assert _activations(torch.device("cpu"), 4000, 8000, tmp_path).spill is None
 
 
+def test_over_the_budget_the_first_block_inputs_are_captured_into_the_mapped_file(
+    make_tiny_llama, tmp_path, monkeypatch
+):
+    from safe_llm import engine
+    from safe_llm.methods.magnitude import Magnitude
+    from safe_llm.sparsity import SparsityPattern
+
+    class Spy(Magnitude):
+        def prune_block(self, ctx):
+            files.append(ctx.inputs.untyped_storage().filename)
+            return super().prune_block(ctx)
+
+    def capture(*args, **kwargs):
+        hidden, calls = real_capture(*args, **kwargs)
+        files.append(hidden.untyped_storage().filename)
+        return hidden, calls
+
+    files, real_capture = [], engine.capture_block_inputs
+    monkeypatch.setattr(engine, "capture_block_inputs", capture)
+    model = make_tiny_llama()
+    windows = torch.randint(model.config.vocab_size, (6, 16), generator=torch.Generator())
+    engine.prune_model(
+        model, windows, Spy(), SparsityPattern.parse("unstructured", 0.5),
+        device=torch.device("cpu"), batch_size=2, layer_errors=False, progress=False,
+        activation_budget=1, spill_dir=tmp_path,
+    )  # fmt: skip
+    assert len(files) == 3 and files[0] is not None  # capture + two blocks
+    assert files[0] == files[1] == files[2]  # the blocks read the capture's own mapped file
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_work_area_from_before_the_profile_options_still_resumes():
     from safe_llm.resume import config_differences
 
