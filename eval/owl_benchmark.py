@@ -5,11 +5,10 @@ Every (method, sparsity, profile) prunes the model in-process with the Python AP
 reports the ``builtin-wiki`` token perplexity over the first 32 windows of 512 tokens. The
 dense perplexity is printed once; each row also gives the spread of OWL's block sparsities.
 
-Usage (CPU; Wanda takes about a minute a run, SAFE+ with one epoch about ten)::
+Usage (CPU; Wanda takes about a minute a run, SAFE+ with the CPU recipe about six)::
 
     python eval/owl_benchmark.py --methods wanda --sparsities 0.6 0.7
-    python eval/owl_benchmark.py --methods wanda safe+ --safe-options epochs=1 init=sparsegpt \
-        --json eval/results/owl.json
+    python eval/owl_benchmark.py --methods wanda safe+ --json eval/results/owl.json
 """
 
 from __future__ import annotations
@@ -90,8 +89,10 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--safe-options", nargs="*", default=["epochs=1", "init=sparsegpt"],
-        help="SAFE/SAFE+ options as key=value",
+        "--safe-options", nargs="*",
+        default=["init=sparsegpt", "epochs=2", "interval=2", "lr=5e-4", "warmup_epochs=0",
+                 "sam_ascent=previous"],
+        help="SAFE/SAFE+ options as key=value (default: the SmolLM2 CPU recipe)",
     )  # fmt: skip
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
