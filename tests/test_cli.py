@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -426,3 +427,16 @@ def test_multi_line_library_error_is_printed_on_one_line(base_args, monkeypatch,
     assert cli.main(base_args) == 2
     err = capsys.readouterr().err
     assert err == "safe-llm: error: cannot load: first reason second reason\n"
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")),
+    ids=lambda path: path.name,
+)
+def test_every_shipped_recipe_is_a_valid_configuration(recipe):
+    from safe_llm.methods import build_method
+
+    config = make_config(load_recipe(recipe))
+    build_method(config.method, config.method_options)  # unknown or bad options raise
+    assert config.pattern().sparsity > 0
