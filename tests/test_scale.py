@@ -193,6 +193,22 @@ def test_streamed_run_holds_one_block_at_a_time(save_tiny_model, calibration_fil
     assert len(seen) == BLOCKS and all(loaded == [] for loaded in seen)
 
 
+def test_each_released_block_hands_its_freed_heap_back_to_the_os(
+    save_tiny_model, calibration_file, tmp_path, monkeypatch
+):
+    import sys
+
+    from safe_llm import streaming
+
+    if sys.platform == "linux":  # glibc: the trim is there to call
+        assert streaming._malloc_trim() is not None
+    trims = []
+    monkeypatch.setattr(streaming, "_malloc_trim", lambda: lambda pad: trims.append(pad))
+    model_dir = save_tiny_model(num_hidden_layers=BLOCKS)
+    _prune(model_dir, calibration_file, tmp_path / "out", stream_from_disk=True)
+    assert len(trims) >= BLOCKS  # one per released block, one per written shard
+
+
 def test_streamed_run_resumes_from_its_work_area(save_tiny_model, calibration_file, tmp_path):
     from safe_llm.resume import Interrupted
 
