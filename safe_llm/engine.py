@@ -118,6 +118,28 @@ def _activations(
     return Activations(torch.device("cpu"), spill_root or tempfile.gettempdir())
 
 
+class _CapturedStreams:
+    """The :class:`Activations` of ``count`` ``[n, seq, d]`` streams, made when the capture
+    knows their shape; its first buffer receives the captured first-block inputs batch by
+    batch, so they are never held whole outside it (memory-mapped above ``budget`` bytes)."""
+
+    def __init__(
+        self, device: torch.device, count: int, budget: int | None, spill_dir: str | Path | None
+    ):
+        self.device, self.count, self.budget, self.spill_dir = device, count, budget, spill_dir
+        self.space: Activations | None = None
+
+    def allocate(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        one_stream = math.prod(shape) * dtype.itemsize
+        storage = _storage_device(self.device, one_stream * self.count)
+        self.space = _activations(storage, one_stream * self.count, self.budget, self.spill_dir)
+        return self.space.empty(shape, dtype)
+
+    def close(self) -> None:
+        if self.space is not None:
+            self.space.close()
+
+
 @dataclass
 class BlockContext:
     """Everything a method may use to prune one block.
@@ -295,26 +317,18 @@ def prune_model(
     for block, block_pattern in zip(blocks, patterns, strict=True):
         for name, layer in prunable_layers(block, ignore).items():
             block_pattern.check_shape(tuple(weight_matrix(layer).shape), name)
-    spaces: list[Activations] = []
-
-    def allocate(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        """The first block's inputs go straight into the streams' storage (spilled or not)."""
-        one_stream = math.prod(shape) * dtype.itemsize
-        storage = _storage_device(device, one_stream * 3)
-        streams = 3 if dense_targets else 2
-        spaces.append(_activations(storage, one_stream * streams, activation_budget, spill_dir))
-        return spaces[0].empty(shape, dtype)
-
+    streams = _CapturedStreams(device, 3 if dense_targets else 2, activation_budget, spill_dir)
     try:
-        hidden, calls = capture_block_inputs(model, windows, device, batch_size, allocate=allocate)
+        hidden, calls = capture_block_inputs(
+            model, windows, device, batch_size, allocate=streams.allocate
+        )
         return _run_blocks(
-            model, blocks, source, patterns, hidden, calls, spaces[0], start, method, device,
+            model, blocks, source, patterns, hidden, calls, streams.space, start, method, device,
             batch_size, ignore, dense_targets, layer_errors, seed, max_blocks, progress,
             on_block, resume, on_state,
         )  # fmt: skip
     finally:
-        for space in spaces:
-            space.close()
+        streams.close()
 
 
 def _run_blocks(
@@ -535,22 +549,16 @@ def dense_pass(
     One ``[n, seq, d]`` stream, memory-mapped above ``activation_budget`` bytes."""
     _, blocks = find_blocks(model)
     source = source or ResidentBlocks(blocks)
-    spaces: list[Activations] = []
-
-    def allocate(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        one_stream = math.prod(shape) * dtype.itemsize
-        storage = _storage_device(device, one_stream)
-        spaces.append(_activations(storage, one_stream, activation_budget, spill_dir))
-        return spaces[0].empty(shape, dtype)
-
+    streams = _CapturedStreams(device, 1, activation_budget, spill_dir)
     try:
-        hidden, calls = capture_block_inputs(model, windows, device, batch_size, allocate=allocate)
+        hidden, calls = capture_block_inputs(
+            model, windows, device, batch_size, allocate=streams.allocate
+        )
         return _dense_blocks(
             blocks, source, hidden, calls, visit, device, batch_size, ignore, progress
         )
     finally:
-        for space in spaces:
-            space.close()
+        streams.close()
 
 
 def _dense_blocks(blocks, source, hidden, calls, visit, device, batch_size, ignore, progress):
