@@ -60,6 +60,22 @@ def test_heavily_tied_scores_keep_exact_count_and_respect_order():
     assert not keep[1, 3] and not keep[1, 4]
 
 
+@pytest.mark.parametrize("sparsity", [0.5, 0.6, 0.95, 0.999])
+def test_unstructured_selection_keeps_the_same_entries_as_a_full_topk(sparsity):
+    pattern = SparsityPattern.parse("unstructured", sparsity)
+    scores = _scores(64, 96, seed=7).abs()
+    expected = torch.zeros(scores.numel(), dtype=torch.bool)
+    expected[scores.flatten().topk(pattern.kept_count(scores.numel())).indices] = True
+    assert torch.equal(pattern.keep_mask(scores), expected.reshape(scores.shape))
+
+
+def test_scores_tied_at_the_threshold_are_kept_first_by_position():
+    pattern = SparsityPattern.parse("unstructured", 0.5)
+    scores = torch.tensor([[0.0, 2.0, 1.0, 1.0], [1.0, 1.0, 5.0, 0.0]])  # keep 4: 5, 2, 1, 1
+    keep = pattern.keep_mask(scores)
+    assert keep.tolist() == [[False, True, True, True], [False, False, True, False]]
+
+
 @pytest.mark.parametrize("structure", ["2:4", "4:8", "1:4"])
 @pytest.mark.parametrize("shape", [(3, 16), (5, 8), (1, 24)])
 def test_n_m_keeps_exactly_n_of_every_m_consecutive_inputs(structure, shape):
