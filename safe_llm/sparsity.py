@@ -151,20 +151,28 @@ class SparsityPattern:
 
 
 def _keep_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of ``flat`` ``[n]`` with exactly ``k`` entries set at its largest values.
+    """Boolean mask of ``flat`` ``[n]`` with exactly ``k`` entries set at its largest values;
+    of the entries equal to the ``k``-th largest, the first by position fill the count (the
+    same mask on every device).
 
-    A selection by ``kthvalue`` (about 4x faster than ``topk`` with ``k = n / 2`` on a CPU,
-    and SAFE projects every few steps); of the entries equal to the threshold, the first by
-    position fill the count."""
+    The ``k``-th largest value comes from ``kthvalue`` on a CPU (about 4x faster there than
+    ``topk`` with ``k = n / 2``) and from ``topk`` elsewhere (on CUDA ``kthvalue`` was about
+    100x slower than ``topk`` for a 4096 x 11008 matrix, measured on an H200)."""
     n = flat.numel()
     if k <= 0 or k >= n:
         return torch.full_like(flat, k > 0, dtype=torch.bool)
-    threshold = flat.kthvalue(n - k).values  # at most k entries lie above it
-    keep = flat > threshold
+    threshold = _kth_largest(flat, k, by_topk=flat.device.type != "cpu")
+    keep = flat > threshold  # fewer than k entries
     missing = k - int(keep.sum())
-    if missing:
-        keep[(flat == threshold).nonzero().squeeze(1)[:missing]] = True
+    keep[(flat == threshold).nonzero().squeeze(1)[:missing]] = True
     return keep
+
+
+def _kth_largest(flat: torch.Tensor, k: int, by_topk: bool) -> torch.Tensor:
+    """The ``k``-th largest value of ``flat`` (a 0-d tensor), by ``topk`` or ``kthvalue``."""
+    if by_topk:
+        return flat.topk(k, sorted=False).values.min()
+    return flat.kthvalue(flat.numel() - k + 1).values
 
 
 def achieved_sparsity(weight: torch.Tensor) -> float:

@@ -69,6 +69,19 @@ def test_unstructured_selection_keeps_the_same_entries_as_a_full_topk(sparsity):
     assert torch.equal(pattern.keep_mask(scores), expected.reshape(scores.shape))
 
 
+@pytest.mark.parametrize("k", [1, 5, 48, 95])
+@pytest.mark.parametrize("tied", [False, True])
+def test_both_threshold_selections_give_the_same_value(k, tied):
+    from safe_llm.sparsity import _kth_largest
+
+    flat = _scores(8, 12, seed=k).abs().flatten()
+    if tied:
+        flat = (flat * 4).round()  # many equal values
+    expected = flat.sort(descending=True).values[k - 1]
+    assert _kth_largest(flat, k, by_topk=True) == expected
+    assert _kth_largest(flat, k, by_topk=False) == expected
+
+
 def test_scores_tied_at_the_threshold_are_kept_first_by_position():
     pattern = SparsityPattern.parse("unstructured", 0.5)
     scores = torch.tensor([[0.0, 2.0, 1.0, 1.0], [1.0, 1.0, 5.0, 0.0]])  # keep 4: 5, 2, 1, 1
