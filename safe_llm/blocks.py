@@ -239,7 +239,6 @@ def capture_block_inputs(
     windows: torch.Tensor,
     device: torch.device,
     batch_size: int = 8,
-    storage_device: torch.device | None = None,
     allocate: Callable[[torch.Size, torch.dtype], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[BlockCall]]:
     """Run the model's embedding stage and record what each block receives.
@@ -247,21 +246,19 @@ def capture_block_inputs(
     Args:
         windows: token ids ``[n, seq]``.
         device: where the non-block modules run during capture (moved back afterwards).
-        storage_device: where the returned hidden states live (default ``device``).
         allocate: ``(shape, dtype) -> tensor`` giving the ``[n, seq, d]`` buffer the hidden
             states are written into batch by batch (e.g. a memory-mapped file), so the whole
-            set never sits in memory twice; default an empty tensor on ``storage_device``.
+            set never sits in memory twice; default an empty tensor on ``device``.
 
     Returns:
         ``(hidden, calls)``: the first block's input hidden states ``[n, seq, d]`` and, per
         block, the other arguments it receives (recorded with batch size 1; they broadcast).
     """
     _, blocks = find_blocks(model)
-    storage_device = storage_device or device
     if allocate is None:
 
         def allocate(shape, dtype):
-            return torch.empty(shape, dtype=dtype, device=storage_device)
+            return torch.empty(shape, dtype=dtype, device=device)
 
     host = next(model.parameters()).device
     was_training = model.training
