@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,9 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from safe_llm import __version__, data
+from safe_llm import data
+from safe_llm.atomic import atomic_write
 from safe_llm.errors import SafeLLMError
 from safe_llm.perplexity import check_seqlen, perplexity
+from safe_llm.version import __version__
 
 FORMULA = "exp(mean over windows of the window's mean next-token NLL)"
 
@@ -164,24 +165,8 @@ def results_document(model: str, device, dtype, perplexities: dict, zeroshot=Non
     return document
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_json(path: str | os.PathLike, document: dict) -> Path:
     """Write ``document`` to ``path`` atomically (temporary sibling, then rename)."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(document, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))

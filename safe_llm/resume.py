@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from safe_llm.atomic import atomic_write
 from safe_llm.errors import SafeLLMError
 
 log = logging.getLogger(__name__)
@@ -145,30 +145,6 @@ def config_differences(saved: dict, current: dict) -> list[str]:
         for k in keys
         if saved.get(k, missing) != current.get(k, missing)
     ]
-
-
-def _fsync(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then fsync and ``os.replace(tmp, path)``: ``path`` is old or new, never
-    partial. The temporary file is removed if anything fails."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
-        _fsync(path.parent, directory=True)
 
 
 def _write_json(path: Path, value: dict) -> None:
