@@ -14,10 +14,10 @@ import typing
 
 from tqdm.auto import tqdm
 
-from safe_llm import __version__
 from safe_llm.config import PruneConfig, load_recipe, make_config
 from safe_llm.errors import SafeLLMError
 from safe_llm.methods import METHODS, available_methods
+from safe_llm.version import __version__
 
 log = logging.getLogger("safe_llm")
 

@@ -80,6 +80,25 @@ def test_version_flag_prints_the_package_version_and_exits_0(capsys):
     assert capsys.readouterr().out.strip() == f"safe-llm {safe_llm.__version__}"
 
 
+def test_python_dash_m_safe_llm_is_the_safe_llm_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "safe_llm", "--version"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout.strip() == f"safe-llm {safe_llm.__version__}"
+
+
+def test_version_module_imports_nothing_of_the_package():
+    import subprocess
+    import sys
+
+    code = "import sys, safe_llm.version; print(sorted(m for m in sys.modules if m.startswith('safe_llm')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "['safe_llm', 'safe_llm.version']"
+
+
 def test_prune_help_lists_every_config_and_method_option_with_help_text(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["prune", "--help"])
