@@ -262,29 +262,17 @@ def _command_line(argv: list[str] | None) -> str:
 
 def _run_prune(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from safe_llm import distributed
-    from safe_llm.checkpoint import save_checkpoint
-    from safe_llm.pipeline import run_prune
+    from safe_llm.pipeline import finish_run, run_prune
 
     config = dataclasses.replace(_config_from_args(args), command_line=_command_line(argv))
     with _graceful_stop() as should_stop:
         result = run_prune(config, progress=not args.quiet, should_stop=should_stop)
-        if not distributed.is_writer():  # data-parallel: rank 0 writes and reports
-            distributed.shutdown()
-            return 0
-        if config.output:
-            save_checkpoint(result)
-    distributed.shutdown()
-    print(_summary(result.report, config.output))
-    if config.push_to_hub:
-        from safe_llm.hub import push_checkpoint
-
-        url = push_checkpoint(
-            config.output,
-            config.hub_repo_id,
-            private=config.hub_private,
-            revision=config.hub_revision,
-        )
-        print(f"pushed to {url}")
+        writer = distributed.is_writer()  # data-parallel: rank 0 writes and reports
+        url = finish_run(result)
+    if writer:
+        print(_summary(result.report, config.output))
+        if url is not None:
+            print(f"pushed to {url}")
     return 0
 
 

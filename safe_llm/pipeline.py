@@ -303,16 +303,40 @@ def run_prune(
     return PruneResult(model, tokenizer, config, report, write_weights)
 
 
+def finish_run(result: PruneResult) -> str | None:
+    """The one way a run ends, for the CLI and :func:`prune` alike: the writing rank (rank 0,
+    or the only process) saves the checkpoint when ``config.output`` is set, the process group
+    is released, then the writing rank uploads the checkpoint with ``config.push_to_hub``.
+    Returns the Hub commit URL when it pushed, else None."""
+    from safe_llm.checkpoint import save_checkpoint
+
+    config = result.config
+    writer = distributed.is_writer()
+    try:
+        if writer and config.output:
+            save_checkpoint(result)
+    finally:
+        distributed.shutdown()
+    if not (writer and config.push_to_hub):
+        return None
+    from safe_llm.hub import push_checkpoint
+
+    url = push_checkpoint(
+        config.output, config.hub_repo_id, private=config.hub_private, revision=config.hub_revision
+    )
+    log.info("pushed to %s", url)
+    return url
+
+
 def prune(model: str, **options) -> tuple[nn.Module, dict]:
     """Python API: prune ``model`` with the options of ``safe-llm prune``.
 
     Example: ``model, report = prune("smollm2-135m", method="wanda", sparsity=0.5,
     dataset="builtin-c4", nsamples=32, seqlen=512)``. Writes a checkpoint when ``output``
-    is given; ``progress=True`` shows progress bars. Returns the pruned model (on the host)
-    and the run report.
+    is given (and uploads it with ``push_to_hub``; under ``torchrun`` rank 0 alone writes);
+    ``progress=True`` shows progress bars. Returns the pruned model (on the host) and the
+    run report.
     """
-    from safe_llm.checkpoint import save_checkpoint
-
     progress = bool(options.pop("progress", False))
     method_options = options.pop("method_options", {})
     call = ", ".join([repr(model), *(f"{k}={v!r}" for k, v in options.items())])
@@ -321,6 +345,5 @@ def prune(model: str, **options) -> tuple[nn.Module, dict]:
     options.setdefault("command_line", f"safe_llm.prune({call})")
     config = make_config(overrides={"model": model, **options, "method_options": method_options})
     result = run_prune(config, progress=progress)
-    if config.output:
-        save_checkpoint(result)
+    finish_run(result)
     return result.model, result.report
