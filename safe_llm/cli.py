@@ -14,7 +14,7 @@ import typing
 
 from tqdm.auto import tqdm
 
-from safe_llm.config import PruneConfig, load_recipe, make_config
+from safe_llm.config import ConfigError, PruneConfig, load_recipe, make_config, parse_value
 from safe_llm.errors import SafeLLMError
 from safe_llm.methods import METHODS, available_methods
 from safe_llm.version import __version__
@@ -46,8 +46,11 @@ def _base_type(annotation) -> type:
     return annotation
 
 
-def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, help_suffix: str = ""):
-    kind = _base_type(f.type)
+def _add_field(
+    parser, f: dataclasses.Field, help_suffix: str = "", dest: str | None = None, kind=None
+) -> None:
+    """Flag ``--f-name`` for field ``f`` (parsed as ``kind``, default: from the annotation)."""
+    kind = kind or _base_type(f.type)
     default = f.default if f.default is not dataclasses.MISSING else None
     help_text = f.metadata.get("help", "") + help_suffix
     if default not in (None, [], {}):
@@ -61,19 +64,82 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, help_suffi
             kwargs["nargs"] = f.metadata["nargs"]
         if f.name == "method":
             kwargs["choices"] = available_methods()
-        if f.name == "model":
-            kwargs["metavar"] = "MODEL"
-    parser.add_argument(_flag(f.name), dest=f.name, **kwargs)
+        if f.name == "model" or dest is not None:
+            kwargs["metavar"] = f.name.upper()
+    parser.add_argument(_flag(f.name), dest=dest or f.name, **kwargs)
 
 
-def _method_option_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
-    """Every method's option fields, with the methods that have each."""
+# argparse destination of the method option flags: never the same as a PruneConfig field's
+OPTION_DEST = "method_option:"
+
+
+def _method_option_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
+    """Every method option name, with ``(method, field)`` for each method that has it."""
     available_methods()
-    fields: dict[str, tuple[dataclasses.Field, list[str]]] = {}
-    for name in sorted(METHODS):
-        for f in dataclasses.fields(METHODS[name].Options):
-            fields.setdefault(f.name, (f, []))[1].append(name)
+    fields: dict[str, list[tuple[str, dataclasses.Field]]] = {}
+    for method in sorted(METHODS):
+        for f in dataclasses.fields(METHODS[method].Options):
+            fields.setdefault(f.name, []).append((method, f))
     return fields
+
+
+def _add_method_option(group, owners: list[tuple[str, dataclasses.Field]]) -> None:
+    """One flag for an option name that one or several methods have. When the owners declare
+    it differently (type, help or default), the flag takes any value (read as in a recipe) and
+    the help lists each owner's; the selected method's field then checks the value."""
+    first = owners[0][1]
+    described = {(str(f.type), f.metadata.get("help"), repr(f.default)) for _, f in owners}
+    if len(described) == 1:
+        _add_field(group, first, f" [{', '.join(m for m, _ in owners)}]", OPTION_DEST + first.name)
+        return
+    each = "; ".join(
+        f"{method}: {f.metadata.get('help', '')} (default: {f.default})" for method, f in owners
+    )
+    group.add_argument(
+        _flag(first.name),
+        dest=OPTION_DEST + first.name,
+        type=parse_value,
+        default=argparse.SUPPRESS,
+        metavar="VALUE",
+        help=each,
+    )
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    """The method option flags, and ``--method-option NAME=VALUE`` for options named like a
+    run option (``--seed`` is the run's seed; a method's ``seed`` is ``--method-option
+    seed=3``) or any other."""
+    config_names = {f.name for f in dataclasses.fields(PruneConfig)}
+    group = parser.add_argument_group("method options (recipe key: method_options)")
+    for name, owners in _method_option_fields().items():
+        if name not in config_names:
+            _add_method_option(group, owners)
+    shadowed = sorted(set(_method_option_fields()) & config_names)
+    group.add_argument(
+        "--method-option",
+        dest="method_option_pairs",
+        nargs="+",
+        action="extend",
+        default=argparse.SUPPRESS,
+        metavar="NAME=VALUE",
+        help="set any option of the selected method, e.g. --method-option lr=1e-3"
+        + (
+            f" (the only way for {', '.join(shadowed)}: named like a run option)"
+            if shadowed
+            else ""
+        ),
+    )
+
+
+def _option_pairs(pairs: list[str]) -> dict:
+    """``["lr=1e-3", "init=magnitude"]`` -> ``{"lr": 0.001, "init": "magnitude"}``."""
+    options = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--method-option {pair!r}: expected NAME=VALUE, e.g. lr=1e-3")
+        options[name.strip().replace("-", "_")] = parse_value(value)
+    return options
 
 
 def _prune_parser(sub) -> None:
@@ -91,9 +157,7 @@ def _prune_parser(sub) -> None:
     for f in dataclasses.fields(PruneConfig):
         if f.metadata.get("cli", True):
             _add_field(parser, f)
-    group = parser.add_argument_group("method options (recipe key: method_options)")
-    for f, owners in _method_option_fields().values():
-        _add_field(group, f, f" [{', '.join(owners)}]")
+    _add_method_options(parser)
 
 
 def _eval_parser(sub) -> None:
@@ -208,8 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config_from_args(args: argparse.Namespace) -> PruneConfig:
     values = {k: v for k, v in vars(args).items() if k not in ("command", "recipe", "quiet")}
-    option_names = set(_method_option_fields())
-    options = {k: values.pop(k) for k in list(values) if k in option_names}
+    options = {
+        k.removeprefix(OPTION_DEST): values.pop(k)
+        for k in list(values)
+        if k.startswith(OPTION_DEST)
+    }
+    options.update(_option_pairs(values.pop("method_option_pairs", [])))
     recipe = load_recipe(args.recipe) if args.recipe else {}
     return make_config(recipe, {**values, "method_options": options})
 

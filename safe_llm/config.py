@@ -148,6 +148,15 @@ _RecipeLoader.add_implicit_resolver(
 )
 
 
+def parse_value(text: str):
+    """A value written on the command line, read as a recipe value (``1e-3`` a float, ``2:4``
+    a string, ``true`` a bool)."""
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot read the value {text!r}: {exc}") from exc
+
+
 def load_recipe(path: str | Path) -> dict:
     """Read a YAML recipe: a mapping of :class:`PruneConfig` keys."""
     path = Path(path)
