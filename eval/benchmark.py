@@ -138,10 +138,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--protocols",
-        nargs="+",
+        nargs="*",
         default=["wiki", "ref"],
         choices=["wiki", "ref"],
-        help="perplexity protocols to score (see above)",
+        help="perplexity protocols to score (see above; none: checkpoints only, with --digests)",
     )
     parser.add_argument(
         "--recipe-dir",
