@@ -1,21 +1,13 @@
 """safe-llm: post-training pruning of causal LMs to sparse and flat minima.
 
-``prune`` and ``load`` are imported on first use, so ``import safe_llm`` (or reading
-``safe_llm.__version__``) does not load torch or transformers.
+``safe_llm.prune``, ``safe_llm.evaluate`` and ``safe_llm.load`` are the Python API (the
+function ``evaluate`` stands in the package for the module of the same name: import the
+module's other names with ``from safe_llm.evaluate import ...``).
 """
 
-from safe_llm.version import __version__
+from safe_llm.version import __version__  # noqa: I001 (first: every module may read it)
+from safe_llm.evaluate import evaluate
+from safe_llm.export import load
+from safe_llm.pipeline import prune
 
-__all__ = ["__version__", "load", "prune"]
-
-
-def __getattr__(name: str):
-    if name == "load":
-        from safe_llm.export import load
-
-        return load
-    if name == "prune":
-        from safe_llm.pipeline import prune
-
-        return prune
-    raise AttributeError(f"module 'safe_llm' has no attribute {name!r}")
+__all__ = ["__version__", "evaluate", "load", "prune"]

@@ -25,13 +25,13 @@ def sparsity_metadata(result) -> dict:
     return {
         "tool": f"safe-llm {__version__}",
         "method": result.config.method,
-        "structure": result.report["pattern"],
-        "sparsity": result.report["sparsity"],
+        "structure": result.report.pattern,
+        "sparsity": result.report.sparsity,
         "ignore": list(result.config.ignore),
-        "overall_sparsity": result.report["overall_sparsity"],
+        "overall_sparsity": result.report.overall_sparsity,
         **(
-            {"sparsity_per_block": result.report["block_sparsity"]}
-            if result.report.get("sparsity_profile", "uniform") != "uniform"
+            {"sparsity_per_block": result.report.block_sparsity}
+            if result.report.sparsity_profile != "uniform"
             else {}
         ),
     }
@@ -45,7 +45,7 @@ def recipe_of(result) -> dict:
     options = {
         k: v for k, v in result.config.to_dict().items() if k not in ("command_line", "resume")
     }
-    return {**options, "sparsity": result.report["sparsity"]}
+    return {**options, "sparsity": result.report.sparsity}
 
 
 def save_checkpoint(result) -> Path:
@@ -75,8 +75,9 @@ def _write_files(result, directory: Path) -> None:
         result.model.save_pretrained(directory, max_shard_size=result.config.max_shard_size)
     result.tokenizer.save_pretrained(directory)
     (directory / "recipe.yaml").write_text(yaml.safe_dump(recipe_of(result), sort_keys=False))
-    (directory / "report.json").write_text(json.dumps(result.report, indent=2))
-    (directory / "README.md").write_text(render_model_card(recipe_of(result), result.report))
+    report = result.report.to_dict()
+    (directory / "report.json").write_text(json.dumps(report, indent=2))
+    (directory / "README.md").write_text(render_model_card(recipe_of(result), report))
 
 
 def _write_failure(output: Path, exc: OSError) -> str:

@@ -11,6 +11,7 @@ import signal
 import sys
 import types
 import typing
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
@@ -18,6 +19,9 @@ from safe_llm.config import ConfigError, PruneConfig, load_recipe, make_config, 
 from safe_llm.errors import SafeLLMError
 from safe_llm.methods import METHODS, available_methods
 from safe_llm.version import __version__
+
+if TYPE_CHECKING:
+    from safe_llm.run_report import RunReport
 
 log = logging.getLogger("safe_llm")
 
@@ -282,15 +286,15 @@ def _config_from_args(args: argparse.Namespace) -> PruneConfig:
     return make_config(recipe, {**values, "method_options": options})
 
 
-def _summary(report: dict, output: str | None) -> str:
+def _summary(report: RunReport, output: str | None) -> str:
     lines = [
-        f"method {report['method']}, pattern {report['pattern']}, "
-        f"overall sparsity {report['overall_sparsity']:.4f}",
-        f"time {report['total_seconds']:.1f}s (pruning {report['seconds']:.1f}s), "
-        f"peak memory {report['peak_memory_bytes'] / 2**30:.2f} GiB",
+        f"method {report.method}, pattern {report.pattern}, "
+        f"overall sparsity {report.overall_sparsity:.4f}",
+        f"time {report.total_seconds:.1f}s (pruning {report.seconds:.1f}s), "
+        f"peak memory {report.peak_memory_bytes / 2**30:.2f} GiB",
     ]
-    for source, dense in report["evaluation"]["dense"].items():
-        pruned = report["evaluation"]["pruned"][source]
+    for source, dense in report.evaluation["dense"].items():
+        pruned = report.evaluation["pruned"][source]
         lines.append(
             f"perplexity {source} (seqlen {dense['seqlen']}, {dense['windows']} windows): "
             f"dense {dense['perplexity']:.3f} -> pruned {pruned['perplexity']:.3f}"
@@ -380,73 +384,33 @@ def _resume_hint(exc, argv: list[str] | None) -> str:
     return f"{stopped}, saved in {exc.work_dir}; continue with: {command}"
 
 
-def _check_eval_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """The perplexity sources and tasks to run; raise before loading anything if unusable."""
-    from safe_llm.evaluate import EvalError, parse_list
-
-    tasks = parse_list(args.tasks)
-    sources = parse_list(args.datasets) if args.datasets is not None else []
-    if args.datasets is None and not tasks:
-        sources = ["wikitext2"]
-    if not sources and not tasks:
-        raise EvalError("nothing to evaluate: give --datasets and/or --tasks")
-    for name, minimum in (("seqlen", 2), ("batch_size", 1), ("max_windows", 1), ("limit", 1)):
-        value = getattr(args, name)
-        if value is not None and value < minimum:
-            raise EvalError(f"{_flag(name)} must be at least {minimum}, got {value}")
-    if args.num_fewshot < 0:
-        raise EvalError(f"--num-fewshot must be at least 0, got {args.num_fewshot}")
-    if tasks:
-        from safe_llm.zeroshot import _lm_eval
-
-        _lm_eval()  # a missing extra fails before the model is loaded
-    return sources, tasks
-
-
 def _run_eval(args: argparse.Namespace) -> int:
-    from safe_llm.evaluate import (
-        evaluate_perplexity,
-        format_perplexity,
-        results_document,
-        write_json,
-    )
-    from safe_llm.models import load_model, resolve_device, resolve_dtype
+    from safe_llm.evaluate import evaluate, format_perplexity, write_json
 
-    sources, tasks = _check_eval_args(args)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    model, tokenizer, _ = load_model(args.model, dtype, args.trust_remote_code)
-    model.to(device)
-    perplexities = evaluate_perplexity(
-        model,
-        tokenizer,
-        sources,
-        args.seqlen,
-        batch_size=args.batch_size,
-        device=device,
+    document = evaluate(
+        args.model,
+        args.datasets,
+        args.tasks,
+        seqlen=args.seqlen,
         max_windows=args.max_windows,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
         text_column=args.text_column,
+        trust_remote_code=args.trust_remote_code,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        include_path=args.include_path,
+        metric=args.metric,
         progress=not args.quiet,
     )
-    for source, result in perplexities.items():
+    for source, result in document["perplexity"].items():
         print(format_perplexity(source, result))
-    zeroshot = None
-    if tasks:
-        from safe_llm.zeroshot import evaluate_tasks, format_tasks
+    if "zeroshot" in document:
+        from safe_llm.zeroshot import format_tasks
 
-        zeroshot = evaluate_tasks(
-            model,
-            tokenizer,
-            tasks,
-            batch_size=args.batch_size,
-            num_fewshot=args.num_fewshot,
-            limit=args.limit,
-            include_path=args.include_path,
-            metric=args.metric,
-        )
-        print("\n".join(format_tasks(zeroshot)))
+        print("\n".join(format_tasks(document["zeroshot"])))
     if args.json_path:
-        document = results_document(args.model, device, dtype, perplexities, zeroshot)
         print(f"results written to {write_json(args.json_path, document)}")
     return 0
 

@@ -144,6 +144,79 @@ def evaluate_perplexity(
     }
 
 
+def check_request(
+    datasets: str | Iterable[str] | None,
+    tasks: str | Iterable[str] | None,
+    sizes: dict[str, int | None],
+    num_fewshot: int = 0,
+) -> tuple[list[str], list[str]]:
+    """``(perplexity sources, tasks)`` of an evaluation; raise :class:`EvalError` before
+    anything is loaded if unusable. ``datasets=None`` means ``wikitext2`` unless tasks are
+    given; ``sizes`` maps ``seqlen``, ``batch_size``, ``max_windows`` and ``limit`` to values."""
+    task_names = parse_list(tasks)
+    sources = parse_list(datasets) if datasets is not None else []
+    if datasets is None and not task_names:
+        sources = ["wikitext2"]
+    if not sources and not task_names:
+        raise EvalError("nothing to evaluate: give --datasets and/or --tasks")
+    for name, minimum in (("seqlen", 2), ("batch_size", 1), ("max_windows", 1), ("limit", 1)):
+        value = sizes.get(name)
+        if value is not None and value < minimum:
+            raise EvalError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+    if num_fewshot < 0:
+        raise EvalError(f"--num-fewshot must be at least 0, got {num_fewshot}")
+    if task_names:
+        from safe_llm.zeroshot import _lm_eval
+
+        _lm_eval()  # a missing extra fails before the model is loaded
+    return sources, task_names
+
+
+def evaluate(
+    model: str,
+    datasets: str | Iterable[str] | None = None,
+    tasks: str | Iterable[str] | None = None,
+    *,
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    device: str = "auto",
+    dtype: str = "auto",
+    text_column: str = "text",
+    trust_remote_code: bool = False,
+    num_fewshot: int = 0,
+    limit: int | None = None,
+    include_path: str | None = None,
+    metric: str = "acc",
+    progress: bool = False,
+) -> dict:
+    """What ``safe-llm eval`` runs: token perplexity of ``model`` (directory, hub id, .gguf or
+    built-in) on each of ``datasets`` and zero-shot accuracy on ``tasks`` (lm-evaluation-
+    harness). Returns the results document (the JSON ``safe-llm eval --json`` writes), with
+    ``perplexity`` ``{source: result}`` and, with tasks, ``zeroshot``."""
+    from safe_llm.models import load_model, resolve_device, resolve_dtype
+
+    sizes = {"seqlen": seqlen, "batch_size": batch_size, "max_windows": max_windows}
+    sources, task_names = check_request(datasets, tasks, {**sizes, "limit": limit}, num_fewshot)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    loaded, tokenizer, _ = load_model(model, dtype, trust_remote_code)
+    loaded.to(device)
+    windows = {"max_windows": max_windows, "text_column": text_column, "progress": progress}
+    perplexities = evaluate_perplexity(
+        loaded, tokenizer, sources, seqlen, batch_size=batch_size, device=device, **windows
+    )
+    zeroshot = None
+    if task_names:
+        from safe_llm.zeroshot import evaluate_tasks
+
+        shots = {"num_fewshot": num_fewshot, "limit": limit, "include_path": include_path}
+        zeroshot = evaluate_tasks(
+            loaded, tokenizer, task_names, batch_size=batch_size, metric=metric, **shots
+        )
+    return results_document(model, device, dtype, perplexities, zeroshot)
+
+
 def format_perplexity(source: str, result: dict) -> str:
     """One line for the terminal: the number and its protocol."""
     return f"{source}: perplexity {result['perplexity']:.4f} ({result['protocol']})"

@@ -39,29 +39,6 @@ log = logging.getLogger(__name__)
 WORK_DIR = ".safe_llm_work"
 FORMAT_VERSION = 1
 
-# Options that do not change the pruned weights: a resume may change them freely.
-IGNORED_KEYS = frozenset(
-    {
-        "output",
-        "overwrite",
-        "resume",
-        "max_blocks",
-        "max_shard_size",
-        "stream_from_disk",
-        "max_activation_memory",
-        "eval",
-        "eval_seqlen",
-        "eval_max_windows",
-        "trust_remote_code",
-        "command_line",
-        "push_to_hub",
-        "hub_repo_id",
-        "hub_private",
-        "hub_revision",
-    }
-)
-
-
 # Decisive options added after FORMAT_VERSION 1 work areas were first written, with the value
 # such a work area (which does not record them) was pruned with.
 ADDED_OPTIONS = {
@@ -129,9 +106,12 @@ def work_dir(output: str | os.PathLike) -> Path:
 
 
 def decisive_options(config: dict) -> dict:
-    """The options of ``config`` (``PruneConfig.to_dict()``) that decide the pruned weights,
-    as plain JSON values."""
-    return json.loads(json.dumps({k: v for k, v in config.items() if k not in IGNORED_KEYS}))
+    """The options of ``config`` (``PruneConfig.to_dict()``) that decide the pruned weights
+    (every field not declared ``decisive=False``), as plain JSON values."""
+    from safe_llm.config import weight_neutral_options
+
+    neutral = weight_neutral_options()
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in neutral}))
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
