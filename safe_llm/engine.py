@@ -287,7 +287,13 @@ def _block_patterns(
     return patterns
 
 
-def _run_blocks(run: _Run, source: BlockSource, patterns, on_block, on_state) -> None:
+def _run_blocks(
+    run: _Run,
+    source: BlockSource,
+    patterns: list[SparsityPattern],
+    on_block: Callable[[BlockReport], None] | None,
+    on_state: Callable[[EngineState, nn.Module], None] | None,
+) -> None:
     """The block loop of :func:`prune_model`: prune, advance the streams, report, save."""
     count = len(patterns) if run.options.max_blocks is None else run.options.max_blocks
     count, first = min(count, len(patterns)), run.first
@@ -313,7 +319,14 @@ def _run_blocks(run: _Run, source: BlockSource, patterns, on_block, on_state) ->
                 on_state(_state(run, index + 1), block)
 
 
-def _start(method, options, calls, captured, space, resume: EngineState | None) -> _Run:
+def _start(
+    method: PruningMethod,
+    options: EngineOptions,
+    calls: list[BlockCall],
+    captured: torch.Tensor,
+    space: Activations,
+    resume: EngineState | None,
+) -> _Run:
     """The run's streams: the captured first-block inputs ``[n, seq, d]`` (already a buffer
     of ``space``), or a saved state (whose RNG state is restored here) copied into them."""
     dense = space.copy(captured) if options.dense_targets and resume is None else None
@@ -355,7 +368,7 @@ def _log_block(report: BlockReport, total: int) -> None:
     )
 
 
-def _prune_block(index: int, block: nn.Module, pattern: SparsityPattern, run: _Run):
+def _prune_block(index: int, block: nn.Module, pattern: SparsityPattern, run: _Run) -> BlockReport:
     """Statistics of the dense block, the method, the checks, the pruned pass: one block."""
     start = time.perf_counter()
     opts, method = run.options, run.method
@@ -377,7 +390,9 @@ def _prune_block(index: int, block: nn.Module, pattern: SparsityPattern, run: _R
     )
 
 
-def _context(index: int, block, pattern: SparsityPattern, call: BlockCall, run: _Run):
+def _context(
+    index: int, block: nn.Module, pattern: SparsityPattern, call: BlockCall, run: _Run
+) -> BlockContext:
     """The :class:`BlockContext` of the dense block ``index``: its targets (from the pruned
     stream, or a pass of their own over the dense stream) and its layers' input statistics,
     gathered in one pass over the dense block."""
