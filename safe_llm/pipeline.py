@@ -14,7 +14,7 @@ from torch import nn
 from safe_llm import data, distributed
 from safe_llm.blocks import find_blocks, prunable_layers, weight_matrix
 from safe_llm.config import ConfigError, PruneConfig, make_config, parse_size
-from safe_llm.engine import EngineOptions, prune_model
+from safe_llm.engine import EngineOptions, PruneReport, prune_model
 from safe_llm.evaluate import evaluate_perplexity
 from safe_llm.methods import build_method
 from safe_llm.models import load_model, resolve_device, resolve_dtype
@@ -195,7 +195,7 @@ def run_prune(
         "dense": dense_eval,
         "pruned": _evaluate_on_device(model, tokenizer, config, device, progress),
     }
-    report = _run_report(config, model, engine_report, sparsities, outlier_ratios, evaluation)
+    report = _run_report(config, model, engine_report, (sparsities, outlier_ratios), evaluation)
     report.device, report.dtype = str(device), str(dtype).removeprefix("torch.")
     report.total_seconds = time.perf_counter() - start
     write_weights = writer(work, total) if writer is not None and work is not None else None
@@ -239,8 +239,17 @@ def _resume_state(
     return work.load(None if streamed else blocks)
 
 
-def _run_report(config, model, engine_report, sparsities, outlier_ratios, evaluation):
-    """The :class:`RunReport` of a run (device, dtype and total time are set by the caller)."""
+def _run_report(
+    config: PruneConfig,
+    model: nn.Module,
+    engine_report: PruneReport,
+    profile: tuple[list[float], list[float] | None],
+    evaluation: dict,
+) -> RunReport:
+    """The :class:`RunReport` of a run from the engine's report, the block sparsities and
+    OWL ratios (``profile``) and the evaluation; the caller sets device, dtype and the total
+    time."""
+    sparsities, outlier_ratios = profile
     _, blocks = find_blocks(model)
     explicit = config.sparsity_per_block is not None
     pattern = config.pattern()
