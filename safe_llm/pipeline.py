@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from safe_llm import data, distributed
+from safe_llm import data, distributed, precision
 from safe_llm.blocks import find_blocks, prunable_layers, weight_matrix
 from safe_llm.config import ConfigError, PruneConfig, make_config, parse_size
 from safe_llm.engine import EngineOptions, PruneReport, prune_model
 from safe_llm.evaluate import evaluate_perplexity
+from safe_llm.memory import StagePeaks, return_freed_memory
 from safe_llm.methods import build_method
 from safe_llm.models import load_model, resolve_device, resolve_dtype
 from safe_llm.owl import block_sizes, block_sparsities, weighted_sparsity
@@ -48,6 +49,7 @@ def evaluate_sources(model, tokenizer, config: PruneConfig, device, progress: bo
         batch_size=config.batch_size,
         device=device,
         max_windows=config.eval_max_windows,
+        cache=config.eval_cache,
         text_column=config.text_column,
         progress=progress,
     )
@@ -149,6 +151,16 @@ def _load(config: PruneConfig, dtype: torch.dtype):
     return model, tokenizer, DiskBlocks(model, files), writer
 
 
+def _precision_report(device: torch.device, dtype: torch.dtype, method) -> dict:
+    """The machine's bf16 support and what this run computed in (recorded in report.json)."""
+    autocast = getattr(method.options, "autocast", None)
+    info = {**precision.describe(device), "dtype": str(dtype).removeprefix("torch.")}
+    if autocast is not None:
+        bf16 = precision.reduced_precision(autocast, device, f"{method.name} autocast")
+        info["autocast"] = "bf16" if bf16 else "off"
+    return info
+
+
 def run_prune(
     config: PruneConfig,
     progress: bool = True,
@@ -171,32 +183,39 @@ def run_prune(
     device = distributed.local_device(resolve_device(config.device))
     dtype = resolve_dtype(config.dtype, device)
     method = build_method(config.method, config.method_options)
-    model, tokenizer, source, writer = _load(config, dtype)
+    peaks = StagePeaks(device)
+    with peaks.stage("load"):
+        model, tokenizer, source, writer = _load(config, dtype)
     check_prunable(model, config.pattern(), tuple(config.ignore))
-    windows = _calibration_windows(config, tokenizer)
+    with peaks.stage("calibration_data"):
+        windows = _calibration_windows(config, tokenizer)
     options = engine_options(config, device, progress)
-    dense_eval = _evaluate_on_device(model, tokenizer, config, device, progress)
-    sparsities, outlier_ratios = block_sparsities(config, model, windows, options, source)
+    with peaks.stage("dense_evaluation"):
+        dense_eval = _evaluate_on_device(model, tokenizer, config, device, progress)
+    with peaks.stage("sparsity_profile"):
+        sparsities, outlier_ratios = block_sparsities(config, model, windows, options, source)
     total = _blocks_to_prune(model, config)
-    engine_report = prune_model(
-        model,
-        windows,
-        method,
-        config.pattern(),
-        options,
-        block_patterns=_patterns(config.pattern(), sparsities),
-        source=source,
-        resume=_resume_state(work, fresh, model, streamed=source is not None),
-        on_state=_state_saver(
-            work if distributed.is_writer() else None, fresh, config, total, should_stop
-        ),
-    )
-    evaluation = {
-        "dense": dense_eval,
-        "pruned": _evaluate_on_device(model, tokenizer, config, device, progress),
-    }
+    with peaks.stage("pruning"):
+        engine_report = prune_model(
+            model,
+            windows,
+            method,
+            config.pattern(),
+            options,
+            block_patterns=_patterns(config.pattern(), sparsities),
+            source=source,
+            resume=_resume_state(work, fresh, model, streamed=source is not None),
+            on_state=_state_saver(
+                work if distributed.is_writer() else None, fresh, config, total, should_stop
+            ),
+        )
+    with peaks.stage("pruned_evaluation"):
+        pruned_eval = _evaluate_on_device(model, tokenizer, config, device, progress)
+    evaluation = {"dense": dense_eval, "pruned": pruned_eval}
     report = _run_report(config, model, engine_report, (sparsities, outlier_ratios), evaluation)
     report.device, report.dtype = str(device), str(dtype).removeprefix("torch.")
+    report.precision = _precision_report(device, dtype, method)
+    report.stage_peak_memory_bytes = peaks.to_dict()
     report.total_seconds = time.perf_counter() - start
     write_weights = writer(work, total) if writer is not None and work is not None else None
     return PruneResult(model, tokenizer, config, report, write_weights)
@@ -212,6 +231,7 @@ def _calibration_windows(config: PruneConfig, tokenizer) -> torch.Tensor:
         config.seed,
         text_column=config.text_column,
     )
+    return_freed_memory()  # the tokenizer's buffers for the whole text
     log.info("calibration: %d windows x %d tokens from %s", *windows.shape, config.dataset)
     return windows
 
@@ -247,8 +267,8 @@ def _run_report(
     evaluation: dict,
 ) -> RunReport:
     """The :class:`RunReport` of a run from the engine's report, the block sparsities and
-    OWL ratios (``profile``) and the evaluation; the caller sets device, dtype and the total
-    time."""
+    OWL ratios (``profile``) and the evaluation; the caller sets device, dtype, precision,
+    the stages' peak memory and the total time."""
     sparsities, outlier_ratios = profile
     _, blocks = find_blocks(model)
     explicit = config.sparsity_per_block is not None

@@ -29,14 +29,16 @@ class RunReport:
     data_parallel_ranks: int
     device: str
     dtype: str
-    calibration: dict
-    evaluation: dict
-    finished: str
+    precision: dict = field(default_factory=dict)  # bf16 support and what the run computed in
+    calibration: dict = field(default_factory=dict)
+    evaluation: dict = field(default_factory=dict)
+    finished: str = ""
     blocks: list[BlockReport] = field(default_factory=list)
     seconds: float = 0.0
     peak_memory_bytes: int = 0
     overall_sparsity: float = 0.0
     resumed_from_block: int = 0
+    stage_peak_memory_bytes: dict = field(default_factory=dict)  # per stage of the run
     total_seconds: float = 0.0
 
     @classmethod

@@ -417,7 +417,7 @@ def test_weight_neutral_options_are_declared_on_the_config_fields_and_keep_old_w
     # the options work areas written before the declaration moved onto the fields ignored
     assert weight_neutral_options() == {
         "output", "overwrite", "resume", "max_blocks", "max_shard_size", "stream_from_disk",
-        "max_activation_memory", "eval", "eval_seqlen", "eval_max_windows",
+        "max_activation_memory", "eval", "eval_seqlen", "eval_max_windows", "eval_cache",
         "trust_remote_code", "command_line", "push_to_hub", "hub_repo_id", "hub_private",
         "hub_revision",
     }  # fmt: skip
