@@ -40,20 +40,21 @@ def norm_consumers(model: nn.Module) -> list[dict[str, list[str]]]:
     """Per block, ``{norm name: [names of the linear layers reading its output]}`` (names
     relative to the block), traced from one forward of ``model`` on a few tokens."""
     _, blocks = find_blocks(model)
-    outputs: dict[int, tuple[int, str]] = {}  # id(output tensor) -> (block, norm)
+    # id(output) -> (block, norm, output); holding the output keeps its id from being reused
+    outputs: dict[int, tuple[int, str, torch.Tensor]] = {}
     found: list[dict[str, list[str]]] = [{} for _ in blocks]
     handles = []
 
     def on_norm(index: int, name: str):
         def hook(_module, _args, output):
-            outputs[id(output)] = (index, name)
+            outputs[id(output)] = (index, name, output)
 
         return hook
 
     def on_linear(index: int, name: str):
         def hook(_module, args):
             source = outputs.get(id(args[0]))
-            if source is not None and source[0] == index:
+            if source is not None and source[0] == index and source[2] is args[0]:
                 consumers = found[index].setdefault(source[1], [])
                 if name not in consumers:
                     consumers.append(name)

@@ -62,7 +62,6 @@ def _prune(model, windows, options) -> None:
     prune_model(model, windows, build_method("safe+", options), HALF, device=CPU, progress=False)
 
 
-@pytest.mark.xfail(reason="issue 13: Adam and SAM steps are absolute", strict=False)
 @pytest.mark.parametrize("c", [0.1, 10.0])
 def test_safe_plus_prunes_a_rescaled_model_to_the_same_mask_and_perplexity(make_tiny_llama, c):
     """Options as the CPU recipes (SparseGPT start, previous-step ascent), steps large enough
