@@ -16,11 +16,17 @@ solved by an augmented-Lagrangian (ADMM) split. One step on a mini-batch:
 At the end ``W = Proj(W)`` gives exact zeros. SAFE projects by ``|W|``; SAFE+ by the
 activation-weighted score ``|W_ij| ||X_j||`` (projection in the ``diag(X^T X)`` norm).
 
-Beyond the reference (each optional, defaults as the authors' script unless noted):
-``init`` starts from a one-shot Wanda or SparseGPT solution, ``lam_schedule`` lets the
-penalty grow so the final projection removes little, ``final_epochs`` retrains the kept
-weights after the projection, ``patience`` stops a block whose loss has plateaued, and
-``grad_accum`` accumulates gradients with each micro-batch's own targets.
+Beyond the reference: ``step_scale="relative"`` (default) measures ``lr`` and ``rho`` in units
+of each tensor's RMS at the block's start and ``lam`` relative to the block's output power, so
+that a function-preserving rescaling of the weights changes nothing (``"absolute"`` is the
+paper's); ``holdout`` keeps some calibration windows out of the optimisation and keeps, of the
+warm start and each epoch's projection, the one with the lowest error on them (never worse
+than the warm start on held-out data); ``init`` starts from a one-shot Wanda or SparseGPT
+solution, ``lam_schedule`` lets the penalty grow so the final projection removes little,
+``final_epochs`` retrains the kept weights after the projection, ``patience`` stops a block
+whose loss has plateaued, and ``grad_accum`` accumulates gradients with each micro-batch's own
+targets. The defaults are the SmolLM2 CPU recipes' (SparseGPT start, 2 epochs, the SAM ascent
+from the previous step); ``recipes/llama*-safe*.yaml`` hold the paper's settings.
 """
 
 from __future__ import annotations
@@ -52,21 +58,26 @@ def _o(default, help: str, **kw):
 
 @dataclass
 class SAFEOptions:
-    lr: float = _o(2e-4, "SAFE: Adam learning rate")
-    epochs: float = _o(30, "SAFE: passes over the calibration windows per block")
+    lr: float = _o(
+        2.5e-3, "SAFE: Adam learning rate (relative steps: a fraction of each tensor's RMS)"
+    )
+    epochs: float = _o(2, "SAFE: passes over the calibration windows per block (paper: 30)")
     train_batch_size: int = _o(8, "SAFE: windows per optimisation step")
     grad_accum: int = _o(1, "SAFE: micro-batches accumulated per step")
-    lam: float = _o(1e-3, "SAFE: augmented-Lagrangian penalty lambda (start value)")
+    lam: float = _o(
+        2e-6, "SAFE: augmented-Lagrangian penalty lambda (start value; paper: 1e-3 absolute)"
+    )
     lam_schedule: str = _o(
         "constant",
         "SAFE: lambda schedule: constant, cosine or linear (both rise from --lam to --lam-max)",
     )
     lam_max: float = _o(1e-1, "SAFE: final lambda of a rising schedule")
-    rho: float = _o(2e-4, "SAFE: SAM perturbation radius (0 = plain ADMM)")
-    interval: int = _o(32, "SAFE: steps between ADMM projection/dual updates")
-    warmup_epochs: float = _o(2, "SAFE: epochs of linear learning-rate warm-up")
+    rho: float = _o(1e-3, "SAFE: SAM perturbation radius (0 = plain ADMM; paper: 2e-4 absolute)")
+    interval: int = _o(2, "SAFE: steps between ADMM projection/dual updates (paper: 32)")
+    warmup_epochs: float = _o(0, "SAFE: epochs of linear learning-rate warm-up (paper: 2)")
     init: str = _o(
-        "dense", "SAFE: starting weights: dense (paper), wanda or sparsegpt (one-shot solution)"
+        "sparsegpt",
+        "SAFE: starting weights: dense (paper), wanda or sparsegpt (one-shot solution)",
     )
     final_epochs: float = _o(
         0, "SAFE: epochs of masked reconstruction of the kept weights after the projection"
@@ -78,9 +89,9 @@ class SAFEOptions:
     )
     autocast: str = _o("auto", "SAFE: bf16 autocast with fp32 master weights: auto, bf16, off")
     sam_ascent: str = _o(
-        "exact",
+        "previous",
         "SAFE: SAM ascent direction: exact (this batch's gradient, two passes a step) or "
-        "previous (the last step's gradient, one pass a step)",
+        "previous (the last step's gradient, one pass a step; paper: exact)",
     )
     nan_retries: int = _o(2, "SAFE: retries of a block whose loss turns NaN/Inf (lr / 10 each)")
     train_others: bool = _o(True, "SAFE: also train the block's norms and biases (unconstrained)")
