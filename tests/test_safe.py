@@ -67,6 +67,8 @@ def _admm_options(**overrides) -> dict:
         warmup_epochs=0,
         autocast="off",
         train_others=False,
+        init="dense",
+        sam_ascent="exact",
         step_scale="absolute",  # the steps of the hand-written ADMM below
         holdout=0.0,
     )
