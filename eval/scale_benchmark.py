@@ -13,7 +13,7 @@ Each run is appended to ``--json`` as soon as it finishes (a partial run keeps i
 Usage (CPU; each SAFE+ run takes minutes, ~20 min on 2 busy cores)::
 
     OMP_NUM_THREADS=1 nice python eval/scale_benchmark.py --scales 1 0.1 10 \\
-        --structures unstructured 2:4 --json eval/results/scale_smollm2.jsonl
+        --structures unstructured 2:4 --json eval/results/scale_smollm2.jsonl --masks-dir masks
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from safe_llm.blocks import find_blocks, prunable_layers, weight_matrix
 from safe_llm.config import load_recipe
 from safe_llm.data import calibration_windows
 from safe_llm.engine import prune_model
@@ -66,6 +67,17 @@ def block_summary(report) -> dict:
     return rows
 
 
+def keep_masks(model) -> torch.Tensor:
+    """Every prunable weight's keep-mask, flattened in block order."""
+    return torch.cat(
+        [
+            (weight_matrix(layer) != 0).flatten()
+            for block in find_blocks(model)[1]
+            for layer in prunable_layers(block).values()
+        ]
+    )
+
+
 def run(args, scale: float, structure: str, method: str, tokenizer, base, calib, scored) -> dict:
     import copy
 
@@ -86,6 +98,15 @@ def run(args, scale: float, structure: str, method: str, tokenizer, base, calib,
         max_blocks=args.max_blocks,
     )
     seconds = time.perf_counter() - start
+    masks = keep_masks(model)
+    if args.masks_dir:
+        Path(args.masks_dir).mkdir(parents=True, exist_ok=True)
+        name = f"{method}-{structure.replace(':', '-')}-c{scale:g}.pt"
+        torch.save(masks, Path(args.masks_dir) / name)
+    reference = Path(args.masks_dir or "") / f"{method}-{structure.replace(':', '-')}-c1.pt"
+    agreement = None
+    if args.masks_dir and scale != 1 and reference.is_file():
+        agreement = float((torch.load(reference) == masks).float().mean())
     return {
         "scale": scale,
         "structure": structure,
@@ -93,6 +114,7 @@ def run(args, scale: float, structure: str, method: str, tokenizer, base, calib,
         "options": options,
         "ppl_ref": perplexity(model, scored, batch_size=8),
         "seconds": seconds,
+        "same_mask_as_c1": agreement,
         **block_summary(report),
     }
 
@@ -107,6 +129,10 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--max-blocks", type=int, default=None, help="prune the first K only")
     parser.add_argument("--json", help="append one JSON line per run here")
+    parser.add_argument(
+        "--masks-dir",
+        help="save each run's masks here; a rescaled run reports its agreement with c = 1's",
+    )
     args = parser.parse_args()
 
     base, tokenizer, _ = load_model("smollm2-135m")
