@@ -16,7 +16,7 @@ from safe_llm.blocks import find_blocks, prunable_layers, weight_matrix
 from safe_llm.config import ConfigError, PruneConfig, make_config, parse_size
 from safe_llm.engine import BlockSource, PruneReport, dense_pass, prune_model
 from safe_llm.evaluate import evaluate_perplexity
-from safe_llm.memory import StagePeaks
+from safe_llm.memory import StagePeaks, return_freed_memory
 from safe_llm.methods import build_method
 from safe_llm.models import load_model, resolve_device, resolve_dtype
 from safe_llm.resume import EngineState, Interrupted, WorkArea, work_dir
@@ -255,6 +255,7 @@ def run_prune(
             config.seed,
             text_column=config.text_column,
         )
+        return_freed_memory()  # the tokenizer's buffers for the whole text
     log.info("calibration: %d windows x %d tokens from %s", *windows.shape, config.dataset)
     with peaks.stage("dense_evaluation"):
         dense_eval = _evaluate_on_device(model, tokenizer, config, device, progress)
