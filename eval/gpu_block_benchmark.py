@@ -27,10 +27,11 @@ from safe_llm.engine import prune_model
 from safe_llm.methods import build_method
 from safe_llm.sparsity import SparsityPattern
 
+ABSOLUTE = dict(step_scale="absolute", holdout=0.0)  # the steps the READMEs' figures used
 PAPER = dict(lr=2e-4, epochs=30, train_batch_size=8, lam=1e-3, rho=2e-4, interval=32,
-             warmup_epochs=2)  # fmt: skip
+             warmup_epochs=2, init="dense", sam_ascent="exact", **ABSOLUTE)  # fmt: skip
 FAST = dict(init="sparsegpt", lr=5e-4, epochs=2, train_batch_size=8, lam=1e-3, rho=2e-4,
-            interval=2, warmup_epochs=0, sam_ascent="previous")  # fmt: skip
+            interval=2, warmup_epochs=0, sam_ascent="previous", **ABSOLUTE)  # fmt: skip
 
 
 def runs(paper_epochs: float) -> list[tuple[str, str, str, dict | None]]:

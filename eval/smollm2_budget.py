@@ -28,9 +28,11 @@ from safe_llm.perplexity import perplexity
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import reference_windows  # noqa: E402
 
-RECIPE = dict(init="sparsegpt", lr=5e-4, epochs=2, interval=2, warmup_epochs=0,
-              sam_ascent="previous")  # fmt: skip
-PAPER = dict(lr=2e-4, epochs=30, interval=32, warmup_epochs=2)
+ABSOLUTE = dict(step_scale="absolute", holdout=0.0)  # the steps of the published figures
+RECIPE = dict(init="sparsegpt", lr=5e-4, lam=1e-3, rho=2e-4, epochs=2, interval=2,
+              warmup_epochs=0, sam_ascent="previous", **ABSOLUTE)  # fmt: skip
+PAPER = dict(lr=2e-4, lam=1e-3, rho=2e-4, epochs=30, interval=32, warmup_epochs=2, init="dense",
+             sam_ascent="exact", **ABSOLUTE)  # fmt: skip
 
 # (label, method, calibration windows, method options)
 RUNS = [

@@ -2,6 +2,8 @@
 
 Usage: python eval/sweep_safe.py --blocks 6 --configs '{"method": "safe+", "lr": 1e-3}' ...
 Each config is a JSON object: "method" plus method options. Prints one line per config.
+``--eval-start 64`` scores raw ``wiki.utf8`` windows from the 65th on: text outside the
+reference protocol's 64 windows, for choosing values without tuning on the reported figures.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import time
 
 import torch
 
-from safe_llm.data import calibration_windows, evaluation_windows
+from safe_llm.data import builtin_data_dir, calibration_windows, evaluation_windows
 from safe_llm.engine import prune_model
 from safe_llm.methods import build_method
 from safe_llm.models import load_model
 from safe_llm.perplexity import perplexity
+from safe_llm.rescale import rescale_norms
 from safe_llm.sparsity import SparsityPattern
 
 
@@ -30,12 +33,27 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument(
+        "--eval-start",
+        type=int,
+        default=None,
+        help="score raw wiki.utf8 windows [start, start + eval-windows) (default: builtin-wiki)",
+    )
+    parser.add_argument("--rescale", type=float, default=None, help="rescale_norms(model, c)")
     parser.add_argument("--configs", nargs="+", required=True, help="JSON objects")
     args = parser.parse_args()
     torch.manual_seed(0)
     dense, tokenizer, _ = load_model(args.model)
     calib = calibration_windows(tokenizer, "builtin-c4", args.nsamples, args.seqlen, 0)
-    evalw = evaluation_windows(tokenizer, "builtin-wiki", args.seqlen, args.eval_windows)
+    if args.eval_start is None:
+        evalw = evaluation_windows(tokenizer, "builtin-wiki", args.seqlen, args.eval_windows)
+    else:
+        text = (builtin_data_dir() / "wiki.utf8").read_text(encoding="utf-8")
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+        start, stop = args.eval_start * args.seqlen, (args.eval_start + args.eval_windows)
+        evalw = ids[start : stop * args.seqlen].reshape(args.eval_windows, args.seqlen)
+    if args.rescale is not None:
+        rescale_norms(dense, args.rescale)
     sparsity = args.sparsity if args.structure == "unstructured" else None
     pattern = SparsityPattern.parse(args.structure, sparsity)
     print(f"dense ppl {perplexity(dense, evalw, 8):.3f}", flush=True)
@@ -58,8 +76,10 @@ def main() -> None:
         seconds = time.perf_counter() - start
         ppl = perplexity(model, evalw, 8)
         errors = [round(b.reconstruction_error, 4) for b in report.blocks]
+        fell_back = sum(int(b.extra.get("kept_warm_start", 0)) for b in report.blocks)
         print(
-            f"{text}: ppl {ppl:.3f}  {seconds / args.blocks:.1f}s/block  errors {errors}",
+            f"{text}: ppl {ppl:.3f}  {seconds / args.blocks:.1f}s/block  errors {errors}  "
+            f"warm start kept in {fell_back} blocks",
             flush=True,
         )
 

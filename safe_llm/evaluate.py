@@ -29,7 +29,7 @@ from torch import nn
 from safe_llm import data
 from safe_llm.atomic import atomic_write
 from safe_llm.errors import SafeLLMError
-from safe_llm.memory import return_freed_memory
+from safe_llm.memory import return_freed_memory, serve_large_buffers_from_mmap
 from safe_llm.perplexity import check_seqlen, perplexity
 from safe_llm.result_cache import cached_perplexity
 from safe_llm.version import __version__
@@ -242,6 +242,7 @@ def evaluate(
 
     sizes = {"seqlen": seqlen, "batch_size": batch_size, "max_windows": max_windows}
     sources, task_names = check_request(datasets, tasks, {**sizes, "limit": limit}, num_fewshot)
+    serve_large_buffers_from_mmap()
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     loaded, tokenizer, _ = load_model(model, dtype, trust_remote_code)

@@ -17,7 +17,8 @@ from safe_llm.sparsity import SparsityPattern
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 CUDA = torch.device("cuda")
-FAST_SAFE = dict(init="sparsegpt", epochs=2, interval=2, lr=5e-4, warmup_epochs=0)
+FAST_SAFE = dict(init="sparsegpt", epochs=2, interval=2, lr=5e-4, lam=1e-3, rho=2e-4, sam_ascent="exact",
+                 warmup_epochs=0, step_scale="absolute", holdout=0.0)  # fmt: skip
 
 
 def _windows(vocab: int, n: int = 16, seq: int = 64) -> torch.Tensor:

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from safe_llm.blocks import BlockCall, find_blocks, prunable_layers, weight_matrix
-from safe_llm.engine import BlockContext, prune_model
+from safe_llm.engine import prune_model
 from safe_llm.layer_stats import InputStats
 from safe_llm.methods import build_method
+from safe_llm.methods.base import BlockContext
 from safe_llm.methods.safe import NonFiniteLossError
 from safe_llm.sparsity import SparsityPattern
 
@@ -67,6 +68,10 @@ def _admm_options(**overrides) -> dict:
         warmup_epochs=0,
         autocast="off",
         train_others=False,
+        init="dense",
+        sam_ascent="exact",
+        step_scale="absolute",  # the steps of the hand-written ADMM below
+        holdout=0.0,
     )
     options.update(overrides)
     return options
@@ -290,3 +295,45 @@ def test_bad_solver_options_are_refused_with_the_flag_named(option, value, messa
 
     with pytest.raises(SafeLLMError, match=message):
         build_method("safe+", {option: value})
+
+
+def test_a_block_worse_than_its_warm_start_on_held_out_windows_returns_the_warm_start(caplog):
+    """Steps of the weights' own size wreck the block: the SparseGPT start is kept, logged
+    and reported."""
+    from safe_llm.methods.sparsegpt import sparsegpt_prune
+
+    ctx = _least_squares_context(seed=12, n=8, noise=0.2)
+    warm = sparsegpt_prune(ctx.block[0].weight.detach(), ctx.stats["0"].hessian, HALF)
+    options = _admm_options(init="sparsegpt", lr=1.0, epochs=4, step_scale="relative")
+    with caplog.at_level("INFO", logger="safe_llm.methods.safe"):
+        extra = build_method("safe", {**options, "holdout": 0.25}).prune_block(ctx)
+    assert extra["kept_warm_start"] == 1.0
+    assert extra["holdout_error"] == extra["holdout_error_warm_start"]
+    assert torch.equal(ctx.block[0].weight, warm)
+    assert "keeping the warm start (sparsegpt)" in caplog.text
+
+
+def test_a_block_better_than_its_warm_start_keeps_the_solver_result():
+    ctx = _least_squares_context(seed=13, n=8, noise=0.2)
+    options = _admm_options(init="wanda", epochs=20, step_scale="relative", lr=1e-2)
+    extra = build_method("safe", {**options, "holdout": 0.25}).prune_block(ctx)
+    assert extra["kept_warm_start"] == 0.0
+    assert extra["holdout_error"] < extra["holdout_error_warm_start"]
+    assert extra["holdout_best_epoch"] >= 1
+
+
+def test_held_out_windows_are_not_trained_on(monkeypatch):
+    from safe_llm.methods import safe
+
+    trained = set()
+    real = safe.SAFE._loss_and_grads
+
+    def record(self, ctx, params, batch):
+        trained.update(int(i) for i in batch)
+        return real(self, ctx, params, batch)
+
+    monkeypatch.setattr(safe.SAFE, "_loss_and_grads", record)
+    ctx = _least_squares_context(seed=14, n=8)
+    options = {**_admm_options(epochs=4, train_batch_size=2, rho=1e-2), "holdout": 0.25}
+    build_method("safe", options).prune_block(ctx)
+    assert trained == set(range(6))  # the last 2 of 8 windows are held out

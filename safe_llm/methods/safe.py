@@ -16,11 +16,17 @@ solved by an augmented-Lagrangian (ADMM) split. One step on a mini-batch:
 At the end ``W = Proj(W)`` gives exact zeros. SAFE projects by ``|W|``; SAFE+ by the
 activation-weighted score ``|W_ij| ||X_j||`` (projection in the ``diag(X^T X)`` norm).
 
-Beyond the reference (each optional, defaults as the authors' script unless noted):
-``init`` starts from a one-shot Wanda or SparseGPT solution, ``lam_schedule`` lets the
-penalty grow so the final projection removes little, ``final_epochs`` retrains the kept
-weights after the projection, ``patience`` stops a block whose loss has plateaued, and
-``grad_accum`` accumulates gradients with each micro-batch's own targets.
+Beyond the reference: ``step_scale="relative"`` (default) measures ``lr`` and ``rho`` in units
+of each tensor's RMS at the block's start and ``lam`` relative to the block's output power, so
+that a function-preserving rescaling of the weights changes nothing (``"absolute"`` is the
+paper's); ``holdout`` keeps some calibration windows out of the optimisation and keeps, of the
+warm start and each epoch's projection, the one with the lowest error on them (never worse
+than the warm start on held-out data); ``init`` starts from a one-shot Wanda or SparseGPT
+solution, ``lam_schedule`` lets the penalty grow so the final projection removes little,
+``final_epochs`` retrains the kept weights after the projection, ``patience`` stops a block
+whose loss has plateaued, and ``grad_accum`` accumulates gradients with each micro-batch's own
+targets. The defaults are the SmolLM2 CPU recipes' (SparseGPT start, 2 epochs, the SAM ascent
+from the previous step); ``recipes/llama*-safe*.yaml`` hold the paper's settings.
 """
 
 from __future__ import annotations
@@ -51,27 +57,34 @@ def _o(default, help: str, **kw):
 
 @dataclass
 class SAFEOptions:
-    lr: float = _o(2e-4, "SAFE: Adam learning rate")
-    epochs: float = _o(30, "SAFE: passes over the calibration windows per block")
+    lr: float = _o(
+        2.5e-3, "SAFE: Adam learning rate (relative steps: a fraction of each tensor's RMS)"
+    )
+    epochs: float = _o(2, "SAFE: passes over the calibration windows per block (paper: 30)")
     train_batch_size: int = _o(8, "SAFE: windows per optimisation step")
     grad_accum: int = _o(1, "SAFE: micro-batches accumulated per step")
-    lam: float = _o(1e-3, "SAFE: augmented-Lagrangian penalty lambda (start value)")
+    lam: float = _o(
+        2e-6, "SAFE: augmented-Lagrangian penalty lambda (start value; paper: 1e-3 absolute)"
+    )
     lam_schedule: str = _o(
         "constant",
         "SAFE: lambda schedule: constant, cosine or linear (both rise from --lam to --lam-max)",
     )
     lam_max: float = _o(1e-1, "SAFE: final lambda of a rising schedule")
-    rho: float = _o(2e-4, "SAFE: SAM perturbation radius (0 = plain ADMM)")
-    interval: int = _o(32, "SAFE: steps between ADMM projection/dual updates")
-    warmup_epochs: float = _o(2, "SAFE: epochs of linear learning-rate warm-up")
+    rho: float = _o(1e-3, "SAFE: SAM perturbation radius (0 = plain ADMM; paper: 2e-4 absolute)")
+    interval: int = _o(2, "SAFE: steps between ADMM projection/dual updates (paper: 32)")
+    warmup_epochs: float = _o(0, "SAFE: epochs of linear learning-rate warm-up (paper: 2)")
     init: str = _o(
-        "dense", "SAFE: starting weights: dense (paper), wanda or sparsegpt (one-shot solution)"
+        "sparsegpt",
+        "SAFE: starting weights: dense (paper), wanda or sparsegpt (one-shot solution)",
     )
     final_epochs: float = _o(
         0, "SAFE: epochs of masked reconstruction of the kept weights after the projection"
     )
     patience: int = _o(
-        0, "SAFE: stop a block after this many epochs without 0.5%% loss improvement (0 = off)"
+        0,
+        "SAFE: stop a block after this many epochs without 0.5%% improvement of the loss "
+        "(of the held-out error with --holdout) (0 = off)",
     )
     autocast: str = _o(
         "auto",
@@ -79,12 +92,24 @@ class SAFEOptions:
         "natively: CUDA, CPUs with AVX-512-BF16/AMX), bf16, off",
     )
     sam_ascent: str = _o(
-        "exact",
+        "previous",
         "SAFE: SAM ascent direction: exact (this batch's gradient, two passes a step) or "
-        "previous (the last step's gradient, one pass a step)",
+        "previous (the last step's gradient, one pass a step; paper: exact)",
     )
     nan_retries: int = _o(2, "SAFE: retries of a block whose loss turns NaN/Inf (lr / 10 each)")
     train_others: bool = _o(True, "SAFE: also train the block's norms and biases (unconstrained)")
+    step_scale: str = _o(
+        "relative",
+        "SAFE: relative (lr and rho in units of each tensor's RMS at the block's start, lam "
+        "relative to the block's output power: the same steps on any weight scale) or absolute "
+        "(the paper's: lr, rho and lam as absolute lengths)",
+    )
+    holdout: float = _o(
+        0.125,
+        "SAFE: fraction of the calibration windows held out of each block's optimisation; on "
+        "them the result is compared with its warm start and with each epoch's projection, "
+        "and the best is kept (0 = off)",
+    )
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -128,6 +153,131 @@ class _Schedule:
         raise ValueError(f"unknown lam_schedule {o.lam_schedule!r}: constant, cosine, linear")
 
 
+class _Steps:
+    """The unit ``s`` of each trainable tensor's steps and the proximal weights.
+
+    Adam runs on ``W / s``: it is fed ``s * grad`` and its step is multiplied by ``s``, so
+    that ``lr`` is a fraction of ``s`` per step; the SAM radius ``rho`` is a length in the same
+    coordinates (adaptive SAM). Relative steps take ``s`` = the tensor's RMS at the block's
+    start and weigh the proximal term by ``P / s^2``, ``P`` the mean square of the block's
+    targets: a function-preserving rescaling of the weights (or of the block's outputs)
+    leaves every step, in these units, unchanged. Absolute steps (the paper's) take ``s = 1``
+    and ``P = 1``.
+    """
+
+    def __init__(self, units: list[float], pruned: int, power: float):
+        self.units, self.power = units, power
+        self.pruned_units = units[:pruned]
+
+    @classmethod
+    @torch.no_grad()
+    def measure(cls, method: SAFE, ctx: BlockContext, splits, train: torch.Tensor) -> _Steps:
+        params = method._trainable(ctx, splits)
+        if method.options.step_scale == "absolute":
+            return cls([1.0] * len(params), len(splits), 1.0)
+        rms = [float(p.detach().float().square().mean().sqrt()) for p in params]
+        nonzero = [r for r in rms if r > 0]
+        if len(nonzero) < len(rms):  # e.g. a bias that is all zeros: no scale of its own
+            fill = sum(nonzero) / max(len(nonzero), 1) or 1.0
+            log.warning(
+                "block %d: %d tensor(s) are all zeros; their step unit is the mean RMS %.3g",
+                ctx.index,
+                len(rms) - len(nonzero),
+                fill,
+            )
+            rms = [r if r > 0 else fill for r in rms]
+        total = count = 0.0
+        for part in train.split(ctx.batch_size):
+            y = ctx.targets[part].float()
+            total, count = total + float(y.square().sum()), count + y.numel()
+        return cls(rms, len(splits), total / max(count, 1) or 1.0)
+
+    def proximal(self, lam: float) -> list[float]:
+        """The proximal weight of each pruned matrix for penalty ``lam``."""
+        return [lam * self.power / (s * s) for s in self.pruned_units]
+
+
+class _Selection:
+    """Scores candidate blocks on the held-out windows and keeps the best.
+
+    The first candidate is the warm start (the initial weights, projected); the solver then
+    offers each epoch's projection and its final result. :meth:`keep_best` loads the winner
+    and reports the choice. Inactive (no held-out windows): the solver's result is kept.
+    """
+
+    def __init__(self, method: SAFE, ctx: BlockContext, splits, held: torch.Tensor):
+        self.method, self.ctx, self.splits, self.held = method, ctx, splits, held
+        self.active = len(held) > 0
+        names = {id(p): n for n, p in ctx.block.named_parameters()}
+        self.keys = {name: names[id(split.param)] for name, split in splits.items()}
+        self.best: tuple[float, dict, int] | None = None
+        self.latest = 0
+        if self.active:
+            self.warm_error = self.offer(0, projected=True)
+
+    @torch.no_grad()
+    def error(self) -> float:
+        """The block's relative error ``||block(X) - Y||^2 / ||Y||^2`` on the held-out windows
+        (fp32, no autocast; the same on every rank)."""
+        num = den = 0.0
+        for part in self.held.split(self.ctx.batch_size):
+            x, y = self.ctx.batch(part)
+            out = self.ctx.forward(x.float()).float()
+            num += float((out - y.float()).square().sum())
+            den += float(y.float().square().sum())
+        return num / max(den, 1e-30)
+
+    @torch.no_grad()
+    def offer(self, epoch: int, projected: bool = False) -> float:
+        """Score the block as it is (``projected``: its weights' projection onto the pattern,
+        the block itself left unchanged); return the held-out error."""
+        if not self.active:
+            return float("nan")
+        block = self.ctx.block
+        current = {k: v.detach().clone() for k, v in block.state_dict().items()}
+        candidate = dict(current)
+        if projected:
+            for name, split in self.splits.items():
+                value = self.method._project(self.ctx, split, split.param.detach())
+                candidate[self.keys[name]] = value
+            block.load_state_dict(candidate)
+        error = self.error()
+        if projected:
+            block.load_state_dict(current)
+        self.latest = epoch
+        if self.best is None or error < self.best[0]:
+            self.best = (error, candidate, epoch)
+        return error
+
+    def restore_best(self) -> None:
+        """Load the best candidate so far into the block."""
+        if self.active and self.best[2] != self.latest:
+            self.ctx.block.load_state_dict(self.best[1])
+            self.latest = self.best[2]
+
+    def keep_best(self) -> dict[str, float]:
+        """Load the best candidate; log and return the choice for the block's report."""
+        if not self.active:
+            return {}
+        self.restore_best()
+        error, _, epoch = self.best
+        warm = epoch == 0
+        log.info(
+            "%s block %d: held-out error %.4g (warm start %.4g): keeping %s",
+            self.method.name,
+            self.ctx.index,
+            error,
+            self.warm_error,
+            f"the warm start ({self.method.options.init})" if warm else f"epoch {epoch}",
+        )
+        return {
+            "holdout_error": error,
+            "holdout_error_warm_start": self.warm_error,
+            "holdout_best_epoch": float(epoch),
+            "kept_warm_start": float(warm),
+        }
+
+
 class SAFE(PruningMethod):
     """Sharpness-aware ADMM block solver; projection by ``|W|``."""
 
@@ -145,6 +295,9 @@ class SAFE(PruningMethod):
         _check_choice("lam_schedule", self.options.lam_schedule, ("constant", "linear", "cosine"))
         _check_choice("autocast", self.options.autocast, ("auto", "bf16", "off"))
         _check_choice("sam_ascent", self.options.sam_ascent, ("exact", "previous"))
+        _check_choice("step_scale", self.options.step_scale, ("relative", "absolute"))
+        if not 0 <= self.options.holdout < 1:
+            raise SafeLLMError(f"--holdout must be in [0, 1), got {self.options.holdout}")
         o = self.options
         for name, value, low in [
             ("lr", o.lr, 0.0),
@@ -188,11 +341,19 @@ class SAFE(PruningMethod):
         ctx.block.float()  # fp32 master weights
         try:
             splits = self._splits(ctx)
+            train, held = self._split_windows(ctx)
+            steps = _Steps.measure(self, ctx, splits, train)
             self._initialise(ctx, splits)
-            main = self._optimise(ctx, splits, opts.epochs, lr, admm=True)
+            selection = _Selection(self, ctx, splits, held)
+            main = self._optimise(ctx, splits, steps, train, opts.epochs, lr, True, selection)
             residuals = main["residuals"] or [self._residual(splits)]
             self._project_final(ctx, splits)
-            final = self._optimise(ctx, splits, opts.final_epochs, lr, admm=False)
+            selection.offer(main["epochs"])
+            selection.restore_best()
+            final = self._optimise(ctx, splits, steps, train, opts.final_epochs, lr, False)
+            if final["steps"]:
+                selection.offer(main["epochs"] + final["epochs"])
+            kept = selection.keep_best()
         finally:
             ctx.block.to(home_dtype)
         return {
@@ -200,7 +361,15 @@ class SAFE(PruningMethod):
             "loss": final["loss"] if final["steps"] else main["loss"],
             "primal_residual_first": residuals[0],
             "primal_residual": residuals[-1],
+            **kept,
         }
+
+    def _split_windows(self, ctx: BlockContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices of the windows the block trains on and of those held out (the last
+        ``round(holdout * n)``, at least one when ``holdout > 0``, never all of them)."""
+        n = ctx.inputs.shape[0]
+        count = min(max(round(self.options.holdout * n), 1), n - 1) if self.options.holdout else 0
+        return torch.arange(n - count), torch.arange(n - count, n)
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -264,19 +433,24 @@ class SAFE(PruningMethod):
         distributed.all_reduce_sum_([total_loss, *grads])
         return total_loss, grads
 
-    def _sam_grads(self, ctx, params, batch, previous) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Loss and gradient at the SAM-perturbed weights ``W + rho g / ||g||``.
+    def _sam_grads(
+        self, ctx, params, steps: _Steps, batch, previous
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Loss and gradient at the SAM-perturbed weights ``W + rho s^2 g / ||s g||``.
 
-        ``g`` is this batch's gradient (two passes), or with ``sam_ascent="previous"`` the
-        previous step's gradient ``previous`` (one pass: the ascent reuses the last step's work).
+        ``s`` is each tensor's step unit (:class:`_Steps`; 1 with absolute steps, which gives
+        the paper's ``rho g / ||g||``; its RMS with relative steps, adaptive SAM). ``g`` is this
+        batch's gradient (two passes), or with ``sam_ascent="previous"`` the previous step's
+        gradient ``previous`` (one pass: the ascent reuses the last step's work).
         """
         rho = self.options.rho
         if rho == 0:
             return self._loss_and_grads(ctx, params, batch)
         if previous is None:
             loss, previous = self._loss_and_grads(ctx, params, batch)
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(previous)))
-        eps = torch._foreach_mul(previous, rho / (norm + 1e-12))
+        scaled = torch._foreach_mul(previous, steps.units)
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(scaled)))
+        eps = torch._foreach_mul(torch._foreach_mul(scaled, steps.units), rho / (norm + 1e-12))
         with torch.no_grad():
             torch._foreach_add_(params, eps)
         sharp_loss, sharp_grads = self._loss_and_grads(ctx, params, batch)
@@ -291,41 +465,60 @@ class SAFE(PruningMethod):
         ids = {id(p) for p in pruned}
         return pruned + [p for p in ctx.block.parameters() if id(p) not in ids]
 
-    def _optimise(self, ctx, splits, epochs: float, lr: float, admm: bool) -> dict:
+    def _optimise(
+        self,
+        ctx: BlockContext,
+        splits: dict[str, _Split],
+        steps: _Steps,
+        train: torch.Tensor,
+        epochs: float,
+        lr: float,
+        admm: bool,
+        selection: _Selection | None = None,
+    ) -> dict:
+        """Adam on the windows ``train``: ADMM (``admm``) or masked reconstruction of the kept
+        weights. With a ``selection`` every epoch's projection is scored on the held-out
+        windows; ``patience`` then counts epochs without improvement there."""
         opts = self.options
-        n = ctx.inputs.shape[0]
+        n = len(train)
         steps_per_epoch = math.ceil(n / opts.train_batch_size)
         total = int(round(epochs * steps_per_epoch))
         if total == 0:
-            return {"steps": 0, "loss": float("nan"), "residuals": []}
+            return {"steps": 0, "epochs": 0, "loss": float("nan"), "residuals": []}
         params = self._trainable(ctx, splits)
         masks = None if admm else [(s.param != 0).to(s.param.dtype) for s in splits.values()]
         for p in params:
             p.requires_grad_(True)
-        optimizer = torch.optim.Adam(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        optimizer = torch.optim.Adam(
+            [{"params": [p], "unit": u} for p, u in zip(params, steps.units, strict=True)],
+            lr=opts.lr,
+            betas=(0.9, 0.95),
+            weight_decay=0.0,
+        )
         schedule = _Schedule(opts, lr, total, steps_per_epoch)
         residuals = []
         generator = torch.Generator().manual_seed(ctx.seed)
         zero = torch.zeros((), device=ctx.device)
         reuse = opts.sam_ascent == "previous"
-        epoch_loss, best, stale, step, previous = zero, float("inf"), 0, 0, None
+        epoch_loss, best, stale, step, epoch, previous = zero, float("inf"), 0, 0, 0, None
         while step < total:
-            order = torch.randperm(n, generator=generator)
+            order = train[torch.randperm(n, generator=generator)]
             epoch_start = step
             for batch in order.split(opts.train_batch_size):
                 if step == total:
                     break
-                loss, grads = self._sam_grads(ctx, params, batch, previous)
+                loss, grads = self._sam_grads(ctx, params, steps, batch, previous)
                 if reuse:
                     previous = [g.clone() for g in grads]
                 if admm:
-                    self._add_proximal(splits, grads, schedule.lam(step))
+                    self._add_proximal(splits, grads, steps.proximal(schedule.lam(step)))
                 else:
                     torch._foreach_mul_(grads[: len(masks)], masks)
+                torch._foreach_mul_(grads, steps.units)  # Adam sees d f / d (W / s)
                 for p, g in zip(params, grads, strict=False):
                     p.grad = g
                 for group in optimizer.param_groups:
-                    group["lr"] = schedule.lr(step)
+                    group["lr"] = schedule.lr(step) * group["unit"]
                 optimizer.step()
                 step += 1
                 if admm and step % opts.interval == 0:
@@ -335,6 +528,7 @@ class SAFE(PruningMethod):
                     with torch.no_grad():
                         torch._foreach_mul_([s.param for s in splits.values()], masks)
                 epoch_loss = epoch_loss + loss
+            epoch += 1
             mean_loss = float(epoch_loss) / (step - epoch_start)  # one host sync per epoch
             epoch_loss = zero
             if not math.isfinite(mean_loss):
@@ -342,20 +536,24 @@ class SAFE(PruningMethod):
                     f"{self.name}: loss became {mean_loss} in block {ctx.index}; "
                     "lower --lr or --rho"
                 )
+            watched = mean_loss
+            if selection is not None and selection.active and step < total:
+                watched = selection.offer(epoch, projected=True)
             if opts.patience:
-                stale = 0 if mean_loss < best * (1 - 5e-3) else stale + 1
-                best = min(best, mean_loss)
+                stale = 0 if watched < best * (1 - 5e-3) else stale + 1
+                best = min(best, watched)
                 if stale >= opts.patience:
                     break
         for p in params:
             p.requires_grad_(False)
             p.grad = None
-        return {"steps": step, "loss": mean_loss, "residuals": residuals}
+        return {"steps": step, "epochs": epoch, "loss": mean_loss, "residuals": residuals}
 
     @torch.no_grad()
-    def _add_proximal(self, splits: dict[str, _Split], grads: list, lam: float) -> None:
-        for split, grad in zip(splits.values(), grads, strict=False):
-            grad.add_(split.param - split.Z + split.U, alpha=lam)
+    def _add_proximal(self, splits: dict[str, _Split], grads: list, lam: list[float]) -> None:
+        """``grad += lam_i (W - Z + U)``, ``lam_i`` per pruned matrix (:class:`_Steps`)."""
+        for split, grad, weight in zip(splits.values(), grads, lam, strict=False):
+            grad.add_(split.param - split.Z + split.U, alpha=weight)
 
     @torch.no_grad()
     def _dual_update(self, ctx: BlockContext, splits: dict[str, _Split]) -> None:
