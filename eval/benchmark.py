@@ -18,6 +18,7 @@ Usage (CPU, about an hour for the default set)::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -51,6 +52,21 @@ def score(model_dir: str, args, tokenizer) -> dict[str, float]:
     if "ref" in args.protocols:
         scores["ref"] = perplexity(model, reference_windows(tokenizer), batch_size=8)
     return scores
+
+
+def checkpoint_digest(model_dir: Path) -> str:
+    """SHA-256 over every tensor of the checkpoint (name, dtype, shape, bytes), names sorted."""
+    from safetensors.torch import load_file
+
+    digest = hashlib.sha256()
+    tensors = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def recipe_for(method: str, structure: str, recipe_dir: str | None) -> list[str]:
@@ -92,6 +108,8 @@ def prune_run(method: str, structure: str, args, out: Path) -> dict:
     ]
     if structure == "unstructured":
         command += ["--sparsity", str(args.sparsity)]
+    if args.max_blocks is not None:
+        command += ["--max-blocks", str(args.max_blocks)]
     subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return json.loads((out / "report.json").read_text())
 
@@ -111,11 +129,19 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
+        "--max-blocks", type=int, help="prune only the first N blocks (quick comparisons)"
+    )
+    parser.add_argument(
+        "--digests",
+        action="store_true",
+        help="add a SHA-256 over each checkpoint's tensors to its row (bit-for-bit comparisons)",
+    )
+    parser.add_argument(
         "--protocols",
-        nargs="+",
+        nargs="*",
         default=["wiki", "ref"],
         choices=["wiki", "ref"],
-        help="perplexity protocols to score (see above)",
+        help="perplexity protocols to score (see above; none: checkpoints only, with --digests)",
     )
     parser.add_argument(
         "--recipe-dir",
@@ -143,6 +169,8 @@ def main() -> None:
                     "seconds_per_block": sum(b["seconds"] for b in blocks) / len(blocks),
                     "peak_memory_gib": report["peak_memory_bytes"] / 2**30,
                 }
+                if args.digests:
+                    row["checkpoint_sha256"] = checkpoint_digest(out)
                 rows.append(row)
                 print(row, flush=True)
     sparsegpt = {r["structure"]: r["seconds_per_block"] for r in rows if r["method"] == "sparsegpt"}

@@ -1,8 +1,13 @@
-"""safe-llm: post-training pruning of causal LMs to sparse and flat minima."""
+"""safe-llm: post-training pruning of causal LMs to sparse and flat minima.
 
-__version__ = "0.1.0"
+``safe_llm.prune``, ``safe_llm.evaluate`` and ``safe_llm.load`` are the Python API (the
+function ``evaluate`` stands in the package for the module of the same name: import the
+module's other names with ``from safe_llm.evaluate import ...``).
+"""
 
-from safe_llm.export import load  # noqa: E402
-from safe_llm.pipeline import prune  # noqa: E402
+from safe_llm.version import __version__  # noqa: I001 (first: every module may read it)
+from safe_llm.evaluate import evaluate
+from safe_llm.export import load
+from safe_llm.pipeline import prune
 
-__all__ = ["__version__", "load", "prune"]
+__all__ = ["__version__", "evaluate", "load", "prune"]

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import yaml
 
-from safe_llm import __version__
+from safe_llm.atomic import atomic_directory
 from safe_llm.errors import SafeLLMError
 from safe_llm.model_card import render_model_card
 from safe_llm.resume import work_dir
+from safe_llm.version import __version__
 
 CONFIG_KEY = "safe_llm_sparsity"
 
@@ -28,13 +25,13 @@ def sparsity_metadata(result) -> dict:
     return {
         "tool": f"safe-llm {__version__}",
         "method": result.config.method,
-        "structure": result.report["pattern"],
-        "sparsity": result.report["sparsity"],
+        "structure": result.report.pattern,
+        "sparsity": result.report.sparsity,
         "ignore": list(result.config.ignore),
-        "overall_sparsity": result.report["overall_sparsity"],
+        "overall_sparsity": result.report.overall_sparsity,
         **(
-            {"sparsity_per_block": result.report["block_sparsity"]}
-            if result.report.get("sparsity_profile", "uniform") != "uniform"
+            {"sparsity_per_block": result.report.block_sparsity}
+            if result.report.sparsity_profile != "uniform"
             else {}
         ),
     }
@@ -48,81 +45,39 @@ def recipe_of(result) -> dict:
     options = {
         k: v for k, v in result.config.to_dict().items() if k not in ("command_line", "resume")
     }
-    return {**options, "sparsity": result.report["sparsity"]}
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _missing_ancestors(path: Path) -> list[Path]:
-    """``path``'s ancestors that do not exist yet, outermost first."""
-    missing = []
-    for parent in path.parents:
-        if parent.exists():
-            break
-        missing.append(parent)
-    return missing[::-1]
+    return {**options, "sparsity": result.report.sparsity}
 
 
 def save_checkpoint(result) -> Path:
     """Write model, tokenizer, ``recipe.yaml``, ``report.json`` and the model card
     ``README.md`` into ``config.output``.
 
-    Everything goes to a temporary sibling directory first and is renamed into place, so a
-    crash never leaves a half-written checkpoint (nor the temporary directory, nor parent
-    directories created for it); an existing output (``--overwrite``, or a run's work area)
-    is replaced only after the new one is complete, and is put back if the final rename
-    fails. A write error (disk full, no permission) raises :class:`CheckpointError` saying
-    what is intact.
+    Everything goes to a temporary sibling directory first and is renamed into place
+    (:func:`~safe_llm.atomic.atomic_directory`), so a crash never leaves a half-written
+    checkpoint (nor the temporary directory, nor parent directories created for it); an
+    existing output (``--overwrite``, or a run's work area) is replaced only after the new one
+    is complete, and is put back if the final rename fails. A write error (disk full, no
+    permission) raises :class:`CheckpointError` saying what is intact.
     """
     output = Path(result.config.output).expanduser()
-    created = _missing_ancestors(output)
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+        return atomic_directory(output, lambda tmp: _write_files(result, tmp))
     except OSError as exc:
-        _remove_dirs(created)
         raise CheckpointError(_write_failure(output, exc)) from exc
-    try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700)
-        setattr(result.model.config, CONFIG_KEY, sparsity_metadata(result))
-        if getattr(result, "write_weights", None) is not None:  # a streamed model
-            result.write_weights(tmp, result.config.max_shard_size)
-        else:
-            result.model.save_pretrained(tmp, max_shard_size=result.config.max_shard_size)
-        result.tokenizer.save_pretrained(tmp)
-        (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe_of(result), sort_keys=False))
-        (tmp / "report.json").write_text(json.dumps(result.report, indent=2))
-        (tmp / "README.md").write_text(render_model_card(recipe_of(result), result.report))
-        if output.exists():
-            # rename(2) replaces an empty directory atomically: park the old checkpoint there
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            output.rename(old)
-            try:
-                tmp.rename(output)
-            except BaseException:
-                old.rename(output)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(output)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove_dirs(created)
-        if isinstance(exc, OSError):
-            raise CheckpointError(_write_failure(output, exc)) from exc
-        raise
-    return output
 
 
-def _remove_dirs(created: list[Path]) -> None:
-    """Remove the (empty) directories ``created`` for the checkpoint, innermost first."""
-    for directory in reversed(created):
-        with contextlib.suppress(OSError):
-            directory.rmdir()
+def _write_files(result, directory: Path) -> None:
+    """Every file of the checkpoint of ``result``, into ``directory``."""
+    setattr(result.model.config, CONFIG_KEY, sparsity_metadata(result))
+    if getattr(result, "write_weights", None) is not None:  # a streamed model
+        result.write_weights(directory, result.config.max_shard_size)
+    else:
+        result.model.save_pretrained(directory, max_shard_size=result.config.max_shard_size)
+    result.tokenizer.save_pretrained(directory)
+    (directory / "recipe.yaml").write_text(yaml.safe_dump(recipe_of(result), sort_keys=False))
+    report = result.report.to_dict()
+    (directory / "report.json").write_text(json.dumps(report, indent=2))
+    (directory / "README.md").write_text(render_model_card(recipe_of(result), report))
 
 
 def _write_failure(output: Path, exc: OSError) -> str:

@@ -11,13 +11,17 @@ import signal
 import sys
 import types
 import typing
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from safe_llm import __version__
-from safe_llm.config import PruneConfig, load_recipe, make_config
+from safe_llm.config import ConfigError, PruneConfig, load_recipe, make_config, parse_value
 from safe_llm.errors import SafeLLMError
 from safe_llm.methods import METHODS, available_methods
+from safe_llm.version import __version__
+
+if TYPE_CHECKING:
+    from safe_llm.run_report import RunReport
 
 log = logging.getLogger("safe_llm")
 
@@ -46,8 +50,11 @@ def _base_type(annotation) -> type:
     return annotation
 
 
-def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, help_suffix: str = ""):
-    kind = _base_type(f.type)
+def _add_field(
+    parser, f: dataclasses.Field, help_suffix: str = "", dest: str | None = None, kind=None
+) -> None:
+    """Flag ``--f-name`` for field ``f`` (parsed as ``kind``, default: from the annotation)."""
+    kind = kind or _base_type(f.type)
     default = f.default if f.default is not dataclasses.MISSING else None
     help_text = f.metadata.get("help", "") + help_suffix
     if default not in (None, [], {}):
@@ -61,19 +68,82 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, help_suffi
             kwargs["nargs"] = f.metadata["nargs"]
         if f.name == "method":
             kwargs["choices"] = available_methods()
-        if f.name == "model":
-            kwargs["metavar"] = "MODEL"
-    parser.add_argument(_flag(f.name), dest=f.name, **kwargs)
+        if f.name == "model" or dest is not None:
+            kwargs["metavar"] = f.name.upper()
+    parser.add_argument(_flag(f.name), dest=dest or f.name, **kwargs)
 
 
-def _method_option_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
-    """Every method's option fields, with the methods that have each."""
+# argparse destination of the method option flags: never the same as a PruneConfig field's
+OPTION_DEST = "method_option:"
+
+
+def _method_option_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
+    """Every method option name, with ``(method, field)`` for each method that has it."""
     available_methods()
-    fields: dict[str, tuple[dataclasses.Field, list[str]]] = {}
-    for name in sorted(METHODS):
-        for f in dataclasses.fields(METHODS[name].Options):
-            fields.setdefault(f.name, (f, []))[1].append(name)
+    fields: dict[str, list[tuple[str, dataclasses.Field]]] = {}
+    for method in sorted(METHODS):
+        for f in dataclasses.fields(METHODS[method].Options):
+            fields.setdefault(f.name, []).append((method, f))
     return fields
+
+
+def _add_method_option(group, owners: list[tuple[str, dataclasses.Field]]) -> None:
+    """One flag for an option name that one or several methods have. When the owners declare
+    it differently (type, help or default), the flag takes any value (read as in a recipe) and
+    the help lists each owner's; the selected method's field then checks the value."""
+    first = owners[0][1]
+    described = {(str(f.type), f.metadata.get("help"), repr(f.default)) for _, f in owners}
+    if len(described) == 1:
+        _add_field(group, first, f" [{', '.join(m for m, _ in owners)}]", OPTION_DEST + first.name)
+        return
+    each = "; ".join(
+        f"{method}: {f.metadata.get('help', '')} (default: {f.default})" for method, f in owners
+    )
+    group.add_argument(
+        _flag(first.name),
+        dest=OPTION_DEST + first.name,
+        type=parse_value,
+        default=argparse.SUPPRESS,
+        metavar="VALUE",
+        help=each,
+    )
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    """The method option flags, and ``--method-option NAME=VALUE`` for options named like a
+    run option (``--seed`` is the run's seed; a method's ``seed`` is ``--method-option
+    seed=3``) or any other."""
+    config_names = {f.name for f in dataclasses.fields(PruneConfig)}
+    group = parser.add_argument_group("method options (recipe key: method_options)")
+    for name, owners in _method_option_fields().items():
+        if name not in config_names:
+            _add_method_option(group, owners)
+    shadowed = sorted(set(_method_option_fields()) & config_names)
+    group.add_argument(
+        "--method-option",
+        dest="method_option_pairs",
+        nargs="+",
+        action="extend",
+        default=argparse.SUPPRESS,
+        metavar="NAME=VALUE",
+        help="set any option of the selected method, e.g. --method-option lr=1e-3"
+        + (
+            f" (the only way for {', '.join(shadowed)}: named like a run option)"
+            if shadowed
+            else ""
+        ),
+    )
+
+
+def _option_pairs(pairs: list[str]) -> dict:
+    """``["lr=1e-3", "init=magnitude"]`` -> ``{"lr": 0.001, "init": "magnitude"}``."""
+    options = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--method-option {pair!r}: expected NAME=VALUE, e.g. lr=1e-3")
+        options[name.strip().replace("-", "_")] = parse_value(value)
+    return options
 
 
 def _prune_parser(sub) -> None:
@@ -91,9 +161,7 @@ def _prune_parser(sub) -> None:
     for f in dataclasses.fields(PruneConfig):
         if f.metadata.get("cli", True):
             _add_field(parser, f)
-    group = parser.add_argument_group("method options (recipe key: method_options)")
-    for f, owners in _method_option_fields().values():
-        _add_field(group, f, f" [{', '.join(owners)}]")
+    _add_method_options(parser)
 
 
 def _eval_parser(sub) -> None:
@@ -215,27 +283,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config_from_args(args: argparse.Namespace) -> PruneConfig:
     values = {k: v for k, v in vars(args).items() if k not in ("command", "recipe", "quiet")}
-    option_names = set(_method_option_fields())
-    options = {k: values.pop(k) for k in list(values) if k in option_names}
+    options = {
+        k.removeprefix(OPTION_DEST): values.pop(k)
+        for k in list(values)
+        if k.startswith(OPTION_DEST)
+    }
+    options.update(_option_pairs(values.pop("method_option_pairs", [])))
     recipe = load_recipe(args.recipe) if args.recipe else {}
     return make_config(recipe, {**values, "method_options": options})
 
 
-def _summary(report: dict, output: str | None) -> str:
+def _summary(report: RunReport, output: str | None) -> str:
     lines = [
-        f"method {report['method']}, pattern {report['pattern']}, "
-        f"overall sparsity {report['overall_sparsity']:.4f}",
-        f"time {report['total_seconds']:.1f}s (pruning {report['seconds']:.1f}s), "
-        f"peak memory {report['peak_memory_bytes'] / 2**30:.2f} GiB",
+        f"method {report.method}, pattern {report.pattern}, "
+        f"overall sparsity {report.overall_sparsity:.4f}",
+        f"time {report.total_seconds:.1f}s (pruning {report.seconds:.1f}s), "
+        f"peak memory {report.peak_memory_bytes / 2**30:.2f} GiB",
     ]
-    for source, dense in report["evaluation"]["dense"].items():
-        pruned = report["evaluation"]["pruned"][source]
+    for source, dense in report.evaluation["dense"].items():
+        pruned = report.evaluation["pruned"][source]
         lines.append(
             f"perplexity {source} (seqlen {dense['seqlen']}, {dense['windows']} windows): "
             f"dense {dense['perplexity']:.3f}{_cached(dense)} -> "
             f"pruned {pruned['perplexity']:.3f}{_cached(pruned)}"
         )
-    peaks = report.get("stage_peak_memory_bytes", {})
+    peaks = report.stage_peak_memory_bytes
     if peaks:
         stages = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in peaks.items())
         lines.append(f"peak memory per stage (GiB): {stages}")
@@ -278,29 +350,17 @@ def _command_line(argv: list[str] | None) -> str:
 
 def _run_prune(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from safe_llm import distributed
-    from safe_llm.checkpoint import save_checkpoint
-    from safe_llm.pipeline import run_prune
+    from safe_llm.pipeline import finish_run, run_prune
 
     config = dataclasses.replace(_config_from_args(args), command_line=_command_line(argv))
     with _graceful_stop() as should_stop:
         result = run_prune(config, progress=not args.quiet, should_stop=should_stop)
-        if not distributed.is_writer():  # data-parallel: rank 0 writes and reports
-            distributed.shutdown()
-            return 0
-        if config.output:
-            save_checkpoint(result)
-    distributed.shutdown()
-    print(_summary(result.report, config.output))
-    if config.push_to_hub:
-        from safe_llm.hub import push_checkpoint
-
-        url = push_checkpoint(
-            config.output,
-            config.hub_repo_id,
-            private=config.hub_private,
-            revision=config.hub_revision,
-        )
-        print(f"pushed to {url}")
+        writer = distributed.is_writer()  # data-parallel: rank 0 writes and reports
+        url = finish_run(result)
+    if writer:
+        print(_summary(result.report, config.output))
+        if url is not None:
+            print(f"pushed to {url}")
     return 0
 
 
@@ -340,76 +400,34 @@ def _resume_hint(exc, argv: list[str] | None) -> str:
     return f"{stopped}, saved in {exc.work_dir}; continue with: {command}"
 
 
-def _check_eval_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """The perplexity sources and tasks to run; raise before loading anything if unusable."""
-    from safe_llm.evaluate import EvalError, parse_list
-
-    tasks = parse_list(args.tasks)
-    sources = parse_list(args.datasets) if args.datasets is not None else []
-    if args.datasets is None and not tasks:
-        sources = ["wikitext2"]
-    if not sources and not tasks:
-        raise EvalError("nothing to evaluate: give --datasets and/or --tasks")
-    for name, minimum in (("seqlen", 2), ("batch_size", 1), ("max_windows", 1), ("limit", 1)):
-        value = getattr(args, name)
-        if value is not None and value < minimum:
-            raise EvalError(f"{_flag(name)} must be at least {minimum}, got {value}")
-    if args.num_fewshot < 0:
-        raise EvalError(f"--num-fewshot must be at least 0, got {args.num_fewshot}")
-    if tasks:
-        from safe_llm.zeroshot import _lm_eval
-
-        _lm_eval()  # a missing extra fails before the model is loaded
-    return sources, tasks
-
-
 def _run_eval(args: argparse.Namespace) -> int:
-    from safe_llm.evaluate import (
-        evaluate_perplexity,
-        format_perplexity,
-        results_document,
-        write_json,
-    )
-    from safe_llm.memory import serve_large_buffers_from_mmap
-    from safe_llm.models import load_model, resolve_device, resolve_dtype
+    from safe_llm.evaluate import evaluate, format_perplexity, write_json
 
-    sources, tasks = _check_eval_args(args)
-    serve_large_buffers_from_mmap()
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    model, tokenizer, _ = load_model(args.model, dtype, args.trust_remote_code)
-    model.to(device)
-    perplexities = evaluate_perplexity(
-        model,
-        tokenizer,
-        sources,
-        args.seqlen,
-        batch_size=args.batch_size,
-        device=device,
+    document = evaluate(
+        args.model,
+        args.datasets,
+        args.tasks,
+        seqlen=args.seqlen,
         max_windows=args.max_windows,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
         text_column=args.text_column,
+        trust_remote_code=args.trust_remote_code,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        include_path=args.include_path,
+        metric=args.metric,
         progress=not args.quiet,
         cache=args.cache,
     )
-    for source, result in perplexities.items():
+    for source, result in document["perplexity"].items():
         print(format_perplexity(source, result))
-    zeroshot = None
-    if tasks:
-        from safe_llm.zeroshot import evaluate_tasks, format_tasks
+    if "zeroshot" in document:
+        from safe_llm.zeroshot import format_tasks
 
-        zeroshot = evaluate_tasks(
-            model,
-            tokenizer,
-            tasks,
-            batch_size=args.batch_size,
-            num_fewshot=args.num_fewshot,
-            limit=args.limit,
-            include_path=args.include_path,
-            metric=args.metric,
-        )
-        print("\n".join(format_tasks(zeroshot)))
+        print("\n".join(format_tasks(document["zeroshot"])))
     if args.json_path:
-        document = results_document(args.model, device, dtype, perplexities, zeroshot)
         print(f"results written to {write_json(args.json_path, document)}")
     return 0
 

@@ -32,6 +32,10 @@ def _opt(default, help: str, factory=None, **kw):
 
 @dataclass
 class PruneConfig:
+    """The options of a run. A field declared ``decisive=False`` does not change the pruned
+    weights (where the checkpoint goes, evaluation, memory limits...): a ``--resume`` may
+    change it; every other field must match the interrupted run's."""
+
     model: str = _opt(
         None, "Hub id, local model directory, .gguf file or built-in name (smollm2-135m)"
     )
@@ -78,25 +82,33 @@ class PruneConfig:
         "targets from the dense model's stream (global propagation) instead of the pruned stream",
     )
     layer_errors: bool = _opt(True, "report each layer's relative output error (needs X^T X)")
-    trust_remote_code: bool = _opt(False, "allow model code from the Hub (off unless asked)")
-    output: str | None = _opt(None, "directory for the pruned checkpoint")
-    overwrite: bool = _opt(False, "replace a non-empty output directory")
+    trust_remote_code: bool = _opt(
+        False, "allow model code from the Hub (off unless asked)", decisive=False
+    )
+    output: str | None = _opt(None, "directory for the pruned checkpoint", decisive=False)
+    overwrite: bool = _opt(False, "replace a non-empty output directory", decisive=False)
     resume: bool = _opt(
         False,
         "continue an interrupted run from the last block saved in --output's work area "
         "(the other options must be the same; starts from block 0 if nothing was saved)",
+        decisive=False,
     )
     max_blocks: int | None = _opt(
-        None, "prune only the first N decoder blocks (quick studies; the rest stay dense)"
+        None,
+        "prune only the first N decoder blocks (quick studies; the rest stay dense)",
+        decisive=False,
     )
-    max_shard_size: str = _opt("2GB", "largest safetensors shard")
+    max_shard_size: str = _opt("2GB", "largest safetensors shard", decisive=False)
     stream_from_disk: bool = _opt(
         False,
         "keep only one block in memory: load the model skeleton empty, read each block from the "
         "local safetensors files and write it pruned to --output (needs --output, no --eval)",
+        decisive=False,
     )
     max_activation_memory: str | None = _opt(
-        None, "calibration activations above this size (e.g. 4GB) spill to a memory-mapped file"
+        None,
+        "calibration activations above this size (e.g. 4GB) spill to a memory-mapped file",
+        decisive=False,
     )
     eval: list[str] = _opt(
         None,
@@ -104,22 +116,34 @@ class PruneConfig:
         help="evaluate dense and pruned perplexity on these sources "
         "(e.g. wikitext2 c4 builtin-wiki)",
         nargs="*",
+        decisive=False,
     )
-    eval_seqlen: int | None = _opt(None, "window length for --eval (default: --seqlen)")
-    eval_max_windows: int | None = _opt(None, "evaluate on at most this many windows")
+    eval_seqlen: int | None = _opt(
+        None, "window length for --eval (default: --seqlen)", decisive=False
+    )
+    eval_max_windows: int | None = _opt(
+        None, "evaluate on at most this many windows", decisive=False
+    )
     eval_cache: bool = _opt(
         True,
         "reuse a perplexity computed before for bit-identical weights and windows (disk cache "
         "in $SAFE_LLM_CACHE/perplexity, default ~/.cache/safe_llm); --no-eval-cache recomputes",
+        decisive=False,
     )
     push_to_hub: bool = _opt(
-        False, "upload the checkpoint to the Hugging Face Hub repo --hub-repo-id when written"
+        False,
+        "upload the checkpoint to the Hugging Face Hub repo --hub-repo-id when written",
+        decisive=False,
     )
-    hub_repo_id: str | None = _opt(None, "Hub repository for --push-to-hub (user/name)")
-    hub_private: bool = _opt(False, "create the Hub repository private")
-    hub_revision: str | None = _opt(None, "Hub branch to push to (default: main)")
+    hub_repo_id: str | None = _opt(
+        None, "Hub repository for --push-to-hub (user/name)", decisive=False
+    )
+    hub_private: bool = _opt(False, "create the Hub repository private", decisive=False)
+    hub_revision: str | None = _opt(None, "Hub branch to push to (default: main)", decisive=False)
     method_options: dict = _opt(None, "method hyperparameters", factory=dict, cli=False)
-    command_line: str | None = _opt(None, "the command line that made the run", cli=False)
+    command_line: str | None = _opt(
+        None, "the command line that made the run", cli=False, decisive=False
+    )
 
     def pattern(self) -> SparsityPattern:
         if self.structure.strip().lower() == "unstructured" and self.sparsity is None:
@@ -128,6 +152,13 @@ class PruneConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def weight_neutral_options() -> frozenset[str]:
+    """The :class:`PruneConfig` fields declared ``decisive=False``."""
+    return frozenset(
+        f.name for f in dataclasses.fields(PruneConfig) if not f.metadata.get("decisive", True)
+    )
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -153,6 +184,15 @@ _RecipeLoader.add_implicit_resolver(
     ),
     list("-+0123456789."),
 )
+
+
+def parse_value(text: str):
+    """A value written on the command line, read as a recipe value (``1e-3`` a float, ``2:4``
+    a string, ``true`` a bool)."""
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot read the value {text!r}: {exc}") from exc
 
 
 def load_recipe(path: str | Path) -> dict:
@@ -269,7 +309,7 @@ def validate(config: PruneConfig) -> None:
 
 def _check_profile(config: PruneConfig) -> None:
     """A non-uniform profile needs unstructured sparsity and sane OWL parameters."""
-    from safe_llm.sparsity import PROFILES, check_block_sparsities
+    from safe_llm.owl import PROFILES, check_block_sparsities
 
     if config.sparsity_profile not in PROFILES:
         raise ConfigError(

@@ -10,26 +10,26 @@ For block ``b`` with calibration inputs ``X_b`` ``[n, seq, d]``:
 5. check the pattern, measure the reconstruction error, ``X_{b+1} = pruned_block_b(X_b)``;
 6. move the block back to where it was.
 
-Only one block is on the compute device at a time.
+Only one block is on the compute device at a time (:func:`block_on_device`, shared with the
+dense pass of :mod:`safe_llm.owl`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import resource
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from safe_llm.activations import Activations, CapturedStreams
 from safe_llm.blocks import (
     BlockCall,
     capture_block_inputs,
@@ -40,8 +40,8 @@ from safe_llm.blocks import (
     weight_matrix,
 )
 from safe_llm.errors import SafeLLMError
-from safe_llm.layer_stats import InputStats, collect_input_stats
-from safe_llm.methods.base import PruningMethod
+from safe_llm.layer_stats import collect_input_stats
+from safe_llm.methods.base import BlockContext, PruningMethod
 from safe_llm.resume import EngineState, rng_state, set_rng_state
 from safe_llm.sparsity import SparsityPattern, achieved_sparsity
 
@@ -50,6 +50,24 @@ log = logging.getLogger(__name__)
 
 class NonFiniteError(SafeLLMError):
     """A method left NaN or Inf in a block: the run stops before anything of it is saved."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs a model (everything but the model, the data, the method and the
+    patterns). ``activation_budget``: bytes above which the ``[n, seq, d]`` streams are
+    memory-mapped files in a temporary directory under ``spill_dir``."""
+
+    device: torch.device = torch.device("cpu")
+    batch_size: int = 8
+    ignore: tuple[str, ...] = ()
+    dense_targets: bool = False  # targets from the dense stream (global propagation)
+    layer_errors: bool = True  # each layer's relative output error (needs X^T X)
+    seed: int = 0
+    max_blocks: int | None = None  # prune only the first max_blocks blocks
+    progress: bool = True
+    activation_budget: int | None = None
+    spill_dir: str | Path | None = None
 
 
 class BlockSource(Protocol):
@@ -71,113 +89,6 @@ class ResidentBlocks:
 
     def release(self, index: int) -> None:
         pass
-
-
-class Activations:
-    """Allocates the engine's ``[n, seq, d]`` streams: on ``storage``, or in memory-mapped
-    files of a temporary directory under ``spill_root`` (removed by :meth:`close`)."""
-
-    def __init__(self, storage: torch.device, spill_root: str | Path | None = None):
-        self.storage = storage
-        self.spill: Path | None = None
-        if spill_root is not None:
-            Path(spill_root).mkdir(parents=True, exist_ok=True)
-            self.spill = Path(tempfile.mkdtemp(prefix=".safe_llm-activations-", dir=spill_root))
-        self.count = 0
-
-    def empty(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        if self.spill is None:
-            return torch.empty(shape, dtype=dtype, device=self.storage)
-        self.count += 1
-        path = self.spill / f"stream{self.count}.bin"
-        flat = torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=dtype)
-        return flat.view(shape)
-
-    def copy(self, tensor: torch.Tensor) -> torch.Tensor:
-        out = self.empty(tensor.shape, tensor.dtype)
-        out.copy_(tensor)
-        return out
-
-    def close(self) -> None:
-        if self.spill is not None:
-            shutil.rmtree(self.spill, ignore_errors=True)
-
-
-def _activations(
-    storage: torch.device, stream_bytes: int, budget: int | None, spill_root: str | Path | None
-) -> Activations:
-    """Spill to disk when the streams (``stream_bytes`` in all) exceed ``budget`` bytes."""
-    if budget is None or stream_bytes <= budget:
-        return Activations(storage)
-    log.info(
-        "calibration activations (%.2f GB) exceed --max-activation-memory (%.2f GB): "
-        "memory-mapping them",
-        stream_bytes / 1e9,
-        budget / 1e9,
-    )
-    return Activations(torch.device("cpu"), spill_root or tempfile.gettempdir())
-
-
-class _CapturedStreams:
-    """The :class:`Activations` of ``count`` ``[n, seq, d]`` streams, made when the capture
-    knows their shape; its first buffer receives the captured first-block inputs batch by
-    batch, so they are never held whole outside it (memory-mapped above ``budget`` bytes)."""
-
-    def __init__(
-        self, device: torch.device, count: int, budget: int | None, spill_dir: str | Path | None
-    ):
-        self.device, self.count, self.budget, self.spill_dir = device, count, budget, spill_dir
-        self.space: Activations | None = None
-
-    def allocate(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        one_stream = math.prod(shape) * dtype.itemsize
-        storage = _storage_device(self.device, one_stream * self.count)
-        self.space = _activations(storage, one_stream * self.count, self.budget, self.spill_dir)
-        return self.space.empty(shape, dtype)
-
-    def close(self) -> None:
-        if self.space is not None:
-            self.space.close()
-
-
-@dataclass
-class BlockContext:
-    """Everything a method may use to prune one block.
-
-    ``inputs`` and ``targets`` are ``[n, seq, d]`` and may live off the compute device;
-    ``batches`` yields device copies. ``stats`` holds the dense block's layer-input statistics.
-    """
-
-    index: int
-    block: nn.Module
-    layers: dict[str, nn.Module]
-    pattern: SparsityPattern
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    call: BlockCall
-    stats: dict[str, InputStats]
-    device: torch.device
-    batch_size: int
-    seed: int
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The block on a device batch ``[b, seq, d]`` with the recorded arguments."""
-        return run_block(self.block, hidden, self.call)
-
-    def batch(self, index: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets of the windows ``index``, on the compute device."""
-        return (
-            self.inputs[index].to(self.device, non_blocking=True),
-            self.targets[index].to(self.device, non_blocking=True),
-        )
-
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for window_slice in iter_batches(self.inputs, self.batch_size):
-            yield self.batch(window_slice)
-
-    def matrix(self, name: str) -> torch.Tensor:
-        """Layer ``name``'s weight as an ``[out, in]`` view."""
-        return weight_matrix(self.layers[name])
 
 
 @dataclass
@@ -209,7 +120,39 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _forward_batches(
+@contextlib.contextmanager
+def block_on_device(source: BlockSource, index: int, device: torch.device) -> Iterator[nn.Module]:
+    """Block ``index`` of ``source``, moved to ``device`` for the ``with`` body; afterwards
+    moved back to where it was (the CUDA cache emptied) and released to ``source``."""
+    block = source.load(index)
+    home = next(block.parameters()).device
+    block.to(device)
+    try:
+        yield block
+    finally:
+        block.to(home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        source.release(index)
+
+
+@contextlib.contextmanager
+def captured_inputs(
+    model: nn.Module, windows: torch.Tensor, streams: int, options: EngineOptions
+) -> Iterator[tuple[torch.Tensor, list[BlockCall], Activations]]:
+    """``(first-block inputs [n, seq, d], each block's call, the space of ``streams``
+    streams)`` for the calibration windows ``[n, seq]``; the space is closed afterwards."""
+    space = CapturedStreams(options.device, streams, options.activation_budget, options.spill_dir)
+    try:
+        hidden, calls = capture_block_inputs(
+            model, windows, options.device, options.batch_size, allocate=space.allocate
+        )
+        yield hidden, calls, space.space
+    finally:
+        space.close()
+
+
+def forward_batches(
     block: nn.Module,
     inputs: torch.Tensor,
     call: BlockCall,
@@ -232,7 +175,7 @@ def _forward_batches(
 @torch.no_grad()
 def _apply(block, inputs, call, out, device, batch_size) -> None:
     """``out[i] = block(inputs[i])`` for every window."""
-    for _ in _forward_batches(block, inputs, call, out, device, batch_size):
+    for _ in forward_batches(block, inputs, call, out, device, batch_size):
         pass
 
 
@@ -241,7 +184,7 @@ def _advance(block, hidden, targets, call, device, batch_size) -> float:
     """Replace ``hidden`` by the pruned block's outputs and return their relative error
     ``||block(X) - Y||^2 / ||Y||^2`` against ``targets`` (one pass for both)."""
     num = den = 0.0
-    for window_slice, out in _forward_batches(block, hidden, call, None, device, batch_size):
+    for window_slice, out in forward_batches(block, hidden, call, None, device, batch_size):
         y = targets[window_slice].to(device).float()
         num += float((out.float() - y).square().sum())
         den += float(y.square().sum())
@@ -257,12 +200,20 @@ def _layer_error(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tenso
     return float(num / den.clamp_min(1e-30))
 
 
-def _storage_device(device: torch.device, bytes_needed: int) -> torch.device:
-    """Keep activations on the compute device when they take under half its free memory."""
-    if device.type != "cuda":
-        return device
-    free, _ = torch.cuda.mem_get_info(device)
-    return device if bytes_needed < free // 2 else torch.device("cpu")
+@dataclass
+class _Run:
+    """One :func:`prune_model` call: the method, the options and the ``[n, seq, d]`` streams
+    (``hidden``: the pruned stream feeding the next block; ``targets``: the current block's
+    targets; ``dense``: the dense stream, with dense targets only)."""
+
+    method: PruningMethod
+    options: EngineOptions
+    calls: list[BlockCall]
+    hidden: torch.Tensor
+    targets: torch.Tensor
+    dense: torch.Tensor | None
+    reports: list[BlockReport]
+    first: int  # the first block this call prunes (after a resume, not 0)
 
 
 def prune_model(
@@ -270,22 +221,14 @@ def prune_model(
     windows: torch.Tensor,
     method: PruningMethod,
     pattern: SparsityPattern,
+    options: EngineOptions | None = None,
     *,
-    device: torch.device,
-    batch_size: int = 8,
-    ignore: tuple[str, ...] = (),
-    dense_targets: bool = False,
-    layer_errors: bool = True,
-    seed: int = 0,
-    max_blocks: int | None = None,
-    progress: bool = True,
-    on_block: Callable[[BlockReport], None] | None = None,
-    resume: EngineState | None = None,
-    on_state: Callable[[EngineState, nn.Module], None] | None = None,
     block_patterns: Sequence[SparsityPattern] | None = None,
     source: BlockSource | None = None,
-    activation_budget: int | None = None,
-    spill_dir: str | Path | None = None,
+    resume: EngineState | None = None,
+    on_block: Callable[[BlockReport], None] | None = None,
+    on_state: Callable[[EngineState, nn.Module], None] | None = None,
+    **settings,
 ) -> PruneReport:
     """Prune every decoder block of ``model`` in place.
 
@@ -293,199 +236,188 @@ def prune_model(
         windows: calibration token ids ``[n, seq]``.
         method: the pruning method applied to each block.
         pattern: the sparsity pattern every prunable layer must meet.
-        dense_targets: take targets from the dense stream (global propagation).
-        layer_errors: also report each layer's relative output error (needs ``X^T X``).
-        max_blocks: prune only the first ``max_blocks`` blocks (timing and quick studies).
-        resume: continue from this state; its blocks must already hold their pruned weights
-            (:meth:`safe_llm.resume.WorkArea.load` puts them there).
-        on_state: called after each block with the state to continue from and the pruned
-            block (to save it); a run resumed from that state gives the same bits.
+        options: how to run (:class:`EngineOptions`); or its fields as keywords (``settings``).
         block_patterns: one pattern per block (a non-uniform profile), else ``pattern`` for all.
         source: where blocks come from and go back to (default: the model's own blocks);
             :class:`safe_llm.streaming.DiskBlocks` reads each from disk.
-        activation_budget: bytes above which the ``[n, seq, d]`` streams are memory-mapped
-            files in a temporary directory under ``spill_dir``.
+        resume: continue from this state; its blocks must already hold their pruned weights
+            (:meth:`safe_llm.resume.WorkArea.load` puts them there).
+        on_block: called with each finished block's report.
+        on_state: called after each block with the state to continue from and the pruned
+            block (to save it); a run resumed from that state gives the same bits.
     """
+    if options is not None and settings:
+        raise TypeError("give prune_model either options or its fields as keywords, not both")
+    options = options or EngineOptions(**settings)
     start = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    if options.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(options.device)
     _, blocks = find_blocks(model)
-    source = source or ResidentBlocks(blocks)
-    patterns = list(block_patterns) if block_patterns is not None else [pattern] * len(blocks)
+    patterns = _block_patterns(blocks, pattern, block_patterns, options.ignore)
+    with captured_inputs(model, windows, 3 if options.dense_targets else 2, options) as (
+        hidden,
+        calls,
+        space,
+    ):
+        run = _start(method, options, calls, hidden, space, resume)
+        _run_blocks(run, source or ResidentBlocks(blocks), patterns, on_block, on_state)
+    return PruneReport(
+        blocks=run.reports,
+        seconds=time.perf_counter() - start,
+        peak_memory_bytes=peak_memory_bytes(options.device),
+        overall_sparsity=_overall_sparsity(blocks, run.reports, options.ignore),
+        resumed_from_block=run.first,
+    )
+
+
+def _block_patterns(
+    blocks: nn.ModuleList,
+    pattern: SparsityPattern,
+    given: Sequence[SparsityPattern] | None,
+    ignore: tuple[str, ...],
+) -> list[SparsityPattern]:
+    """One pattern per block (``given`` or ``pattern`` for all), checked against every
+    prunable layer's shape."""
+    patterns = list(given) if given is not None else [pattern] * len(blocks)
     if len(patterns) != len(blocks):
         raise SafeLLMError(f"{len(patterns)} block sparsities given for {len(blocks)} blocks")
     for block, block_pattern in zip(blocks, patterns, strict=True):
         for name, layer in prunable_layers(block, ignore).items():
             block_pattern.check_shape(tuple(weight_matrix(layer).shape), name)
-    streams = _CapturedStreams(device, 3 if dense_targets else 2, activation_budget, spill_dir)
-    try:
-        hidden, calls = capture_block_inputs(
-            model, windows, device, batch_size, allocate=streams.allocate
-        )
-        return _run_blocks(
-            model, blocks, source, patterns, hidden, calls, streams.space, start, method, device,
-            batch_size, ignore, dense_targets, layer_errors, seed, max_blocks, progress,
-            on_block, resume, on_state,
-        )  # fmt: skip
-    finally:
-        streams.close()
+    return patterns
 
 
 def _run_blocks(
-    model, blocks, source, patterns, captured, calls, space, start, method, device, batch_size,
-    ignore, dense_targets, layer_errors, seed, max_blocks, progress, on_block, resume, on_state,
-) -> PruneReport:  # fmt: skip
-    """The block loop of :func:`prune_model`."""
-    pattern = patterns[0] if len(set(patterns)) == 1 else "per-block sparsity"
-    hidden, dense_stream, reports, first = _initial_state(captured, space, dense_targets, resume)
-    del captured
-    targets = space.empty(hidden.shape, hidden.dtype)
-    count = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
+    run: _Run,
+    source: BlockSource,
+    patterns: list[SparsityPattern],
+    on_block: Callable[[BlockReport], None] | None,
+    on_state: Callable[[EngineState, nn.Module], None] | None,
+) -> None:
+    """The block loop of :func:`prune_model`: prune, advance the streams, report, save."""
+    count = len(patterns) if run.options.max_blocks is None else run.options.max_blocks
+    count, first = min(count, len(patterns)), run.first
+    name = patterns[0] if len(set(patterns)) == 1 else "per-block sparsity"
     bar = tqdm(
         range(first, count),
-        desc=f"pruning ({method.name}, {pattern})",
-        disable=not progress,
+        desc=f"pruning ({run.method.name}, {name})",
+        disable=not run.options.progress,
         initial=first,
         total=count,
     )
     for index in bar:
-        block = source.load(index)
-        report = _prune_block(
-            index,
-            block,
-            hidden,
-            dense_stream,
-            targets,
-            calls[index].to(device),
-            method,
-            patterns[index],
-            device,
-            batch_size,
-            ignore,
-            layer_errors,
-            seed,
-        )
-        if dense_stream is not None:
-            dense_stream, targets = targets, dense_stream
-        reports.append(report)
-        bar.set_postfix(err=f"{report.reconstruction_error:.3g}")
-        log.info(
-            "block %d/%d: %.1fs, reconstruction error %.4g, sparsity %.4f",
-            index + 1,
-            len(blocks),
-            report.seconds,
-            report.reconstruction_error,
-            sum(report.layer_sparsity.values()) / max(len(report.layer_sparsity), 1),
-        )
-        if on_block is not None:
-            on_block(report)
-        if on_state is not None:
-            state = EngineState(
-                index + 1, hidden, dense_stream, [asdict(r) for r in reports], rng_state()
-            )
-            on_state(state, block)
-        source.release(index)
-    return PruneReport(
-        blocks=reports,
-        seconds=time.perf_counter() - start,
-        peak_memory_bytes=peak_memory_bytes(device),
-        overall_sparsity=_overall_sparsity(blocks, reports, ignore),
-        resumed_from_block=first,
-    )
+        with block_on_device(source, index, run.options.device) as block:
+            report = _prune_block(index, block, patterns[index], run)
+            if run.dense is not None:  # the targets just made are the next block's dense input
+                run.dense, run.targets = run.targets, run.dense
+            run.reports.append(report)
+            bar.set_postfix(err=f"{report.reconstruction_error:.3g}")
+            _log_block(report, len(patterns))
+            if on_block is not None:
+                on_block(report)
+            if on_state is not None:
+                on_state(_state(run, index + 1), block)
 
 
-def _initial_state(
+def _start(
+    method: PruningMethod,
+    options: EngineOptions,
+    calls: list[BlockCall],
     captured: torch.Tensor,
     space: Activations,
-    dense_targets: bool,
     resume: EngineState | None,
-) -> tuple[torch.Tensor, torch.Tensor | None, list[BlockReport], int]:
-    """``(hidden, dense_stream, reports, first_block)``: the captured first-block inputs
-    ``[n, seq, d]`` (already a buffer of ``space``), or a saved state (whose RNG state is
-    restored here) copied into it."""
+) -> _Run:
+    """The run's streams: the captured first-block inputs ``[n, seq, d]`` (already a buffer
+    of ``space``), or a saved state (whose RNG state is restored here) copied into them."""
+    dense = space.copy(captured) if options.dense_targets and resume is None else None
+    targets = space.empty(captured.shape, captured.dtype)
+    run = _Run(method, options, calls, captured, targets, dense, reports=[], first=0)
     if resume is None:
-        return captured, (space.copy(captured) if dense_targets else None), [], 0
+        return run
     if resume.hidden.shape != captured.shape:
         raise SafeLLMError(
             f"saved hidden states have shape {tuple(resume.hidden.shape)}, this run's "
             f"{tuple(captured.shape)}: the work area belongs to another run"
         )
-    if dense_targets and resume.dense_stream is None:
+    if options.dense_targets and resume.dense_stream is None:
         raise SafeLLMError("the saved state has no dense stream but --dense-targets is on")
-    hidden = captured.copy_(resume.hidden)
-    dense = space.copy(resume.dense_stream.to(captured.dtype)) if dense_targets else None
+    run.hidden.copy_(resume.hidden)
+    if options.dense_targets:
+        run.dense = space.copy(resume.dense_stream.to(captured.dtype))
     set_rng_state(resume.rng)
     log.info("resuming at block %d", resume.next_block)
-    return hidden, dense, [BlockReport(**r) for r in resume.reports], resume.next_block
+    run.reports = [BlockReport(**r) for r in resume.reports]
+    run.first = resume.next_block
+    return run
 
 
-def _prune_block(
-    index,
-    block,
-    hidden,
-    dense_stream,
-    targets,
-    call,
-    method,
-    pattern,
-    device,
-    batch_size,
-    ignore,
-    layer_errors,
-    seed,
-) -> BlockReport:
+def _state(run: _Run, next_block: int) -> EngineState:
+    """What a resumed run needs to continue with block ``next_block``."""
+    reports = [asdict(r) for r in run.reports]
+    return EngineState(next_block, run.hidden, run.dense, reports, rng_state())
+
+
+def _log_block(report: BlockReport, total: int) -> None:
+    log.info(
+        "block %d/%d: %.1fs, reconstruction error %.4g, sparsity %.4f",
+        report.index + 1,
+        total,
+        report.seconds,
+        report.reconstruction_error,
+        sum(report.layer_sparsity.values()) / max(len(report.layer_sparsity), 1),
+    )
+
+
+def _prune_block(index: int, block: nn.Module, pattern: SparsityPattern, run: _Run) -> BlockReport:
+    """Statistics of the dense block, the method, the checks, the pruned pass: one block."""
     start = time.perf_counter()
-    home = next(block.parameters()).device
-    block.to(device)
-    layers = prunable_layers(block, ignore)
-    if dense_stream is not None:  # targets from the dense stream take a pass of their own
-        _apply(block, dense_stream, call, targets, device, batch_size)
-    # one pass over the dense block gathers the layer statistics (and the targets)
-    target_out = None if dense_stream is not None else targets
-    stats = collect_input_stats(
-        layers,
-        lambda: _forward_batches(block, hidden, call, target_out, device, batch_size),
-        hessian=method.needs_hessian or layer_errors,
-    )
-    dense = (
-        {name: weight_matrix(layer).detach().clone() for name, layer in layers.items()}
-        if layer_errors
-        else {}
-    )
-    ctx = BlockContext(
-        index,
-        block,
-        layers,
-        pattern,
-        hidden,
-        targets,
-        call,
-        stats,
-        device,
-        batch_size,
-        seed + index,
-    )
+    opts, method = run.options, run.method
+    call = run.calls[index].to(opts.device)
+    ctx = _context(index, block, pattern.counting_per_row(method.per_row), call, run)
+    dense = {n: ctx.matrix(n).detach().clone() for n in ctx.layers} if opts.layer_errors else {}
     extra = method.prune_block(ctx) or {}
     _check_finite(method.name, index, ctx)
     _positive_zeros(ctx)
-    for name in layers:
-        matrix = ctx.matrix(name)  # per row: Wanda rounds each row's kept count
-        if not (pattern.satisfied_by(matrix) or pattern.satisfied_by(matrix, per_row=True)):
-            raise RuntimeError(f"{method.name} left block {index} layer {name} off {pattern}")
-    error = _advance(block, hidden, targets, call, device, batch_size)
-    layer_error = {
-        name: _layer_error(dense[name], ctx.matrix(name), stats[name].hessian) for name in dense
-    }
-    block.to(home)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    _check_pattern(method.name, ctx)
+    error = _advance(block, run.hidden, run.targets, call, opts.device, opts.batch_size)
     return BlockReport(
         index=index,
         seconds=time.perf_counter() - start,
         reconstruction_error=error,
-        layer_sparsity={n: achieved_sparsity(ctx.matrix(n)) for n in layers},
-        layer_error=layer_error,
+        layer_sparsity={n: achieved_sparsity(ctx.matrix(n)) for n in ctx.layers},
+        layer_error={n: _layer_error(dense[n], ctx.matrix(n), ctx.stats[n].hessian) for n in dense},
         extra=extra,
+    )
+
+
+def _context(
+    index: int, block: nn.Module, pattern: SparsityPattern, call: BlockCall, run: _Run
+) -> BlockContext:
+    """The :class:`BlockContext` of the dense block ``index``: its targets (from the pruned
+    stream, or a pass of their own over the dense stream) and its layers' input statistics,
+    gathered in one pass over the dense block."""
+    opts = run.options
+    layers = prunable_layers(block, opts.ignore)
+    if run.dense is not None:
+        _apply(block, run.dense, call, run.targets, opts.device, opts.batch_size)
+    target_out = None if run.dense is not None else run.targets
+    stats = collect_input_stats(
+        layers,
+        lambda: forward_batches(block, run.hidden, call, target_out, opts.device, opts.batch_size),
+        hessian=run.method.needs_hessian or opts.layer_errors,
+    )
+    return BlockContext(
+        index=index,
+        block=block,
+        layers=layers,
+        pattern=pattern,
+        inputs=run.hidden,
+        targets=run.targets,
+        call=call,
+        stats=stats,
+        device=opts.device,
+        batch_size=opts.batch_size,
+        seed=opts.seed + index,
     )
 
 
@@ -508,6 +440,13 @@ def _check_finite(method: str, index: int, ctx: BlockContext) -> None:
             )
 
 
+def _check_pattern(method: str, ctx: BlockContext) -> None:
+    """Raise unless every layer meets ``ctx.pattern`` (counted as the method counts)."""
+    for name in ctx.layers:
+        if not ctx.pattern.satisfied_by(ctx.matrix(name)):
+            raise RuntimeError(f"{method} left block {ctx.index} layer {name} off {ctx.pattern}")
+
+
 def _overall_sparsity(
     blocks: nn.ModuleList, reports: list[BlockReport], ignore: tuple[str, ...]
 ) -> float:
@@ -524,61 +463,6 @@ def _overall_sparsity(
             elif name in achieved.get(index, {}):
                 zeros += round(achieved[index][name] * numel)
     return zeros / max(total, 1)
-
-
-T = TypeVar("T")
-
-
-@torch.no_grad()
-def dense_pass(
-    model: nn.Module,
-    windows: torch.Tensor,
-    visit: Callable[[int, dict[str, nn.Module], dict[str, InputStats]], T],
-    *,
-    device: torch.device,
-    batch_size: int = 8,
-    ignore: tuple[str, ...] = (),
-    source: BlockSource | None = None,
-    progress: bool = True,
-    activation_budget: int | None = None,
-    spill_dir: str | Path | None = None,
-) -> list[T]:
-    """Run the calibration windows ``[n, seq]`` through the dense model block by block and
-    return ``visit(index, layers, stats)`` of every block, ``stats`` being its layers' input
-    statistics (norms, no Hessian). One block is on ``device`` at a time; nothing changes.
-    One ``[n, seq, d]`` stream, memory-mapped above ``activation_budget`` bytes."""
-    _, blocks = find_blocks(model)
-    source = source or ResidentBlocks(blocks)
-    streams = _CapturedStreams(device, 1, activation_budget, spill_dir)
-    try:
-        hidden, calls = capture_block_inputs(
-            model, windows, device, batch_size, allocate=streams.allocate
-        )
-        return _dense_blocks(
-            blocks, source, hidden, calls, visit, device, batch_size, ignore, progress
-        )
-    finally:
-        streams.close()
-
-
-def _dense_blocks(blocks, source, hidden, calls, visit, device, batch_size, ignore, progress):
-    """The block loop of :func:`dense_pass`: ``hidden`` is advanced in place."""
-    results = []
-    for index in tqdm(range(len(blocks)), desc="dense pass", disable=not progress):
-        block = source.load(index)
-        home = next(block.parameters()).device
-        block.to(device)
-        layers = prunable_layers(block, ignore)
-        call = calls[index].to(device)
-        stats = collect_input_stats(
-            layers,
-            lambda: _forward_batches(block, hidden, call, hidden, device, batch_size),  # noqa: B023
-            hessian=False,
-        )
-        results.append(visit(index, layers, stats))
-        block.to(home)
-        source.release(index)
-    return results
 
 
 def model_sparsity(model: nn.Module, ignore: tuple[str, ...] = ()) -> float:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,11 +26,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from safe_llm import __version__, data
+from safe_llm import data
+from safe_llm.atomic import atomic_write
 from safe_llm.errors import SafeLLMError
-from safe_llm.memory import return_freed_memory
+from safe_llm.memory import return_freed_memory, serve_large_buffers_from_mmap
 from safe_llm.perplexity import check_seqlen, perplexity
 from safe_llm.result_cache import cached_perplexity
+from safe_llm.version import __version__
 
 FORMULA = "exp(mean over windows of the window's mean next-token NLL)"
 
@@ -185,6 +186,83 @@ def evaluate_perplexity(
     }
 
 
+def check_request(
+    datasets: str | Iterable[str] | None,
+    tasks: str | Iterable[str] | None,
+    sizes: dict[str, int | None],
+    num_fewshot: int = 0,
+) -> tuple[list[str], list[str]]:
+    """``(perplexity sources, tasks)`` of an evaluation; raise :class:`EvalError` before
+    anything is loaded if unusable. ``datasets=None`` means ``wikitext2`` unless tasks are
+    given; ``sizes`` maps ``seqlen``, ``batch_size``, ``max_windows`` and ``limit`` to values."""
+    task_names = parse_list(tasks)
+    sources = parse_list(datasets) if datasets is not None else []
+    if datasets is None and not task_names:
+        sources = ["wikitext2"]
+    if not sources and not task_names:
+        raise EvalError("nothing to evaluate: give --datasets and/or --tasks")
+    for name, minimum in (("seqlen", 2), ("batch_size", 1), ("max_windows", 1), ("limit", 1)):
+        value = sizes.get(name)
+        if value is not None and value < minimum:
+            raise EvalError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+    if num_fewshot < 0:
+        raise EvalError(f"--num-fewshot must be at least 0, got {num_fewshot}")
+    if task_names:
+        from safe_llm.zeroshot import _lm_eval
+
+        _lm_eval()  # a missing extra fails before the model is loaded
+    return sources, task_names
+
+
+def evaluate(
+    model: str,
+    datasets: str | Iterable[str] | None = None,
+    tasks: str | Iterable[str] | None = None,
+    *,
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    device: str = "auto",
+    dtype: str = "auto",
+    text_column: str = "text",
+    trust_remote_code: bool = False,
+    num_fewshot: int = 0,
+    limit: int | None = None,
+    include_path: str | None = None,
+    metric: str = "acc",
+    progress: bool = False,
+    cache: bool = True,
+) -> dict:
+    """What ``safe-llm eval`` runs: token perplexity of ``model`` (directory, hub id, .gguf or
+    built-in) on each of ``datasets`` and zero-shot accuracy on ``tasks`` (lm-evaluation-
+    harness). Returns the results document (the JSON ``safe-llm eval --json`` writes), with
+    ``perplexity`` ``{source: result}`` and, with tasks, ``zeroshot``. ``cache=False``
+    recomputes perplexities found in the disk cache."""
+    from safe_llm.models import load_model, resolve_device, resolve_dtype
+
+    sizes = {"seqlen": seqlen, "batch_size": batch_size, "max_windows": max_windows}
+    sources, task_names = check_request(datasets, tasks, {**sizes, "limit": limit}, num_fewshot)
+    serve_large_buffers_from_mmap()
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    loaded, tokenizer, _ = load_model(model, dtype, trust_remote_code)
+    loaded.to(device)
+    windows = {"max_windows": max_windows, "text_column": text_column, "progress": progress}
+    windows["cache"] = cache
+    perplexities = evaluate_perplexity(
+        loaded, tokenizer, sources, seqlen, batch_size=batch_size, device=device, **windows
+    )
+    zeroshot = None
+    if task_names:
+        from safe_llm.zeroshot import evaluate_tasks
+
+        shots = {"num_fewshot": num_fewshot, "limit": limit, "include_path": include_path}
+        zeroshot = evaluate_tasks(
+            loaded, tokenizer, task_names, batch_size=batch_size, metric=metric, **shots
+        )
+    return results_document(model, device, dtype, perplexities, zeroshot)
+
+
 def format_perplexity(source: str, result: dict) -> str:
     """One line for the terminal: the number and its protocol."""
     cached = ", from the cache" if result.get("cached") else ""
@@ -207,24 +285,8 @@ def results_document(model: str, device, dtype, perplexities: dict, zeroshot=Non
     return document
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_json(path: str | os.PathLike, document: dict) -> Path:
     """Write ``document`` to ``path`` atomically (temporary sibling, then rename)."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(document, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))

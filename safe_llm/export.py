@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from safe_llm.atomic import atomic_directory, atomic_write
 from safe_llm.errors import SafeLLMError
-from safe_llm.resume import atomic_write
 
 FORMAT = "safe_llm.bitmask"
 VERSION = "1"
@@ -201,20 +200,16 @@ def export_bitmask(
 
 
 def _write_directory(checkpoint: Path, output: Path, stored: dict, metadata: dict) -> None:
-    """Copy the non-weight files, add the bitmask file, then rename the directory into place."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
+    """The non-weight files of ``checkpoint`` plus the bitmask file, put in ``output``'s place
+    only once complete (:func:`~safe_llm.atomic.atomic_directory`)."""
+
+    def fill(tmp: Path) -> None:
         for path in checkpoint.iterdir():
             if path.is_file() and not any(path.match(p) for p in _WEIGHT_FILES):
                 shutil.copy2(path, tmp / path.name)
         save_file(stored, str(tmp / BITMASK_FILE), metadata)
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_directory(output, fill)
 
 
 def _bitmask_file(path: Path) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from safe_llm import __version__
+from safe_llm.version import __version__
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

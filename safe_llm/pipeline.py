@@ -14,18 +14,15 @@ from torch import nn
 from safe_llm import data, distributed, precision
 from safe_llm.blocks import find_blocks, prunable_layers, weight_matrix
 from safe_llm.config import ConfigError, PruneConfig, make_config, parse_size
-from safe_llm.engine import BlockSource, PruneReport, dense_pass, prune_model
+from safe_llm.engine import EngineOptions, PruneReport, prune_model
 from safe_llm.evaluate import evaluate_perplexity
 from safe_llm.memory import StagePeaks, return_freed_memory, serve_large_buffers_from_mmap
 from safe_llm.methods import build_method
 from safe_llm.models import load_model, resolve_device, resolve_dtype
+from safe_llm.owl import block_sizes, block_sparsities, weighted_sparsity
 from safe_llm.resume import EngineState, Interrupted, WorkArea, work_dir
-from safe_llm.sparsity import (
-    SparsityPattern,
-    outlier_ratio,
-    owl_sparsities,
-    weighted_sparsity,
-)
+from safe_llm.run_report import RunReport
+from safe_llm.sparsity import SparsityPattern
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +32,7 @@ class PruneResult:
     model: nn.Module
     tokenizer: object
     config: PruneConfig
-    report: dict
+    report: RunReport
     # writes config.json and the weights into a directory (given the max shard size), for a
     # model that is not whole in memory (--stream-from-disk); None: model.save_pretrained
     write_weights: Callable[[Path, str], None] | None = None
@@ -119,77 +116,22 @@ def _state_saver(
     return on_state
 
 
-def _block_sizes(blocks: nn.ModuleList, ignore: tuple[str, ...]) -> list[int]:
-    """Prunable weights per block."""
-    return [
-        sum(weight_matrix(layer).numel() for layer in prunable_layers(block, ignore).values())
-        for block in blocks
-    ]
-
-
-def _activation_storage(config: PruneConfig) -> dict:
-    """The engine's ``activation_budget`` and ``spill_dir`` for ``--max-activation-memory``
-    (the memory-mapped streams sit next to ``--output``)."""
+def engine_options(config: PruneConfig, device: torch.device, progress: bool) -> EngineOptions:
+    """The engine's options for ``config`` (the memory-mapped activation streams of
+    ``--max-activation-memory`` sit next to ``--output``)."""
     budget = config.max_activation_memory
-    return {
-        "activation_budget": parse_size(budget) if budget else None,
-        "spill_dir": Path(config.output).expanduser().parent if config.output else None,
-    }
-
-
-def block_sparsities(
-    config: PruneConfig,
-    model: nn.Module,
-    windows: torch.Tensor,
-    device: torch.device,
-    source: BlockSource | None = None,
-    progress: bool = True,
-) -> tuple[list[float], list[float] | None]:
-    """``(sparsity of every block, OWL outlier ratios or None)`` for ``config``'s profile.
-
-    OWL takes a dense pass of the calibration windows ``[n, seq]`` through every block (the
-    engine's :func:`~safe_llm.engine.dense_pass`) for the Wanda scores' outlier ratios.
-    """
-    ignore = tuple(config.ignore)
-    _, blocks = find_blocks(model)
-    sizes = _block_sizes(blocks, ignore)
-    target = config.pattern().sparsity
-    if config.sparsity_per_block is not None:
-        given = config.sparsity_per_block
-        if len(given) != len(blocks):
-            raise ConfigError(
-                f"sparsity_per_block has {len(given)} values but the model has {len(blocks)} "
-                "decoder blocks"
-            )
-        overall = weighted_sparsity(given, sizes)
-        if config.sparsity is not None and abs(overall - config.sparsity) > 1e-6:
-            raise ConfigError(
-                f"sparsity_per_block gives an overall sparsity of {overall:.6g}, --sparsity "
-                f"says {config.sparsity:g}: drop --sparsity or make them agree"
-            )
-        return list(given), None
-    if config.sparsity_profile != "owl":
-        return [target] * len(blocks), None
-
-    def ratio(_index, layers, stats) -> float:
-        names = list(layers)
-        weights = [weight_matrix(layers[n]) for n in names]
-        return outlier_ratio(weights, [stats[n].norms for n in names], config.owl_m)
-
-    ratios = dense_pass(
-        model,
-        windows,
-        ratio,
+    return EngineOptions(
         device=device,
         batch_size=config.batch_size,
-        ignore=ignore,
-        source=source,
+        ignore=tuple(config.ignore),
+        dense_targets=config.dense_targets,
+        layer_errors=config.layer_errors,
+        seed=config.seed,
+        max_blocks=config.max_blocks,
         progress=progress,
-        **_activation_storage(config),
+        activation_budget=parse_size(budget) if budget else None,
+        spill_dir=Path(config.output).expanduser().parent if config.output else None,
     )
-    sparsities = owl_sparsities(ratios, sizes, target, config.owl_lambda)
-    log.info("OWL block sparsities: %s", ", ".join(f"{s:.3f}" for s in sparsities))
-    return sparsities, ratios
 
 
 def _load(config: PruneConfig, dtype: torch.dtype):
@@ -227,11 +169,11 @@ def run_prune(
     """Load, calibrate, prune block by block and (optionally) evaluate.
 
     With ``config.output`` each finished block's state is saved in the output's work area
-    (:mod:`safe_llm.resume`), and ``config.resume`` continues from it; nothing else is written.
-    ``should_stop`` is polled after each block's save: a signal number there raises
-    :class:`~safe_llm.resume.Interrupted`. Every check that does not need the model runs
-    before it is loaded, and every check that needs it (pattern shapes, finite weights,
-    enough calibration text) before any pruning.
+    (:mod:`safe_llm.resume`), and ``config.resume`` continues from it; nothing else is written
+    (:func:`finish_run` writes the checkpoint). ``should_stop`` is polled after each block's
+    save: a signal number there raises :class:`~safe_llm.resume.Interrupted`. Every check that
+    does not need the model runs before it is loaded, and every check that needs it (pattern
+    shapes, finite weights, enough calibration text) before any pruning.
     """
     start = time.perf_counter()
     distributed.init_from_env()
@@ -241,103 +183,158 @@ def run_prune(
     device = distributed.local_device(resolve_device(config.device))
     dtype = resolve_dtype(config.dtype, device)
     method = build_method(config.method, config.method_options)
-    pattern = config.pattern()
     serve_large_buffers_from_mmap()
     peaks = StagePeaks(device)
     with peaks.stage("load"):
         model, tokenizer, source, writer = _load(config, dtype)
-    check_prunable(model, pattern, tuple(config.ignore))
+    check_prunable(model, config.pattern(), tuple(config.ignore))
     with peaks.stage("calibration_data"):
-        windows = data.calibration_windows(
-            tokenizer,
-            config.dataset,
-            config.nsamples,
-            config.seqlen,
-            config.seed,
-            text_column=config.text_column,
-        )
-        return_freed_memory()  # the tokenizer's buffers for the whole text
-    log.info("calibration: %d windows x %d tokens from %s", *windows.shape, config.dataset)
+        windows = _calibration_windows(config, tokenizer)
+    options = engine_options(config, device, progress)
     with peaks.stage("dense_evaluation"):
         dense_eval = _evaluate_on_device(model, tokenizer, config, device, progress)
     with peaks.stage("sparsity_profile"):
-        sparsities, outlier_ratios = block_sparsities(
-            config, model, windows, device, source, progress
-        )
-    uniform = len(set(sparsities)) == 1 and sparsities[0] == pattern.sparsity
-    patterns = None if uniform else [SparsityPattern.parse("unstructured", s) for s in sparsities]
-    _, blocks = find_blocks(model)
-    if work is not None and not fresh:
-        resume = work.load(None if source is not None else blocks)
-    else:
-        resume = None
-    writes = work if distributed.is_writer() else None
-    total = len(blocks) if config.max_blocks is None else min(config.max_blocks, len(blocks))
+        sparsities, outlier_ratios = block_sparsities(config, model, windows, options, source)
+    total = _blocks_to_prune(model, config)
     with peaks.stage("pruning"):
-        engine_report: PruneReport = prune_model(
+        engine_report = prune_model(
             model,
             windows,
             method,
-            pattern,
-            device=device,
-            batch_size=config.batch_size,
-            ignore=tuple(config.ignore),
-            dense_targets=config.dense_targets,
-            layer_errors=config.layer_errors,
-            seed=config.seed,
-            max_blocks=config.max_blocks,
-            progress=progress,
-            resume=resume,
-            on_state=_state_saver(writes, fresh, config, total, should_stop),
-            block_patterns=patterns,
+            config.pattern(),
+            options,
+            block_patterns=_patterns(config.pattern(), sparsities),
             source=source,
-            **_activation_storage(config),
+            resume=_resume_state(work, fresh, model, streamed=source is not None),
+            on_state=_state_saver(
+                work if distributed.is_writer() else None, fresh, config, total, should_stop
+            ),
         )
     with peaks.stage("pruned_evaluation"):
         pruned_eval = _evaluate_on_device(model, tokenizer, config, device, progress)
-    report = {
-        "model": config.model,
-        "command": config.command_line,
-        "method": config.method,
-        "pattern": pattern.structure,
-        "sparsity": pattern.sparsity
-        if config.sparsity_per_block is None
-        else weighted_sparsity(sparsities, _block_sizes(blocks, tuple(config.ignore))),
-        "sparsity_profile": "explicit"
-        if config.sparsity_per_block is not None
-        else config.sparsity_profile,
-        "block_sparsity": sparsities,
-        **({"owl_outlier_ratios": outlier_ratios} if outlier_ratios is not None else {}),
-        "data_parallel_ranks": distributed.world_size(),
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "precision": _precision_report(device, dtype, method),
-        "calibration": {
+    evaluation = {"dense": dense_eval, "pruned": pruned_eval}
+    report = _run_report(config, model, engine_report, (sparsities, outlier_ratios), evaluation)
+    report.device, report.dtype = str(device), str(dtype).removeprefix("torch.")
+    report.precision = _precision_report(device, dtype, method)
+    report.stage_peak_memory_bytes = peaks.to_dict()
+    report.total_seconds = time.perf_counter() - start
+    write_weights = writer(work, total) if writer is not None and work is not None else None
+    return PruneResult(model, tokenizer, config, report, write_weights)
+
+
+def _calibration_windows(config: PruneConfig, tokenizer) -> torch.Tensor:
+    """The calibration token ids ``[nsamples, seqlen]`` of ``config``."""
+    windows = data.calibration_windows(
+        tokenizer,
+        config.dataset,
+        config.nsamples,
+        config.seqlen,
+        config.seed,
+        text_column=config.text_column,
+    )
+    return_freed_memory()  # the tokenizer's buffers for the whole text
+    log.info("calibration: %d windows x %d tokens from %s", *windows.shape, config.dataset)
+    return windows
+
+
+def _blocks_to_prune(model: nn.Module, config: PruneConfig) -> int:
+    _, blocks = find_blocks(model)
+    return len(blocks) if config.max_blocks is None else min(config.max_blocks, len(blocks))
+
+
+def _patterns(pattern: SparsityPattern, sparsities: list[float]) -> list[SparsityPattern] | None:
+    """One pattern per block for a non-uniform profile, else None (``pattern`` for all)."""
+    if len(set(sparsities)) == 1 and sparsities[0] == pattern.sparsity:
+        return None
+    return [SparsityPattern.parse("unstructured", s) for s in sparsities]
+
+
+def _resume_state(
+    work: WorkArea | None, fresh: bool, model: nn.Module, streamed: bool
+) -> EngineState | None:
+    """The state a resumed run continues from (its finished blocks put into ``model``,
+    unless streamed: those stay in the work area), or None for a fresh run."""
+    if work is None or fresh:
+        return None
+    _, blocks = find_blocks(model)
+    return work.load(None if streamed else blocks)
+
+
+def _run_report(
+    config: PruneConfig,
+    model: nn.Module,
+    engine_report: PruneReport,
+    profile: tuple[list[float], list[float] | None],
+    evaluation: dict,
+) -> RunReport:
+    """The :class:`RunReport` of a run from the engine's report, the block sparsities and
+    OWL ratios (``profile``) and the evaluation; the caller sets device, dtype, precision,
+    the stages' peak memory and the total time."""
+    sparsities, outlier_ratios = profile
+    _, blocks = find_blocks(model)
+    explicit = config.sparsity_per_block is not None
+    pattern = config.pattern()
+    return RunReport.from_engine(
+        engine_report,
+        model=config.model,
+        command=config.command_line,
+        method=config.method,
+        pattern=pattern.structure,
+        sparsity=weighted_sparsity(sparsities, block_sizes(blocks, tuple(config.ignore)))
+        if explicit
+        else pattern.sparsity,
+        sparsity_profile="explicit" if explicit else config.sparsity_profile,
+        block_sparsity=sparsities,
+        owl_outlier_ratios=outlier_ratios,
+        data_parallel_ranks=distributed.world_size(),
+        device="",
+        dtype="",
+        calibration={
             "dataset": config.dataset,
             "nsamples": config.nsamples,
             "seqlen": config.seqlen,
             "seed": config.seed,
         },
-        "evaluation": {"dense": dense_eval, "pruned": pruned_eval},
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **engine_report.to_dict(),
-        "stage_peak_memory_bytes": peaks.to_dict(),
-        "total_seconds": time.perf_counter() - start,
-    }
-    write_weights = writer(work, total) if writer is not None and work is not None else None
-    return PruneResult(model, tokenizer, config, report, write_weights)
+        evaluation=evaluation,
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
 
 
-def prune(model: str, **options) -> tuple[nn.Module, dict]:
+def finish_run(result: PruneResult) -> str | None:
+    """The one way a run ends, for the CLI and :func:`prune` alike: the writing rank (rank 0,
+    or the only process) saves the checkpoint when ``config.output`` is set, the process group
+    is released, then the writing rank uploads the checkpoint with ``config.push_to_hub``.
+    Returns the Hub commit URL when it pushed, else None."""
+    from safe_llm.checkpoint import save_checkpoint
+
+    config = result.config
+    writer = distributed.is_writer()
+    try:
+        if writer and config.output:
+            save_checkpoint(result)
+    finally:
+        distributed.shutdown()
+    if not (writer and config.push_to_hub):
+        return None
+    from safe_llm.hub import push_checkpoint
+
+    url = push_checkpoint(
+        config.output, config.hub_repo_id, private=config.hub_private, revision=config.hub_revision
+    )
+    log.info("pushed to %s", url)
+    return url
+
+
+def prune(model: str, **options) -> tuple[nn.Module, RunReport]:
     """Python API: prune ``model`` with the options of ``safe-llm prune``.
 
     Example: ``model, report = prune("smollm2-135m", method="wanda", sparsity=0.5,
     dataset="builtin-c4", nsamples=32, seqlen=512)``. Writes a checkpoint when ``output``
-    is given; ``progress=True`` shows progress bars. Returns the pruned model (on the host)
-    and the run report.
+    is given (and uploads it with ``push_to_hub``; under ``torchrun`` rank 0 alone writes);
+    ``progress=True`` shows progress bars. Returns the pruned model (on the host) and the
+    run report (:class:`~safe_llm.run_report.RunReport`; ``report["key"]`` reads the
+    ``report.json`` view).
     """
-    from safe_llm.checkpoint import save_checkpoint
-
     progress = bool(options.pop("progress", False))
     method_options = options.pop("method_options", {})
     call = ", ".join([repr(model), *(f"{k}={v!r}" for k, v in options.items())])
@@ -346,6 +343,5 @@ def prune(model: str, **options) -> tuple[nn.Module, dict]:
     options.setdefault("command_line", f"safe_llm.prune({call})")
     config = make_config(overrides={"model": model, **options, "method_options": method_options})
     result = run_prune(config, progress=progress)
-    if config.output:
-        save_checkpoint(result)
+    finish_run(result)
     return result.model, result.report

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from safe_llm.atomic import umask
 from safe_llm.errors import SafeLLMError
 
 INSTALL_HINT = "pip install 'safe-llm[eval]'"
@@ -337,8 +338,7 @@ def write_report(
         names = _write_plots(runs, tmp) if plots else []
         (tmp / "report.md").write_text(markdown(runs, names), encoding="utf-8")
         names.append("report.md")
-        mask = os.umask(0)
-        os.umask(mask)
+        mask = umask()
         for name in names:
             (tmp / name).chmod(0o666 & ~mask)
             os.replace(tmp / name, output / name)

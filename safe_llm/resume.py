@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,36 +31,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from safe_llm.atomic import atomic_write
 from safe_llm.errors import SafeLLMError
 
 log = logging.getLogger(__name__)
 
 WORK_DIR = ".safe_llm_work"
 FORMAT_VERSION = 1
-
-# Options that do not change the pruned weights: a resume may change them freely.
-IGNORED_KEYS = frozenset(
-    {
-        "output",
-        "overwrite",
-        "resume",
-        "max_blocks",
-        "max_shard_size",
-        "stream_from_disk",
-        "max_activation_memory",
-        "eval",
-        "eval_seqlen",
-        "eval_max_windows",
-        "eval_cache",
-        "trust_remote_code",
-        "command_line",
-        "push_to_hub",
-        "hub_repo_id",
-        "hub_private",
-        "hub_revision",
-    }
-)
-
 
 # Decisive options added after FORMAT_VERSION 1 work areas were first written, with the value
 # such a work area (which does not record them) was pruned with.
@@ -130,9 +106,12 @@ def work_dir(output: str | os.PathLike) -> Path:
 
 
 def decisive_options(config: dict) -> dict:
-    """The options of ``config`` (``PruneConfig.to_dict()``) that decide the pruned weights,
-    as plain JSON values."""
-    return json.loads(json.dumps({k: v for k, v in config.items() if k not in IGNORED_KEYS}))
+    """The options of ``config`` (``PruneConfig.to_dict()``) that decide the pruned weights
+    (every field not declared ``decisive=False``), as plain JSON values."""
+    from safe_llm.config import weight_neutral_options
+
+    neutral = weight_neutral_options()
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in neutral}))
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
@@ -146,30 +125,6 @@ def config_differences(saved: dict, current: dict) -> list[str]:
         for k in keys
         if saved.get(k, missing) != current.get(k, missing)
     ]
-
-
-def _fsync(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then fsync and ``os.replace(tmp, path)``: ``path`` is old or new, never
-    partial. The temporary file is removed if anything fails."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
-        _fsync(path.parent, directory=True)
 
 
 def _write_json(path: Path, value: dict) -> None:

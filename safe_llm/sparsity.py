@@ -9,6 +9,7 @@ input dimension (consecutive columns of a row), as sparse tensor cores expect.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -26,12 +27,15 @@ class SparsityPattern:
     """Target sparsity of one matrix.
 
     ``n``/``m`` set for N:M (keep ``n`` of every ``m`` consecutive inputs), else unstructured
-    with fraction ``sparsity`` of entries set to zero.
+    with fraction ``sparsity`` of entries set to zero. ``per_row``: an unstructured count is
+    kept in every output row (Wanda's comparison group) instead of over the whole matrix
+    (:meth:`counting_per_row`); N:M groups are per row anyway.
     """
 
     sparsity: float
     n: int | None = None
     m: int | None = None
+    per_row: bool = False
 
     def __post_init__(self):
         if (self.n is None) != (self.m is None):
@@ -76,11 +80,17 @@ class SparsityPattern:
         return self.n is not None
 
     def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:.0%} unstructured"
+        if self.is_nm:
+            return f"{self.n}:{self.m}"
+        return f"{self.sparsity:.0%} unstructured" + (" per row" if self.per_row else "")
 
     @property
     def structure(self) -> str:
         return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+
+    def counting_per_row(self, per_row: bool = True) -> SparsityPattern:
+        """The same pattern, its unstructured count kept per row (or over the matrix)."""
+        return dataclasses.replace(self, per_row=per_row)
 
     def with_sparsity(self, sparsity: float) -> SparsityPattern:
         """The same kind of pattern at another sparsity (unstructured only)."""
@@ -102,14 +112,16 @@ class SparsityPattern:
         """Entries kept out of ``numel`` for unstructured sparsity (exact, round-half-even)."""
         return int(round((1.0 - self.sparsity) * numel))
 
-    def keep_mask(self, scores: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    def keep_mask(self, scores: torch.Tensor, per_row: bool | None = None) -> torch.Tensor:
         """Boolean keep-mask, same shape as ``scores`` ``[out, in]``; largest scores survive.
 
         Unstructured keeps exactly :meth:`kept_count` entries of the matrix (``per_row=False``)
-        or of every row (``per_row=True``, Wanda's comparison group). N:M keeps the ``n``
-        largest of each group of ``m`` consecutive columns; ``per_row`` does not change it.
-        Counts are exact: entries tied with the last kept score are taken by position.
+        or of every row (``per_row=True``, Wanda's comparison group); ``None``: the pattern's
+        own :attr:`per_row`. N:M keeps the ``n`` largest of each group of ``m`` consecutive
+        columns; ``per_row`` does not change it. Counts are exact: entries tied with the last
+        kept score are taken by position.
         """
+        per_row = self.per_row if per_row is None else per_row
         self.check_shape(tuple(scores.shape))
         rows, cols = scores.shape
         scores = scores.float()
@@ -126,7 +138,10 @@ class SparsityPattern:
         return _keep_largest(flat, self.kept_count(flat.numel())).reshape(rows, cols)
 
     def project(
-        self, weight: torch.Tensor, importance: torch.Tensor | None = None, per_row: bool = False
+        self,
+        weight: torch.Tensor,
+        importance: torch.Tensor | None = None,
+        per_row: bool | None = None,
     ) -> torch.Tensor:
         """Projection onto the sparse set: zero all but the kept entries of ``weight``.
 
@@ -138,8 +153,10 @@ class SparsityPattern:
             scores = scores * importance.to(scores.device, torch.float32).unsqueeze(0)
         return weight * self.keep_mask(scores, per_row=per_row).to(weight.dtype)
 
-    def satisfied_by(self, weight: torch.Tensor, per_row: bool = False) -> bool:
-        """Whether ``weight`` has exactly this pattern's zeros (at least, for N:M groups)."""
+    def satisfied_by(self, weight: torch.Tensor, per_row: bool | None = None) -> bool:
+        """Whether ``weight`` has at least this pattern's zeros (counted as :meth:`keep_mask`
+        keeps them: per row when ``per_row``, ``None`` meaning the pattern's own)."""
+        per_row = self.per_row if per_row is None else per_row
         nonzero = weight.detach() != 0
         rows, cols = nonzero.shape
         if self.is_nm:
@@ -178,60 +195,3 @@ def _kth_largest(flat: torch.Tensor, k: int, by_topk: bool) -> torch.Tensor:
 def achieved_sparsity(weight: torch.Tensor) -> float:
     """Fraction of exact zeros in ``weight``."""
     return float((weight == 0).sum()) / weight.numel()
-
-
-# -- non-uniform sparsity across blocks ------------------------------------------------------
-
-PROFILES = ("uniform", "owl")
-
-
-def weighted_sparsity(sparsities: list[float], sizes: list[int]) -> float:
-    """Overall sparsity of blocks with ``sizes`` prunable weights pruned at ``sparsities``."""
-    total = sum(sizes)
-    return sum(s * n for s, n in zip(sparsities, sizes, strict=True)) / max(total, 1)
-
-
-@torch.no_grad()
-def outlier_ratio(weights: list[torch.Tensor], norms: list[torch.Tensor], m: float) -> float:
-    """OWL's layer-wise outlier ratio of one block (Yin et al. 2023).
-
-    ``weights[k]`` ``[out, in]`` and ``norms[k]`` ``[in]`` (``||X_j||``) give the Wanda scores
-    ``|W_ij| ||X_j||`` of every prunable matrix of the block; the ratio is the fraction of
-    those scores above ``m`` times their mean over the whole block (the paper's "layer").
-    """
-    scores = [
-        w.detach().abs().float() * n.to(w.device, torch.float32)
-        for w, n in zip(weights, norms, strict=True)
-    ]
-    count = sum(s.numel() for s in scores)
-    mean = sum(float(s.sum(dtype=torch.float64)) for s in scores) / max(count, 1)
-    outliers = sum(int((s > m * mean).sum()) for s in scores)
-    return outliers / max(count, 1)
-
-
-def owl_sparsities(ratios: list[float], sizes: list[int], target: float, lam: float) -> list[float]:
-    """Block sparsities from outlier ratios: OWL's linear spread of width ``2 lam``.
-
-    The block with the most outliers gets the lowest sparsity; the spread is shifted so the
-    size-weighted mean (the overall sparsity over all pruned weights) is exactly ``target``.
-    Equal ratios give the uniform profile.
-    """
-    r = torch.tensor(ratios, dtype=torch.float64)
-    span = float(r.max() - r.min()) if len(ratios) else 0.0
-    density = (r - r.min()) / span * (2 * lam) if span > 0 else torch.zeros_like(r)
-    sparsity = 1.0 - density
-    shift = weighted_sparsity(sparsity.tolist(), sizes) - target
-    result = (sparsity - shift).tolist()
-    check_block_sparsities(result)
-    return result
-
-
-def check_block_sparsities(sparsities: list[float]) -> None:
-    """Raise :class:`PatternError` unless every block sparsity is strictly inside (0, 1)."""
-    bad = [(i, s) for i, s in enumerate(sparsities) if not 0.0 < s < 1.0]
-    if bad:
-        index, value = bad[0]
-        raise PatternError(
-            f"block {index} would get sparsity {value:.4g}, outside (0, 1); lower the OWL "
-            "lambda or the target sparsity, or fix sparsity_per_block"
-        )

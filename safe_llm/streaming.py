@@ -22,10 +22,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from safe_llm.atomic import atomic_write
 from safe_llm.blocks import find_blocks
 from safe_llm.memory import return_freed_memory
 from safe_llm.models import ModelError, load_tokenizer, resolve_model_path
-from safe_llm.resume import WorkArea, atomic_write
+from safe_llm.resume import WorkArea
 
 log = logging.getLogger(__name__)
 

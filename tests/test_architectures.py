@@ -275,3 +275,37 @@ def test_model_without_decoder_blocks_raises_block_discovery_error(body):
             device=CPU,
             progress=False,
         )
+
+
+@pytest.mark.skipif("gpt2" not in AVAILABLE, reason="this transformers has no GPT-2")
+@pytest.mark.parametrize("method", ["safe", "safe+"])
+def test_safe_prunes_gpt2_conv1d_through_the_contexts_layout_conversion(method):
+    """GPT-2 stores ``Conv1D`` weights ``[in, out]``; SAFE trains the stored parameter and
+    projects through ``ctx.as_matrix`` / ``ctx.as_stored``: the pattern holds on ``[out, in]``."""
+    model = make_model("gpt2")
+    pattern = SparsityPattern.parse("2:4")
+    options = {"epochs": 1, "warmup_epochs": 0, "train_batch_size": 3}
+    prune_model(
+        model, make_windows(6), build_method(method, options), pattern, device=CPU, batch_size=3,
+        progress=False,
+    )  # fmt: skip
+    for block in find_blocks(model)[1]:
+        for name, layer in prunable_layers(block).items():
+            matrix = weight_matrix(layer).detach()
+            groups = (matrix != 0).reshape(matrix.shape[0], -1, 4).sum(dim=2)
+            assert (groups <= 2).all(), name
+
+
+def test_block_context_turns_a_conv1d_layout_into_out_in_and_back():
+    from safe_llm.methods.base import BlockContext
+
+    block = find_blocks(make_model("gpt2"))[1][0]
+    layers = prunable_layers(block)
+    ctx = BlockContext(
+        0, block, layers, SparsityPattern.parse("2:4"), None, None, None, {}, CPU, 1, 0
+    )  # noqa: E501
+    for name, layer in layers.items():
+        stored = torch.randn_like(layer.weight)
+        matrix = ctx.as_matrix(name, stored)
+        assert matrix.shape == ctx.matrix(name).shape  # [out, in]
+        assert torch.equal(ctx.as_stored(name, matrix), stored)

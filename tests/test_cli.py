@@ -80,6 +80,25 @@ def test_version_flag_prints_the_package_version_and_exits_0(capsys):
     assert capsys.readouterr().out.strip() == f"safe-llm {safe_llm.__version__}"
 
 
+def test_python_dash_m_safe_llm_is_the_safe_llm_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "safe_llm", "--version"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout.strip() == f"safe-llm {safe_llm.__version__}"
+
+
+def test_modules_read_the_version_from_its_own_module_not_from_the_package():
+    package = Path(safe_llm.__file__).parent
+    readers = [
+        p.name for p in package.rglob("*.py") if "from safe_llm import __version__" in p.read_text()
+    ]
+    assert readers == []
+    assert safe_llm.__version__ == __import__("safe_llm.version").version.__version__
+
+
 def test_prune_help_lists_every_config_and_method_option_with_help_text(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["prune", "--help"])
@@ -89,7 +108,10 @@ def test_prune_help_lists_every_config_and_method_option_with_help_text(capsys):
     options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
     flags = {a.dest: a for a in options}
     expected = {f.name for f in dataclasses.fields(PruneConfig) if f.metadata.get("cli", True)}
-    expected |= set(cli._method_option_fields()) | {"recipe", "quiet"}
+    expected |= {cli.OPTION_DEST + name for name in cli._method_option_fields()} - {
+        cli.OPTION_DEST + name for name in expected
+    }
+    expected |= {"recipe", "quiet", "method_option_pairs"}
     assert expected <= set(flags), f"options without a flag: {expected - set(flags)}"
     for action in options:
         assert action.help and action.help.strip(), f"{action.option_strings} has no help"
@@ -440,3 +462,44 @@ def test_every_shipped_recipe_is_a_valid_configuration(recipe):
     config = make_config(load_recipe(recipe))
     build_method(config.method, config.method_options)  # unknown or bad options raise
     assert config.pattern().sparsity > 0
+
+
+# --------------------------------------------------------------------------------------------
+# method options named like a run option or like another method's option
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clashing_method(monkeypatch):
+    """A method whose options are named like a run option (``seed``) and like SAFE's ``lr``
+    (but an int with another default)."""
+    from safe_llm.methods import METHODS, available_methods
+    from safe_llm.methods.base import PruningMethod
+
+    available_methods()
+
+    @dataclasses.dataclass
+    class Options:
+        seed: int = dataclasses.field(default=7, metadata={"help": "the method's own seed"})
+        lr: int = dataclasses.field(default=3, metadata={"help": "an integer step"})
+
+    class Clash(PruningMethod):
+        name = "clash"
+
+    Clash.Options = Options
+    monkeypatch.setitem(METHODS, "clash", Clash)
+    return Clash
+
+
+def test_method_options_named_like_run_options_or_other_methods_options_all_reach_the_method(
+    clashing_method, base_args
+):
+    parser = cli.build_parser()  # used to raise: --seed registered twice
+    args = parser.parse_args([*base_args, "--method", "clash", "--seed", "5", "--lr", "2"])
+    config = cli._config_from_args(args)
+    assert config.seed == 5 and config.method_options == {"lr": 2}
+    assert isinstance(config.method_options["lr"], int)
+    args = parser.parse_args([*base_args, "--method", "clash", "--method-option", "seed=11"])
+    assert cli._config_from_args(args).method_options == {"seed": 11}
+    args = parser.parse_args([*base_args, "--method", "safe", "--lr", "2"])
+    assert cli._config_from_args(args).method_options == {"lr": 2.0}

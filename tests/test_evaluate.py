@@ -217,6 +217,19 @@ def test_eval_cli_writes_json_with_a_protocol_label_for_every_number(
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
 
 
+def test_python_evaluate_gives_the_document_safe_llm_eval_writes(model_dir, text_file, tmp_path):
+    import safe_llm
+
+    document = safe_llm.evaluate(str(model_dir), str(text_file), seqlen=SEQLEN, batch_size=2)
+    out = tmp_path / "eval.json"
+    assert cli.main(_eval(model_dir, "--datasets", str(text_file), "--json", str(out))) == 0
+    written = json.loads(out.read_text())
+    assert list(document) == list(written)
+    result, expected = document["perplexity"][str(text_file)], written["perplexity"][str(text_file)]
+    assert result["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
+    assert result["protocol"] == expected["protocol"]
+
+
 def test_eval_cli_quiet_shows_no_progress_bar(model_dir, text_file, capsys):
     assert cli.main(_eval(model_dir, "--datasets", str(text_file), "--quiet")) == 0
     assert "perplexity" not in capsys.readouterr().err

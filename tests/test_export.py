@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,3 +209,23 @@ def test_sharded_checkpoint_is_read_whole(tmp_path):
     tensors, config = load_state_dict(output)
     assert set(tensors) == {"a", "b"} and torch.equal(tensors["a"], first)
     assert config == {"model_type": "llama"}
+
+
+def test_a_failed_final_rename_keeps_the_previous_export_directory(
+    checkpoint, tmp_path, monkeypatch
+):
+    output = tmp_path / "exported"
+    output.mkdir()
+    (output / "keep.txt").write_text("precious")
+    rename = Path.rename
+
+    def failing_rename(self, target):
+        if self.name.startswith(f".{output.name}.tmp-"):
+            raise OSError(28, "No space left on device", str(self))
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(ExportError, match="nothing was changed"):
+        export_bitmask(checkpoint, output, overwrite=True)
+    assert (output / "keep.txt").read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

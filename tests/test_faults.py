@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from safe_llm import checkpoint, cli, engine, resume
+from safe_llm import atomic, cli, engine, resume
 from safe_llm.methods import METHODS, register
 from safe_llm.methods.base import PruningMethod
 from safe_llm.resume import WORK_DIR, WorkArea
@@ -269,7 +269,7 @@ def test_permission_denied_for_the_checkpoint_says_nothing_was_written(
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), kwargs.get("dir"))
 
-    monkeypatch.setattr(checkpoint.tempfile, "mkdtemp", denied)
+    monkeypatch.setattr(atomic.tempfile, "mkdtemp", denied)
     out = tmp_path / "new" / "out"
     assert cli.main(prune_argv(model_dir, out, "--method", "magnitude", "--max-blocks", "1")) == 2
     line = _one_error_line(capsys)

@@ -191,3 +191,43 @@ def test_push_without_a_token_asks_to_log_in(hub, checkpoint, monkeypatch, capsy
     assert rc == 2 and err.startswith("safe-llm: error: no Hugging Face token")
     assert "HF_TOKEN" in err and f"safe-llm push {checkpoint}" in err
     assert not [r for r in hub.requests if r[1] != "/api/agent-harnesses"]
+
+
+def test_python_prune_with_push_to_hub_writes_then_uploads_the_checkpoint(
+    hub, save_tiny_model, calibration_file, tmp_path
+):
+    import safe_llm
+
+    out = tmp_path / "pruned"
+    safe_llm.prune(
+        str(save_tiny_model()),
+        dataset=str(calibration_file),
+        nsamples=2,
+        seqlen=16,
+        output=str(out),
+        push_to_hub=True,
+        hub_repo_id="bob/pruned",
+    )
+    _, _, files = _commit(hub)
+    assert files == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+
+def test_python_prune_on_a_rank_that_does_not_write_leaves_output_and_hub_alone(
+    hub, save_tiny_model, calibration_file, tmp_path, monkeypatch
+):
+    import safe_llm
+    from safe_llm import distributed
+
+    monkeypatch.setattr(distributed, "is_writer", lambda: False)
+    out = tmp_path / "pruned"
+    safe_llm.prune(
+        str(save_tiny_model()),
+        dataset=str(calibration_file),
+        nsamples=2,
+        seqlen=16,
+        output=str(out),
+        push_to_hub=True,
+        hub_repo_id="bob/pruned",
+    )
+    assert not out.exists()
+    assert not [r for r in hub.requests if "/commit/" in r[1]]

@@ -409,3 +409,15 @@ def test_smollm2_killed_in_a_block_and_resumed_is_bitwise_identical(smollm2_cach
     _assert_same_weights(reference, out)
     report = json.loads((out / "report.json").read_text())
     assert report["resumed_from_block"] == 2 and len(report["blocks"]) == 4
+
+
+def test_weight_neutral_options_are_declared_on_the_config_fields_and_keep_old_work_areas_valid():
+    from safe_llm.config import weight_neutral_options
+
+    # the options work areas written before the declaration moved onto the fields ignored
+    assert weight_neutral_options() == {
+        "output", "overwrite", "resume", "max_blocks", "max_shard_size", "stream_from_disk",
+        "max_activation_memory", "eval", "eval_seqlen", "eval_max_windows", "eval_cache",
+        "trust_remote_code", "command_line", "push_to_hub", "hub_repo_id", "hub_private",
+        "hub_revision",
+    }  # fmt: skip

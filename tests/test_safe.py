@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from safe_llm.blocks import BlockCall, find_blocks, prunable_layers, weight_matrix
-from safe_llm.engine import BlockContext, prune_model
+from safe_llm.engine import prune_model
 from safe_llm.layer_stats import InputStats
 from safe_llm.methods import build_method
+from safe_llm.methods.base import BlockContext
 from safe_llm.methods.safe import NonFiniteLossError
 from safe_llm.sparsity import SparsityPattern
 

@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 
 from safe_llm.checkpoint import save_checkpoint
 from safe_llm.config import ConfigError, make_config
+from safe_llm.owl import owl_sparsities, weighted_sparsity
 from safe_llm.pipeline import run_prune
-from safe_llm.sparsity import PatternError, owl_sparsities, weighted_sparsity
+from safe_llm.sparsity import PatternError
 
 BLOCKS = 4
 
@@ -279,7 +280,7 @@ def test_two_process_safe_equals_the_single_process_run(
 
 
 def test_streams_over_the_activation_budget_are_memory_mapped_files(tmp_path):
-    from safe_llm.engine import _activations
+    from safe_llm.activations import activations_for as _activations
 
     space = _activations(torch.device("cpu"), 4000, 1000, tmp_path)
     stream = space.copy(torch.arange(12.0).reshape(2, 3, 2))

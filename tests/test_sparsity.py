@@ -202,3 +202,14 @@ def test_satisfied_by_detects_a_matrix_with_too_few_zeros():
     bad = nm.project(weight)
     bad[0, :4] = 1.0
     assert not nm.satisfied_by(bad)
+
+
+def test_a_pattern_counting_per_row_keeps_the_count_in_every_row_and_checks_it_so():
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0], [0.4, 0.3, 0.2, 0.1]])
+    pattern = SparsityPattern.parse("unstructured", 0.5)
+    per_row = pattern.counting_per_row()
+    assert per_row.per_row and not pattern.per_row and "per row" in str(per_row)
+    assert torch.equal(per_row.keep_mask(scores), pattern.keep_mask(scores, per_row=True))
+    whole = pattern.project(scores)  # the four largest: all in row 0
+    assert pattern.satisfied_by(whole) and not per_row.satisfied_by(whole)
+    assert per_row.satisfied_by(per_row.project(scores))

@@ -1,12 +1,80 @@
-"""The one interface every pruning method implements."""
+"""The one interface every pruning method implements: :class:`PruningMethod`, which prunes a
+block given its :class:`BlockContext`.
+
+This module imports nothing of the engine: a method needs only this file (and the sparsity
+patterns, the layer statistics and the block helpers it hands over).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
-if TYPE_CHECKING:
-    from safe_llm.engine import BlockContext
+import torch
+from torch import nn
+
+from safe_llm.blocks import BlockCall, iter_batches, run_block, weight_matrix
+from safe_llm.layer_stats import InputStats
+from safe_llm.sparsity import SparsityPattern
+
+
+@dataclass
+class BlockContext:
+    """Everything a method may use to prune one block.
+
+    ``inputs`` and ``targets`` are ``[n, seq, d]`` and may live off the compute device;
+    ``batches`` yields device copies. ``stats`` holds the dense block's layer-input statistics.
+    ``pattern`` is the pattern every layer of ``layers`` must meet; it counts per row when
+    the method says so (:attr:`PruningMethod.per_row`).
+    """
+
+    index: int
+    block: nn.Module
+    layers: dict[str, nn.Module]
+    pattern: SparsityPattern
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    call: BlockCall
+    stats: dict[str, InputStats]
+    device: torch.device
+    batch_size: int
+    seed: int
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The block on a device batch ``[b, seq, d]`` with the recorded arguments."""
+        return run_block(self.block, hidden, self.call)
+
+    def batch(self, index: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of the windows ``index``, on the compute device."""
+        return (
+            self.inputs[index].to(self.device, non_blocking=True),
+            self.targets[index].to(self.device, non_blocking=True),
+        )
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for window_slice in iter_batches(self.inputs, self.batch_size):
+            yield self.batch(window_slice)
+
+    def matrix(self, name: str) -> torch.Tensor:
+        """Layer ``name``'s weight as an ``[out, in]`` view, whatever its storage (GPT-2's
+        ``Conv1D`` stores ``[in, out]``): reading it reads the weight, writing into it
+        (``ctx.matrix(name).copy_(pruned)``) writes the weight."""
+        return weight_matrix(self.layers[name])
+
+    def as_matrix(self, name: str, stored: torch.Tensor) -> torch.Tensor:
+        """A tensor laid out like layer ``name``'s weight (a copy, a gradient, an optimiser
+        state) as an ``[out, in]`` view."""
+        return stored.t() if self._transposed(name) else stored
+
+    def as_stored(self, name: str, matrix: torch.Tensor) -> torch.Tensor:
+        """An ``[out, in]`` matrix laid out like layer ``name``'s weight (inverse of
+        :meth:`as_matrix`)."""
+        return matrix.t() if self._transposed(name) else matrix
+
+    def _transposed(self, name: str) -> bool:
+        """Whether layer ``name`` stores its weight ``[in, out]`` (the view is a transpose)."""
+        return self.matrix(name) is not self.layers[name].weight
 
 
 @dataclass
@@ -20,12 +88,15 @@ class PruningMethod:
     Subclasses set ``name`` (the ``--method`` value), ``Options`` (a dataclass whose fields
     become CLI flags and recipe keys; each field's ``metadata["help"]`` is its help text) and
     implement :meth:`prune_block`. ``needs_hessian`` asks the engine for ``2 X^T X / n`` per
-    layer. Registration is by the ``@register`` decorator of :mod:`safe_llm.methods`.
+    layer; ``per_row`` says the method keeps the pattern's count in every output row (Wanda's
+    comparison group) rather than over the whole matrix, and ``ctx.pattern`` then counts per
+    row. Registration is by the ``@register`` decorator of :mod:`safe_llm.methods`.
     """
 
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
     needs_hessian: ClassVar[bool] = False
+    per_row: ClassVar[bool] = False
 
     def __init__(self, options: object | None = None):
         self.options = options if options is not None else self.Options()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from safe_llm.engine import BlockContext
 from safe_llm.methods import register
-from safe_llm.methods.base import PruningMethod
+from safe_llm.methods.base import BlockContext, PruningMethod
 
 
 @register

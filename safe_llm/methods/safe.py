@@ -39,10 +39,9 @@ from dataclasses import dataclass, field
 import torch
 
 from safe_llm import distributed, precision
-from safe_llm.engine import BlockContext
 from safe_llm.errors import SafeLLMError
 from safe_llm.methods import register
-from safe_llm.methods.base import PruningMethod
+from safe_llm.methods.base import BlockContext, PruningMethod
 from safe_llm.methods.sparsegpt import sparsegpt_prune
 
 log = logging.getLogger(__name__)
@@ -125,7 +124,7 @@ class _Split:
     """ADMM state of one pruned matrix, in the parameter's own layout."""
 
     param: torch.nn.Parameter
-    transposed: bool  # GPT-2 Conv1D stores [in, out]
+    name: str  # its layer: ctx.as_matrix / ctx.as_stored turn the layout into [out, in] and back
     importance: torch.Tensor | None
     Z: torch.Tensor = None
     U: torch.Tensor = None
@@ -378,14 +377,13 @@ class SAFE(PruningMethod):
         splits = {}
         for name, layer in ctx.layers.items():
             importance = ctx.stats[name].norms if self.weighted_projection else None
-            splits[name] = _Split(layer.weight, ctx.matrix(name) is not layer.weight, importance)
+            splits[name] = _Split(layer.weight, name, importance)
         return splits
 
     def _project(self, ctx: BlockContext, split: _Split, value: torch.Tensor) -> torch.Tensor:
         """``Proj(value)`` onto the pattern, ``value`` in the parameter's layout."""
-        matrix = value.t() if split.transposed else value
-        projected = ctx.pattern.project(matrix, split.importance)
-        return projected.t() if split.transposed else projected
+        matrix = ctx.as_matrix(split.name, value)
+        return ctx.as_stored(split.name, ctx.pattern.project(matrix, split.importance))
 
     @torch.no_grad()
     def _initialise(self, ctx: BlockContext, splits: dict[str, _Split]) -> None:

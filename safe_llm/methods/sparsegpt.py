@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from safe_llm.engine import BlockContext
 from safe_llm.methods import register
-from safe_llm.methods.base import PruningMethod
+from safe_llm.methods.base import BlockContext, PruningMethod
 from safe_llm.sparsity import SparsityPattern
 
 log = logging.getLogger(__name__)

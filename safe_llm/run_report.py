@@ -1,0 +1,59 @@
+"""The report of one pruning run: a typed object, written as ``report.json``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from safe_llm.engine import BlockReport, PruneReport
+
+
+@dataclass
+class RunReport:
+    """What a run did and measured.
+
+    ``pattern`` is ``"unstructured"`` or ``"N:M"``; ``sparsity`` the target over all pruned
+    weights; ``block_sparsity`` each block's target (``sparsity_profile``: uniform, owl or
+    explicit; ``owl_outlier_ratios`` with owl); ``evaluation`` ``{"dense": {source: result},
+    "pruned": {...}}`` (see :func:`safe_llm.evaluate.source_perplexity`); ``blocks`` the
+    engine's per-block reports; times in seconds, memory in bytes.
+    """
+
+    model: str
+    command: str | None
+    method: str
+    pattern: str
+    sparsity: float
+    sparsity_profile: str
+    block_sparsity: list[float]
+    owl_outlier_ratios: list[float] | None
+    data_parallel_ranks: int
+    device: str
+    dtype: str
+    precision: dict = field(default_factory=dict)  # bf16 support and what the run computed in
+    calibration: dict = field(default_factory=dict)
+    evaluation: dict = field(default_factory=dict)
+    finished: str = ""
+    blocks: list[BlockReport] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    overall_sparsity: float = 0.0
+    resumed_from_block: int = 0
+    stage_peak_memory_bytes: dict = field(default_factory=dict)  # per stage of the run
+    total_seconds: float = 0.0
+
+    @classmethod
+    def from_engine(cls, engine: PruneReport, **fields) -> RunReport:
+        """The run's report from the engine's and the run's own ``fields``."""
+        return cls(**vars(engine), **fields)
+
+    def to_dict(self) -> dict:
+        """The ``report.json`` document (``owl_outlier_ratios`` only with OWL)."""
+        document = asdict(self)
+        if document["owl_outlier_ratios"] is None:
+            del document["owl_outlier_ratios"]
+        return document
+
+    def __getitem__(self, key: str):
+        """``report["method"]``: the ``report.json`` view, for code written against the dict
+        that :func:`safe_llm.prune` returned before 0.2."""
+        return self.to_dict()[key]
