@@ -271,6 +271,14 @@ def run_prune(
         source=source,
         **_activation_storage(config),
     )
+    recovery = None
+    if config.recover:
+        from safe_llm.recover import run_recovery
+
+        state_dir = writes.path / "recovery" if writes is not None else None
+        recovery = run_recovery(
+            model, tokenizer, config, device, state_dir=state_dir, progress=progress
+        )
     pruned_eval = _evaluate_on_device(model, tokenizer, config, device, progress)
     report = {
         "model": config.model,
@@ -295,6 +303,7 @@ def run_prune(
             "seed": config.seed,
         },
         "evaluation": {"dense": dense_eval, "pruned": pruned_eval},
+        **({"recovery": recovery} if recovery is not None else {}),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **engine_report.to_dict(),
         "total_seconds": time.perf_counter() - start,
