@@ -173,6 +173,13 @@ def _eval_parser(sub) -> None:
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow model code from the Hub"
     )
+    parser.add_argument(
+        "--no-cache",
+        dest="cache",
+        action="store_false",
+        help="always compute (by default a perplexity computed before for bit-identical weights "
+        "and windows is reused from $SAFE_LLM_CACHE/perplexity)",
+    )
     parser.add_argument("--json", dest="json_path", help="also write the results to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     group = parser.add_argument_group("zero-shot tasks (lm-evaluation-harness)")
@@ -277,11 +284,20 @@ def _summary(report: dict, output: str | None) -> str:
         pruned = report["evaluation"]["pruned"][source]
         lines.append(
             f"perplexity {source} (seqlen {dense['seqlen']}, {dense['windows']} windows): "
-            f"dense {dense['perplexity']:.3f} -> pruned {pruned['perplexity']:.3f}"
+            f"dense {dense['perplexity']:.3f}{_cached(dense)} -> "
+            f"pruned {pruned['perplexity']:.3f}{_cached(pruned)}"
         )
+    peaks = report.get("stage_peak_memory_bytes", {})
+    if peaks:
+        stages = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in peaks.items())
+        lines.append(f"peak memory per stage (GiB): {stages}")
     if output:
         lines.append(f"checkpoint written to {output}")
     return "\n".join(lines)
+
+
+def _cached(result: dict) -> str:
+    return " (cached)" if result.get("cached") else ""
 
 
 @contextlib.contextmanager
@@ -451,6 +467,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         max_windows=args.max_windows,
         text_column=args.text_column,
         progress=not args.quiet,
+        cache=args.cache,
     )
     for source, result in perplexities.items():
         print(format_perplexity(source, result))

@@ -61,7 +61,9 @@ class PruneConfig:
     seed: int = _opt(0, "random seed for calibration windows and the solver")
     device: str = _opt("auto", "compute device: auto, cpu, cuda or cuda:N")
     dtype: str = _opt(
-        "auto", "compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16"
+        "auto",
+        "dtype of the weights: auto (bf16 on CUDA, fp32 on CPU: the master copy; SAFE computes "
+        "in bf16 where the CPU has native bf16), float32, bfloat16, float16",
     )
     batch_size: int = _opt(8, "calibration windows per forward batch")
     ignore: list[str] = _opt(
@@ -105,6 +107,11 @@ class PruneConfig:
     )
     eval_seqlen: int | None = _opt(None, "window length for --eval (default: --seqlen)")
     eval_max_windows: int | None = _opt(None, "evaluate on at most this many windows")
+    eval_cache: bool = _opt(
+        True,
+        "reuse a perplexity computed before for bit-identical weights and windows (disk cache "
+        "in $SAFE_LLM_CACHE/perplexity, default ~/.cache/safe_llm); --no-eval-cache recomputes",
+    )
     push_to_hub: bool = _opt(
         False, "upload the checkpoint to the Hugging Face Hub repo --hub-repo-id when written"
     )

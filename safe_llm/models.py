@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from safe_llm import precision
 from safe_llm.errors import SafeLLMError
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,15 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bfloat16 on CUDA, float32 elsewhere."""
+    """``auto`` -> bfloat16 on CUDA, float32 elsewhere (on a CPU the weights are the fp32
+    master copy; compute may still use bf16 autocast where it is native). An explicit
+    ``bfloat16`` on a CPU that only emulates it warns (:mod:`safe_llm.precision`)."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    if dtype == "bfloat16":
+        precision.reduced_precision("bf16", device, "--dtype bfloat16")
     return DTYPES[dtype]
 
 

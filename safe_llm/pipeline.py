@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from safe_llm import data, distributed
+from safe_llm import data, distributed, precision
 from safe_llm.blocks import find_blocks, prunable_layers, weight_matrix
 from safe_llm.config import ConfigError, PruneConfig, make_config, parse_size
 from safe_llm.engine import BlockSource, PruneReport, dense_pass, prune_model
 from safe_llm.evaluate import evaluate_perplexity
+from safe_llm.memory import StagePeaks, return_freed_memory
 from safe_llm.methods import build_method
 from safe_llm.models import load_model, resolve_device, resolve_dtype
 from safe_llm.resume import EngineState, Interrupted, WorkArea, work_dir
@@ -51,6 +52,7 @@ def evaluate_sources(model, tokenizer, config: PruneConfig, device, progress: bo
         batch_size=config.batch_size,
         device=device,
         max_windows=config.eval_max_windows,
+        cache=config.eval_cache,
         text_column=config.text_column,
         progress=progress,
     )
@@ -207,6 +209,16 @@ def _load(config: PruneConfig, dtype: torch.dtype):
     return model, tokenizer, DiskBlocks(model, files), writer
 
 
+def _precision_report(device: torch.device, dtype: torch.dtype, method) -> dict:
+    """The machine's bf16 support and what this run computed in (recorded in report.json)."""
+    autocast = getattr(method.options, "autocast", None)
+    info = {**precision.describe(device), "dtype": str(dtype).removeprefix("torch.")}
+    if autocast is not None:
+        bf16 = precision.reduced_precision(autocast, device, f"{method.name} autocast")
+        info["autocast"] = "bf16" if bf16 else "off"
+    return info
+
+
 def run_prune(
     config: PruneConfig,
     progress: bool = True,
@@ -230,19 +242,27 @@ def run_prune(
     dtype = resolve_dtype(config.dtype, device)
     method = build_method(config.method, config.method_options)
     pattern = config.pattern()
-    model, tokenizer, source, writer = _load(config, dtype)
+    peaks = StagePeaks(device)
+    with peaks.stage("load"):
+        model, tokenizer, source, writer = _load(config, dtype)
     check_prunable(model, pattern, tuple(config.ignore))
-    windows = data.calibration_windows(
-        tokenizer,
-        config.dataset,
-        config.nsamples,
-        config.seqlen,
-        config.seed,
-        text_column=config.text_column,
-    )
+    with peaks.stage("calibration_data"):
+        windows = data.calibration_windows(
+            tokenizer,
+            config.dataset,
+            config.nsamples,
+            config.seqlen,
+            config.seed,
+            text_column=config.text_column,
+        )
+        return_freed_memory()  # the tokenizer's buffers for the whole text
     log.info("calibration: %d windows x %d tokens from %s", *windows.shape, config.dataset)
-    dense_eval = _evaluate_on_device(model, tokenizer, config, device, progress)
-    sparsities, outlier_ratios = block_sparsities(config, model, windows, device, source, progress)
+    with peaks.stage("dense_evaluation"):
+        dense_eval = _evaluate_on_device(model, tokenizer, config, device, progress)
+    with peaks.stage("sparsity_profile"):
+        sparsities, outlier_ratios = block_sparsities(
+            config, model, windows, device, source, progress
+        )
     uniform = len(set(sparsities)) == 1 and sparsities[0] == pattern.sparsity
     patterns = None if uniform else [SparsityPattern.parse("unstructured", s) for s in sparsities]
     _, blocks = find_blocks(model)
@@ -252,34 +272,37 @@ def run_prune(
         resume = None
     writes = work if distributed.is_writer() else None
     total = len(blocks) if config.max_blocks is None else min(config.max_blocks, len(blocks))
-    engine_report: PruneReport = prune_model(
-        model,
-        windows,
-        method,
-        pattern,
-        device=device,
-        batch_size=config.batch_size,
-        ignore=tuple(config.ignore),
-        dense_targets=config.dense_targets,
-        layer_errors=config.layer_errors,
-        seed=config.seed,
-        max_blocks=config.max_blocks,
-        progress=progress,
-        resume=resume,
-        on_state=_state_saver(writes, fresh, config, total, should_stop),
-        block_patterns=patterns,
-        source=source,
-        **_activation_storage(config),
-    )
+    with peaks.stage("pruning"):
+        engine_report: PruneReport = prune_model(
+            model,
+            windows,
+            method,
+            pattern,
+            device=device,
+            batch_size=config.batch_size,
+            ignore=tuple(config.ignore),
+            dense_targets=config.dense_targets,
+            layer_errors=config.layer_errors,
+            seed=config.seed,
+            max_blocks=config.max_blocks,
+            progress=progress,
+            resume=resume,
+            on_state=_state_saver(writes, fresh, config, total, should_stop),
+            block_patterns=patterns,
+            source=source,
+            **_activation_storage(config),
+        )
     recovery = None
     if config.recover:
         from safe_llm.recover import run_recovery
 
         state_dir = writes.path / "recovery" if writes is not None else None
-        recovery = run_recovery(
-            model, tokenizer, config, device, state_dir=state_dir, progress=progress
-        )
-    pruned_eval = _evaluate_on_device(model, tokenizer, config, device, progress)
+        with peaks.stage("recovery"):
+            recovery = run_recovery(
+                model, tokenizer, config, device, state_dir=state_dir, progress=progress
+            )
+    with peaks.stage("pruned_evaluation"):
+        pruned_eval = _evaluate_on_device(model, tokenizer, config, device, progress)
     report = {
         "model": config.model,
         "command": config.command_line,
@@ -296,6 +319,7 @@ def run_prune(
         "data_parallel_ranks": distributed.world_size(),
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
+        "precision": _precision_report(device, dtype, method),
         "calibration": {
             "dataset": config.dataset,
             "nsamples": config.nsamples,
@@ -306,6 +330,7 @@ def run_prune(
         **({"recovery": recovery} if recovery is not None else {}),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **engine_report.to_dict(),
+        "stage_peak_memory_bytes": peaks.to_dict(),
         "total_seconds": time.perf_counter() - start,
     }
     write_weights = writer(work, total) if writer is not None and work is not None else None

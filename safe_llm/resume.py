@@ -52,6 +52,7 @@ IGNORED_KEYS = frozenset(
         "eval",
         "eval_seqlen",
         "eval_max_windows",
+        "eval_cache",
         "trust_remote_code",
         "command_line",
         "push_to_hub",

@@ -11,9 +11,6 @@ memory is one block + the calibration activations + the non-block modules, whate
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import json
 import logging
 from collections.abc import Iterable
@@ -26,6 +23,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from safe_llm.blocks import find_blocks
+from safe_llm.memory import return_freed_memory
 from safe_llm.models import ModelError, load_tokenizer, resolve_model_path
 from safe_llm.resume import WorkArea, atomic_write
 
@@ -130,26 +128,6 @@ def load_skeleton(
     model.eval()
     model.config.use_cache = False
     return model, tokenizer, files
-
-
-@functools.cache
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or None on other C libraries (nothing to trim there)."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    return getattr(libc, "malloc_trim", None)
-
-
-def return_freed_memory() -> None:
-    """Give freed heap memory back to the operating system.
-
-    glibc keeps the freed pages of a released block (tensors below its mmap threshold come
-    from the heap) and reuses them only in part, so without this the resident memory of a
-    streamed run grows by a fraction of a block per block (measured in eval/stream_benchmark.py).
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 class DiskBlocks:

@@ -83,6 +83,15 @@ def calibration_file(tmp_path):
     return path
 
 
+@pytest.fixture(autouse=True)
+def _private_perplexity_cache(tmp_path_factory, monkeypatch):
+    """Every test gets an empty perplexity cache of its own (never the user's)."""
+    from safe_llm import result_cache
+
+    directory = tmp_path_factory.mktemp("ppl_cache")
+    monkeypatch.setattr(result_cache, "cache_dir", lambda: directory)
+
+
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory):
     """``SAFE_LLM_CACHE`` pointed at a session directory (never the user's cache), shared by the

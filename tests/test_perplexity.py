@@ -85,9 +85,10 @@ def test_perplexity_calls_the_model_without_cache_and_on_the_requested_device(ma
             (kwargs.get("use_cache"), kwargs["input_ids"].device, len(kwargs["input_ids"]))
         )
 
-    model.register_forward_pre_hook(record, with_kwargs=True)
+    model.base_model.register_forward_pre_hook(record, with_kwargs=True)
     perplexity(model, _windows(seed=7), batch_size=3, device="cpu")
-    assert calls == [(False, torch.device("cpu"), n) for n in (3, 3, 1)]
+    # the first two calls check the body/head split on one 8-token probe
+    assert calls[2:] == [(False, torch.device("cpu"), n) for n in (3, 3, 1)]
 
 
 def test_perplexity_rejects_windows_longer_than_the_model_max_length(make_tiny_llama):
@@ -119,3 +120,57 @@ def test_perplexity_shows_a_progress_bar_when_asked(make_tiny_llama, capsys):
     assert "perplexity" in capsys.readouterr().err
     perplexity(make_tiny_llama(), _windows(), batch_size=4, progress=False)
     assert "perplexity" not in capsys.readouterr().err
+
+
+def _full_logit_perplexity(model, windows: torch.Tensor, batch_size: int) -> float:
+    """The path before chunking: whole-batch logits, one cross-entropy over them."""
+    from safe_llm.perplexity import window_nlls
+
+    with torch.no_grad():
+        nlls = [window_nlls(model, w, split=None) for w in windows.split(batch_size)]
+    return math.exp(torch.cat(nlls).double().mean().item())
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 3 * VOCAB, 2**24])
+def test_chunked_cross_entropy_gives_the_full_logit_perplexity_to_1e6(
+    make_tiny_llama, monkeypatch, chunk_elements
+):
+    from safe_llm import perplexity as module
+
+    model = make_tiny_llama(seed=5)
+    windows = _windows(seed=5)
+    monkeypatch.setattr(module, "LOGIT_CHUNK_ELEMENTS", chunk_elements)
+    assert module.head_split(model) is not None
+    chunked = perplexity(model, windows, batch_size=4)
+    assert chunked == pytest.approx(_full_logit_perplexity(model, windows, 4), rel=1e-6)
+
+
+def test_chunked_cross_entropy_never_builds_the_whole_batch_logits(make_tiny_llama, monkeypatch):
+    from safe_llm import perplexity as module
+
+    model = make_tiny_llama(seed=6)
+    windows = _windows(seed=6)
+    monkeypatch.setattr(module, "LOGIT_CHUNK_ELEMENTS", 5 * VOCAB)
+    rows = []
+    head = model.get_output_embeddings()
+    head.register_forward_hook(lambda _m, _i, out: rows.append(out.shape[:-1].numel()))
+    perplexity(model, windows, batch_size=NWINDOWS)
+    assert max(rows[2:]) <= 5  # rows[:2] are the one-off 8-token check of the split
+
+
+def test_a_model_that_rescales_its_logits_is_scored_from_its_full_logits(make_tiny_llama):
+    from safe_llm.perplexity import head_split
+
+    model = make_tiny_llama(seed=7)
+    original = type(model).forward
+
+    class ScaledLogits(type(model)):
+        def forward(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            out.logits = 2.0 * out.logits  # a logit scale after the head
+            return out
+
+    model.__class__ = ScaledLogits
+    windows = _windows(seed=7)
+    assert head_split(model) is None
+    assert perplexity(model, windows) == pytest.approx(_direct_perplexity(model, windows), rel=1e-4)

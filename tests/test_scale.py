@@ -198,12 +198,12 @@ def test_each_released_block_hands_its_freed_heap_back_to_the_os(
 ):
     import sys
 
-    from safe_llm import streaming
+    from safe_llm import memory
 
     if sys.platform == "linux":  # glibc: the trim is there to call
-        assert streaming._malloc_trim() is not None
+        assert memory._malloc_trim() is not None
     trims = []
-    monkeypatch.setattr(streaming, "_malloc_trim", lambda: lambda pad: trims.append(pad))
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: lambda pad: trims.append(pad))
     model_dir = save_tiny_model(num_hidden_layers=BLOCKS)
     _prune(model_dir, calibration_file, tmp_path / "out", stream_from_disk=True)
     assert len(trims) >= BLOCKS  # one per released block, one per written shard

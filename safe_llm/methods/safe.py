@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from safe_llm import distributed
+from safe_llm import distributed, precision
 from safe_llm.engine import BlockContext
 from safe_llm.errors import SafeLLMError
 from safe_llm.methods import register
@@ -74,7 +74,11 @@ class SAFEOptions:
     patience: int = _o(
         0, "SAFE: stop a block after this many epochs without 0.5%% loss improvement (0 = off)"
     )
-    autocast: str = _o("auto", "SAFE: bf16 autocast with fp32 master weights: auto, bf16, off")
+    autocast: str = _o(
+        "auto",
+        "SAFE: bf16 autocast with fp32 master weights: auto (where the device computes bf16 "
+        "natively: CUDA, CPUs with AVX-512-BF16/AMX), bf16, off",
+    )
     sam_ascent: str = _o(
         "exact",
         "SAFE: SAM ascent direction: exact (this batch's gradient, two passes a step) or "
@@ -231,8 +235,7 @@ class SAFE(PruningMethod):
     # -- optimisation -----------------------------------------------------------------------
 
     def _autocast(self, device: torch.device):
-        mode = self.options.autocast
-        if mode == "off" or (mode == "auto" and device.type not in ("cuda", "cpu")):
+        if not precision.reduced_precision(self.options.autocast, device, "SAFE autocast"):
             return nullcontext()
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 

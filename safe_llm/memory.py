@@ -1,0 +1,105 @@
+"""Peak memory per stage of a run (load, calibration, evaluation, pruning, ...).
+
+On CUDA the peak is torch's allocator peak, reset at each stage. On a CPU it is the process's
+resident set size, sampled every ``interval`` seconds by a background thread (Linux
+``/proc/self/statm``) and bounded below by the process's peak so far when a stage ends
+within one sample; the process-wide peak (``getrusage``) is never reset, so ``time -v``
+still reports the whole run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+import resource
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+_STATM = Path("/proc/self/statm")
+
+
+def resident_bytes() -> int | None:
+    """The process's current resident set size, or None where ``/proc`` is missing."""
+    try:
+        return int(_STATM.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_peak_bytes() -> int:
+    """The process's peak resident set size so far (Linux reports KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None on other C libraries (nothing to trim there)."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return getattr(libc, "malloc_trim", None)
+
+
+def return_freed_memory() -> None:
+    """Give freed heap memory back to the operating system.
+
+    glibc keeps freed pages (tensors below its mmap threshold, a tokenizer's buffers) and
+    reuses them only in part: a released streamed block, or the encodings of a 2 MB text
+    (about 0.3 GB), would otherwise stay resident (measured in eval/stream_benchmark.py).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+class StagePeaks:
+    """``with peaks.stage("load"): ...`` records each stage's peak memory in ``peaks.bytes``."""
+
+    def __init__(self, device: torch.device, interval: float = 0.02):
+        self.device, self.interval = device, interval
+        self.bytes: dict[str, int] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            try:
+                yield
+            finally:
+                self.bytes[name] = int(torch.cuda.max_memory_allocated(self.device))
+            return
+        sampler = _RSSSampler(self.interval)
+        sampler.start()
+        try:
+            yield
+        finally:
+            self.bytes[name] = sampler.stop()
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.bytes)
+
+
+class _RSSSampler(threading.Thread):
+    def __init__(self, interval: float):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.peak = resident_bytes() or 0
+        self.before = process_peak_bytes()
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            self.peak = max(self.peak, resident_bytes() or 0)
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        self.peak = max(self.peak, resident_bytes() or 0)
+        after = process_peak_bytes()
+        # a new process-wide peak was reached inside this stage: it is this stage's peak
+        return max(self.peak, after) if after > self.before else self.peak
