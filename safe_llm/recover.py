@@ -174,15 +174,6 @@ def chunked_kl_backward(
     return float(total), hidden.grad.view_as(student_hidden)
 
 
-def reference_kl(student: nn.Module, teacher: nn.Module, windows: torch.Tensor) -> torch.Tensor:
-    """Mean per-token KL(teacher || student) from full logits: the loss recovery minimises,
-    written the plain way (for tests and small models)."""
-    with torch.no_grad():
-        p = F.softmax(teacher(input_ids=windows).logits.float(), dim=-1)
-    log_q = F.log_softmax(student(input_ids=windows).logits.float(), dim=-1)
-    return (p * (p.clamp_min(1e-30).log() - log_q)).sum(-1).mean()
-
-
 # --------------------------------------------------------------------------------------------
 # the model's parts
 # --------------------------------------------------------------------------------------------
