@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from safe_llm.run_report import RunReport
 
 log = logging.getLogger("safe_llm")
+RECOVER_PREFIX = "recover_"
 
 
 class _TqdmHandler(logging.Handler):
@@ -51,9 +52,15 @@ def _base_type(annotation) -> type:
 
 
 def _add_field(
-    parser, f: dataclasses.Field, help_suffix: str = "", dest: str | None = None, kind=None
+    parser,
+    f: dataclasses.Field,
+    help_suffix: str = "",
+    dest: str | None = None,
+    kind=None,
+    prefix: str = "",
 ) -> None:
-    """Flag ``--f-name`` for field ``f`` (parsed as ``kind``, default: from the annotation)."""
+    """Flag ``--<prefix><f-name>`` for field ``f`` (parsed as ``kind``, default: from the
+    annotation)."""
     kind = kind or _base_type(f.type)
     default = f.default if f.default is not dataclasses.MISSING else None
     help_text = f.metadata.get("help", "") + help_suffix
@@ -70,7 +77,26 @@ def _add_field(
             kwargs["choices"] = available_methods()
         if f.name == "model" or dest is not None:
             kwargs["metavar"] = f.name.upper()
-    parser.add_argument(_flag(f.name), dest=dest or f.name, **kwargs)
+        if f.name == "recover":
+            kwargs["choices"] = ["distill"]
+    parser.add_argument(_flag(prefix + f.name), dest=dest or prefix + f.name, **kwargs)
+
+
+def _recover_option_group(parser: argparse.ArgumentParser, title: str) -> None:
+    """The ``--recover-<name>`` flags of :class:`~safe_llm.recover.RecoverOptions`."""
+    from safe_llm.recover import RecoverOptions
+
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(RecoverOptions):
+        _add_field(group, f, prefix=RECOVER_PREFIX)
+
+
+def _pop_recover_options(values: dict) -> dict:
+    """Move the ``recover_<name>`` flags out of ``values`` into ``{name: value}``."""
+    from safe_llm.recover import RecoverOptions
+
+    names = {RECOVER_PREFIX + f.name for f in dataclasses.fields(RecoverOptions)}
+    return {k.removeprefix(RECOVER_PREFIX): values.pop(k) for k in list(values) if k in names}
 
 
 # argparse destination of the method option flags: never the same as a PruneConfig field's
@@ -162,6 +188,34 @@ def _prune_parser(sub) -> None:
         if f.metadata.get("cli", True):
             _add_field(parser, f)
     _add_method_options(parser)
+    _recover_option_group(parser, "recovery options, with --recover (recipe key: recover_options)")
+
+
+def _recover_parser(sub) -> None:
+    parser = sub.add_parser(
+        "recover",
+        help="train a pruned checkpoint end to end against its dense model, mask frozen",
+        description="Distil the dense model named in CHECKPOINT's recipe.yaml (the teacher) "
+        "into the pruned CHECKPOINT: every kept weight (and the norms) trains to match the "
+        "teacher's next-token distribution (KL) on recovery windows drawn like calibration "
+        "windows; every pruned weight stays exactly zero. Writes a new checkpoint to --output "
+        "the way safe-llm prune does. The recipe's recover_options are the defaults.",
+    )
+    parser.add_argument("checkpoint", help="checkpoint directory written by safe-llm prune")
+    parser.add_argument("--output", required=True, help="directory for the recovered checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted recovery from the state saved in --output",
+    )
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the recipe's)")
+    parser.add_argument(
+        "--eval", nargs="*", default=None, help="perplexity sources to score the result on"
+    )
+    parser.add_argument("--eval-max-windows", type=int, default=None, help="at most N windows")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    _recover_option_group(parser, "recovery options (recipe key: recover_options)")
 
 
 def _eval_parser(sub) -> None:
@@ -274,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"safe-llm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _prune_parser(sub)
+    _recover_parser(sub)
     _eval_parser(sub)
     _report_parser(sub)
     _push_parser(sub)
@@ -283,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config_from_args(args: argparse.Namespace) -> PruneConfig:
     values = {k: v for k, v in vars(args).items() if k not in ("command", "recipe", "quiet")}
+    recovery = _pop_recover_options(values)
     options = {
         k.removeprefix(OPTION_DEST): values.pop(k)
         for k in list(values)
@@ -290,7 +346,7 @@ def _config_from_args(args: argparse.Namespace) -> PruneConfig:
     }
     options.update(_option_pairs(values.pop("method_option_pairs", [])))
     recipe = load_recipe(args.recipe) if args.recipe else {}
-    return make_config(recipe, {**values, "method_options": options})
+    return make_config(recipe, {**values, "method_options": options, "recover_options": recovery})
 
 
 def _summary(report: RunReport, output: str | None) -> str:
@@ -361,6 +417,34 @@ def _run_prune(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         print(_summary(result.report, config.output))
         if url is not None:
             print(f"pushed to {url}")
+    return 0
+
+
+def _run_recover(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    from safe_llm.recover import recover_checkpoint
+
+    options = _pop_recover_options(dict(vars(args)))
+    result = recover_checkpoint(
+        args.checkpoint,
+        args.output,
+        options,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        device=args.device,
+        evaluate=args.eval,
+        eval_max_windows=args.eval_max_windows,
+        command_line=_command_line(argv),
+        progress=not args.quiet,
+    )
+    recovery = result.report["recovery"]
+    print(
+        f"recovery: {recovery['steps']} steps, {recovery['tokens']} tokens of "
+        f"{recovery['dataset']}, {recovery['seconds']:.1f}s; KL {recovery['losses'][0]:.4f} -> "
+        f"{recovery['losses'][-1]:.4f}"
+    )
+    for source, value in result.report["evaluation"].get("pruned", {}).items():
+        print(f"perplexity {source}: {value['perplexity']:.3f}")
+    print(f"checkpoint written to {args.output}")
     return 0
 
 
@@ -470,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
 
     commands = {
         "prune": lambda: _run_prune(args, argv),
+        "recover": lambda: _run_recover(args, argv),
         "eval": lambda: _run_eval(args),
         "report": lambda: _run_report(args),
         "push": lambda: _run_push(args),

@@ -141,6 +141,12 @@ class PruneConfig:
     hub_private: bool = _opt(False, "create the Hub repository private", decisive=False)
     hub_revision: str | None = _opt(None, "Hub branch to push to (default: main)", decisive=False)
     method_options: dict = _opt(None, "method hyperparameters", factory=dict, cli=False)
+    recover: str | None = _opt(
+        None,
+        "after the block loop, train the whole pruned model end to end with its mask frozen: "
+        "distill (match the dense model's next-token distribution; see recovery options)",
+    )
+    recover_options: dict = _opt(None, "recovery settings", factory=dict, cli=False)
     command_line: str | None = _opt(
         None, "the command line that made the run", cli=False, decisive=False
     )
@@ -214,6 +220,7 @@ def make_config(recipe: dict | None = None, overrides: dict | None = None) -> Pr
     values = dict(recipe or {})
     overrides = dict(overrides or {})
     options = {**values.pop("method_options", {}), **overrides.pop("method_options", {})}
+    recovery = {**values.pop("recover_options", {}), **overrides.pop("recover_options", {})}
     values.update(overrides)
     fields = {f.name: f for f in dataclasses.fields(PruneConfig)}
     unknown = set(values) - set(fields)
@@ -227,13 +234,26 @@ def make_config(recipe: dict | None = None, overrides: dict | None = None) -> Pr
         from safe_llm.evaluate import parse_list
 
         values["eval"] = parse_list(values["eval"])  # "wikitext2,c4" -> ["wikitext2", "c4"]
-    config = PruneConfig(**values, method_options=options)
+    if not isinstance(recovery, dict):
+        raise ConfigError("recover_options must be a mapping of option: value")
+    recovery = _check_recover_options(recovery)
+    config = PruneConfig(**values, method_options=options, recover_options=recovery)
     method_fields = {f.name: f for f in method_options(config.method)}
     for name, value in options.items():
         if name in method_fields:  # unknown names are reported by validate()
             options[name] = _check_type(name, value, method_fields[name])
     validate(config)
     return config
+
+
+def _check_recover_options(values: dict) -> dict:
+    """``recover_options`` with each value checked against :class:`RecoverOptions`'s fields."""
+    from safe_llm.recover import RecoverOptions, recover_options
+
+    fields = {f.name: f for f in dataclasses.fields(RecoverOptions)}
+    checked = {n: _check_type(n, v, fields[n]) if n in fields else v for n, v in values.items()}
+    recover_options(checked)  # unknown names and unusable values
+    return checked
 
 
 def _check_type(name: str, value, f: dataclasses.Field):
@@ -299,6 +319,7 @@ def validate(config: PruneConfig) -> None:
         raise ConfigError("--max-blocks must be at least 1")
     _check_profile(config)
     _check_streaming(config)
+    _check_recovery(config)
     if config.resume and not config.output:
         raise ConfigError("--resume needs --output (the directory of the interrupted run)")
     if config.push_to_hub and not (config.output and config.hub_repo_id):
@@ -331,6 +352,22 @@ def _check_profile(config: PruneConfig) -> None:
         raise ConfigError(f"--owl-m must be > 0, got {config.owl_m}")
     if not 0 <= config.owl_lambda < 0.5:
         raise ConfigError(f"--owl-lambda must be in [0, 0.5), got {config.owl_lambda}")
+
+
+def _check_recovery(config: PruneConfig) -> None:
+    from safe_llm.recover import RECOVERY_METHODS
+
+    if config.recover is not None and config.recover not in RECOVERY_METHODS:
+        raise ConfigError(
+            f"--recover {config.recover!r} is not one of: {', '.join(RECOVERY_METHODS)}"
+        )
+    if config.recover is not None and config.stream_from_disk:
+        raise ConfigError(
+            "--recover trains the whole model and cannot run with --stream-from-disk; prune "
+            "first, then run safe-llm recover on the checkpoint"
+        )
+    if config.recover_options.get("dataset"):
+        _check_source(config.recover_options["dataset"])
 
 
 def _check_streaming(config: PruneConfig) -> None:

@@ -72,6 +72,19 @@ def _settings_table(recipe: dict, report: dict) -> list[str]:
         ),
         ("Dtype / device", f"{report.get('dtype')} on {report.get('device')}"),
     ]
+    recovery = report.get("recovery")
+    if recovery:
+        rows.append(
+            (
+                "Recovery",
+                f"{recovery['method']}: the whole model trained against the dense model's "
+                f"next-token distribution (KL), mask frozen; {recovery['tokens']} tokens "
+                f"({recovery['steps']} steps x {recovery['batch_size']} windows x "
+                f"{recovery['seqlen']} tokens) of `{recovery['dataset']}`, seed "
+                f"{recovery['seed']}, lr {recovery['lr']:g}, trained: "
+                f"{', '.join(recovery['train'])}",
+            )
+        )
     return ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
 
 
@@ -106,8 +119,13 @@ def render_model_card(recipe: dict, report: dict) -> str:
         "",
         f"# {title}",
         "",
-        f"Pruned with safe-llm {__version__}, block by block, without "
-        "retraining. The zeros are stored in place: the weights load as a dense model in "
+        f"Pruned with safe-llm {__version__}, block by block, "
+        + (
+            "then recovered end to end by distillation from the dense model (see Recovery). "
+            if report.get("recovery")
+            else "without retraining. "
+        )
+        + "The zeros are stored in place: the weights load as a dense model in "
         "`transformers`, vLLM or any other tool.",
         "",
         "## Settings",

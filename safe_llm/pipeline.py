@@ -210,16 +210,32 @@ def run_prune(
                 work if distributed.is_writer() else None, fresh, config, total, should_stop
             ),
         )
+    recovery = _recover(model, tokenizer, config, device, work, peaks, progress)
     with peaks.stage("pruned_evaluation"):
         pruned_eval = _evaluate_on_device(model, tokenizer, config, device, progress)
     evaluation = {"dense": dense_eval, "pruned": pruned_eval}
     report = _run_report(config, model, engine_report, (sparsities, outlier_ratios), evaluation)
     report.device, report.dtype = str(device), str(dtype).removeprefix("torch.")
     report.precision = _precision_report(device, dtype, method)
-    report.stage_peak_memory_bytes = peaks.to_dict()
+    report.recovery, report.stage_peak_memory_bytes = recovery, peaks.to_dict()
     report.total_seconds = time.perf_counter() - start
     write_weights = writer(work, total) if writer is not None and work is not None else None
     return PruneResult(model, tokenizer, config, report, write_weights)
+
+
+def _recover(model, tokenizer, config: PruneConfig, device, work, peaks, progress):
+    """The recovery stage after the block loop (``--recover``; its own memory stage), or None
+    without it; its resumable state lives in the work area of the writing rank."""
+    if not config.recover:
+        return None
+    from safe_llm.recover import run_recovery
+
+    writes = work if distributed.is_writer() else None
+    state_dir = writes.path / "recovery" if writes is not None else None
+    with peaks.stage("recovery"):
+        return run_recovery(
+            model, tokenizer, config, device, state_dir=state_dir, progress=progress
+        )
 
 
 def _calibration_windows(config: PruneConfig, tokenizer) -> torch.Tensor:

@@ -46,6 +46,8 @@ ADDED_OPTIONS = {
     "owl_m": 5.0,
     "owl_lambda": 0.08,
     "sparsity_per_block": None,
+    "recover": None,
+    "recover_options": {},
 }
 
 

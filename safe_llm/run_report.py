@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from safe_llm.engine import BlockReport, PruneReport
 
@@ -32,6 +32,7 @@ class RunReport:
     precision: dict = field(default_factory=dict)  # bf16 support and what the run computed in
     calibration: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
+    recovery: dict | None = None  # what --recover did (data, steps, tokens, losses)
     finished: str = ""
     blocks: list[BlockReport] = field(default_factory=list)
     seconds: float = 0.0
@@ -46,11 +47,23 @@ class RunReport:
         """The run's report from the engine's and the run's own ``fields``."""
         return cls(**vars(engine), **fields)
 
+    @classmethod
+    def from_dict(cls, document: dict) -> RunReport:
+        """The report of a ``report.json`` document (keys this version does not know, from an
+        older or newer writer, are dropped)."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in document.items() if k in names}
+        values["blocks"] = [BlockReport(**b) for b in document.get("blocks", [])]
+        values.setdefault("owl_outlier_ratios", None)
+        return cls(**values)
+
     def to_dict(self) -> dict:
-        """The ``report.json`` document (``owl_outlier_ratios`` only with OWL)."""
+        """The ``report.json`` document (``owl_outlier_ratios`` only with OWL, ``recovery``
+        only after a recovery)."""
         document = asdict(self)
-        if document["owl_outlier_ratios"] is None:
-            del document["owl_outlier_ratios"]
+        for optional in ("owl_outlier_ratios", "recovery"):
+            if document[optional] is None:
+                del document[optional]
         return document
 
     def __getitem__(self, key: str):

@@ -1,0 +1,259 @@
+"""Benchmark: how much of SparseGPT's damage SAFE+ and end-to-end recovery remove on SmolLM2.
+
+Rows, for each structure (50% unstructured, 2:4):
+
+* ``sparsegpt``: SparseGPT on the reference calibration (32 x 512 builtin-c4 windows, seed 0);
+* ``safe+``: SAFE+ with the CPU recipe (``recipes/smollm2-135m-safe+-<50|2-4>.yaml``);
+* ``safe+ n128`` (with ``--levers``): the same recipe with 128 calibration windows;
+* ``safe+ + recovery <S> steps``: ``safe-llm recover`` on the SAFE+ checkpoint, one row per
+  budget in ``--budgets`` (optimiser steps of ``--recover-batch-size`` windows; the recovery
+  windows are the calibration windows, in a seeded order).
+
+Each run is its own ``safe-llm`` process under ``/usr/bin/time -v`` (wall and CPU seconds, peak
+RSS). A pruned checkpoint is made once per structure and kept in ``--runs-dir`` (finished runs
+and scores are reused), and the recovery variants start from it. Columns: perplexity on the
+reference protocol (the raw ``wiki.utf8`` tokenized whole, first 64 x 512 windows), the cut
+of SparseGPT's damage ``(ppl_sgpt - ppl) / (ppl_sgpt - dense)``, perplexity on builtin-c4
+windows that no calibration or recovery window came from (``--heldout-windows`` x 512 tokens
+of the documents none was drawn from), seconds (SAFE+ rows: pruning + recovery) and their
+multiple of SparseGPT's, peak RSS.
+
+Usage (CPU, single thread; a few hours on a quiet machine)::
+
+    OMP_NUM_THREADS=1 python eval/recovery_benchmark.py --runs-dir runs/recovery \
+        --json eval/results/recovery_smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from safe_llm.data import calibration_windows, load_text
+from safe_llm.models import resolve_model_path
+from safe_llm.perplexity import perplexity
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "eval"))
+from benchmark import reference_windows  # noqa: E402
+
+TAGS = {"unstructured": "50", "2:4": "2-4"}
+
+
+def timed(command: list[str], log: Path) -> dict:
+    """Run ``command`` under ``/usr/bin/time -v``: ``{wall_s, cpu_s, peak_rss_gib}``."""
+    time_file = log.with_suffix(".time")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log.open("w") as out:
+        subprocess.run(
+            ["/usr/bin/time", "-v", "-o", str(time_file), *command],
+            check=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    return read_time(time_file)
+
+
+def read_time(path: Path) -> dict:
+    text = path.read_text()
+    wall = re.search(r"Elapsed \(wall clock\) time.*: (\S+)", text).group(1)
+    seconds = 0.0
+    for part in wall.split(":"):
+        seconds = seconds * 60 + float(part)
+    user = float(re.search(r"User time \(seconds\): (\S+)", text).group(1))
+    system = float(re.search(r"System time \(seconds\): (\S+)", text).group(1))
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
+    return {"wall_s": seconds, "cpu_s": user + system, "peak_rss_gib": rss / 2**20}
+
+
+def prune(name: str, method: str, structure: str, nsamples: int, args) -> dict:
+    out = Path(args.runs_dir) / name
+    if (out / "report.json").is_file() and out.with_suffix(".time").is_file():
+        return read_time(out.with_suffix(".time"))
+    command = [sys.executable, "-m", "safe_llm.cli", "prune", "--quiet"]
+    if method == "safe+":
+        command += [
+            "--recipe",
+            str(ROOT / "recipes" / f"smollm2-135m-safe+-{TAGS[structure]}.yaml"),
+        ]
+    command += ["--model", args.model, "--method", method, "--structure", structure]
+    command += ["--dataset", "builtin-c4", "--nsamples", str(nsamples), "--seqlen", "512"]
+    command += ["--seed", "0", "--device", "cpu", "--output", str(out), "--overwrite", "--eval"]
+    if structure == "unstructured":
+        command += ["--sparsity", "0.5"]
+    return timed(command, out.with_suffix(".log"))
+
+
+def recover(name: str, source: str, steps: int, args) -> dict:
+    out = Path(args.runs_dir) / name
+    if (out / "report.json").is_file() and out.with_suffix(".time").is_file():
+        return read_time(out.with_suffix(".time"))
+    command = [sys.executable, "-m", "safe_llm.cli", "recover", "--quiet"]
+    command += [str(Path(args.runs_dir) / source), "--output", str(out), "--overwrite"]
+    command += ["--recover-steps", str(steps), "--recover-lr", str(args.recover_lr)]
+    command += ["--recover-batch-size", str(args.recover_batch_size)]
+    if not args.checkpointing:
+        command += ["--no-recover-gradient-checkpointing"]
+    return timed(command, out.with_suffix(".log"))
+
+
+def heldout_c4_windows(tokenizer, args) -> torch.Tensor:
+    """``[--heldout-windows, 512]`` of builtin-c4 documents that no calibration or recovery
+    window (32 and 128 windows, seed 0) was cut from, joined with blank lines."""
+    docs = load_text("builtin-c4")
+    encoded = [torch.tensor(ids, dtype=torch.int32) for ids in tokenizer(docs)["input_ids"]]
+    used = set()
+    for nsamples in (32, 128):
+        windows = calibration_windows(tokenizer, "builtin-c4", nsamples, 512, 0)
+        for window in windows.to(torch.int32):
+            key = window.numpy().tobytes()
+            used.update(i for i, ids in enumerate(encoded) if key in ids.numpy().tobytes())
+    kept = [d for i, d in enumerate(docs) if i not in used]
+    ids = tokenizer("\n\n".join(kept), return_tensors="pt").input_ids[0]
+    count = min(args.heldout_windows, ids.numel() // 512)
+    return ids[: count * 512].reshape(count, 512)
+
+
+def score(name: str, directory: str, windows: dict, args) -> dict:
+    cache = Path(args.runs_dir) / f"{name}.score.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    result = {key: perplexity(model, w, batch_size=8) for key, w in windows.items()}
+    cache.write_text(json.dumps(result))
+    return result
+
+
+def rows_for(structure: str, args, windows: dict, dense: dict) -> list[dict]:
+    tag = TAGS[structure]
+    runs = Path(args.runs_dir)
+    plan = [("SparseGPT", f"sparsegpt-{tag}", lambda n: prune(n, "sparsegpt", structure, 32, args))]
+    plan.append(
+        ("SAFE+ (CPU recipe)", f"safe+-{tag}", lambda n: prune(n, "safe+", structure, 32, args))
+    )
+    if args.levers:
+        plan.append(
+            (
+                "SAFE+, 128 windows",
+                f"safe+n128-{tag}",
+                lambda n: prune(n, "safe+", structure, 128, args),
+            )
+        )
+    for steps in args.budgets:
+        plan.append(
+            (
+                f"SAFE+ + recovery, {steps} steps",
+                f"safe+-{tag}-rec{steps}",
+                lambda n, s=steps: recover(n, f"safe+-{tag}", s, args),
+            )
+        )
+    rows = []
+    for label, name, run in plan:
+        timing = run(name)
+        row = {"row": label, "structure": structure, "run": name, **timing}
+        row.update(score(name, str(runs / name), windows, args))
+        if "rec" in name:  # pruning + recovery
+            pruned = read_time(runs / f"safe+-{tag}.time")
+            row["recovery_wall_s"], row["recovery_cpu_s"] = row["wall_s"], row["cpu_s"]
+            row["wall_s"] += pruned["wall_s"]
+            row["cpu_s"] += pruned["cpu_s"]
+            row["peak_rss_gib"] = max(row["peak_rss_gib"], pruned["peak_rss_gib"])
+            report = json.loads((runs / name / "report.json").read_text())
+            row["recovery_tokens"] = report["recovery"]["tokens"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = rows[0]
+    for row in rows:
+        damage = base["ref"] - dense["ref"]
+        row["cut"] = (base["ref"] - row["ref"]) / damage
+        row["x_sparsegpt_cpu"] = row["cpu_s"] / base["cpu_s"]
+        row["x_sparsegpt_wall"] = row["wall_s"] / base["wall_s"]
+    return rows
+
+
+def table(rows: list[dict], dense: dict) -> str:
+    lines = [
+        "| row | 50%: ref ppl | cut | held-out c4 | 2:4: ref ppl | cut | held-out c4 "
+        "| CPU s 50% / 2:4 | x SparseGPT | wall s 50% / 2:4 | peak RSS (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| dense | {dense['ref']:.2f} | | {dense['c4_heldout']:.2f} | {dense['ref']:.2f} | | "
+        f"{dense['c4_heldout']:.2f} | | | | |",
+    ]
+    labels = list(dict.fromkeys(r["row"] for r in rows))
+    for label in labels:
+        by = {r["structure"]: r for r in rows if r["row"] == label}
+        cells = []
+        for structure in ("unstructured", "2:4"):
+            r = by.get(structure)
+            cells += (
+                [f"{r['ref']:.2f}", f"{r['cut']:.0%}", f"{r['c4_heldout']:.2f}"]
+                if r
+                else ["-", "-", "-"]
+            )
+
+        def both(key, fmt, by=by):
+            return " / ".join(format(by[s][key], fmt) if s in by else "-" for s in TAGS)
+
+        rss = max(r["peak_rss_gib"] for r in by.values())
+        lines.append(
+            f"| {label} | {' | '.join(cells)} | {both('cpu_s', '.0f')} | "
+            f"{both('x_sparsegpt_cpu', '.1f')} | {both('wall_s', '.0f')} | {rss:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--structures", nargs="+", default=["unstructured", "2:4"])
+    parser.add_argument("--budgets", nargs="*", type=int, default=[8, 16], help="recovery steps")
+    parser.add_argument("--recover-lr", type=float, default=2e-4)
+    parser.add_argument("--recover-batch-size", type=int, default=2)
+    parser.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="gradient checkpointing in recovery (off here: SmolLM2 fits, and it costs a forward)",
+    )
+    parser.add_argument("--levers", action="store_true", help="add SAFE+ with 128 windows")
+    parser.add_argument("--heldout-windows", type=int, default=8)
+    parser.add_argument("--runs-dir", default="runs/recovery")
+    parser.add_argument("--json", help="write every row here")
+    args = parser.parse_args()
+    Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
+
+    model_dir, _ = resolve_model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    windows = {
+        "ref": reference_windows(tokenizer),
+        "c4_heldout": heldout_c4_windows(tokenizer, args),
+    }
+    dense = score("dense", model_dir, windows, args)
+    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, dense {dense}", flush=True)
+    rows = [row for s in args.structures for row in rows_for(s, args, windows, dense)]
+    print()
+    print(table(rows, dense))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        document = {
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads(),
+            "args": vars(args),
+            "dense": dense,
+            "rows": rows,
+        }
+        Path(args.json).write_text(json.dumps(document, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,754 @@
+"""Sparse recovery: train the whole pruned model end to end, its mask frozen, to match the
+dense model's next-token distribution (knowledge distillation).
+
+The block loop reconstructs one block at a time against calibration data; whatever error it
+leaves compounds through the depth of the model. Recovery trains every kept weight (and,
+optionally, the norms) of the pruned *student* through the whole model so that its
+next-token distribution matches the dense *teacher*'s:
+
+    loss = mean over tokens t of  KL( p_teacher(. | x_<t) || p_student(. | x_<t) )
+
+* The sparsity mask is frozen: the gradient is masked before each optimiser step (Adam's
+  moments of pruned entries stay zero) and the mask is re-applied after it, so every exact
+  zero stays exactly zero; the mask is checked again before anything is saved.
+* The teacher's logits are computed on the fly without gradients. Neither model's full
+  ``[batch, seq, vocab]`` logits are ever held: the student's last hidden state is cut from the
+  graph, the KL is computed and back-propagated chunk by chunk of tokens, and the gradient
+  reaching the hidden state is then sent back through the blocks once.
+* Embeddings and ``lm_head`` are frozen, and the teacher uses the student's tensors where the
+  two hold the same ones (they are never pruned), so they are in memory once.
+* Gradient checkpointing (on by default) keeps one block's activations at a time.
+* A non-finite loss or gradient stops the run with an error before the step is taken.
+* With ``state_dir`` the optimiser, the trained weights and the RNG are saved every
+  ``save_every`` steps (each file written atomically); a rerun continues from there and ends
+  with the same weights bit for bit (on CPU).
+* Under ``torchrun`` each rank takes its share of each batch's windows; the gradients are
+  summed over ranks, so every rank takes the same step as a single process would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from safe_llm import distributed
+from safe_llm.blocks import PRUNABLE_TYPES, find_blocks
+from safe_llm.errors import SafeLLMError
+from safe_llm.resume import atomic_write, rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
+
+RECOVERY_METHODS = ("distill",)
+TRAINABLE_GROUPS = ("weights", "norms")
+
+
+class RecoveryError(SafeLLMError):
+    """Recovery could not run or produced unusable weights; nothing was saved."""
+
+
+def _opt(default, help: str, factory=None, **kw):
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class RecoverOptions:
+    """Recovery settings: recipe key ``recover_options``, CLI flags ``--recover-<name>``."""
+
+    dataset: str | None = _opt(None, "recovery text (default: the calibration --dataset)")
+    nsamples: int | None = _opt(None, "recovery windows (default: --nsamples)")
+    seqlen: int | None = _opt(None, "tokens per recovery window (default: --seqlen)")
+    seed: int | None = _opt(
+        None,
+        "seed of the recovery windows and their order (default: --seed, i.e. the "
+        "calibration windows themselves)",
+    )
+    tokens: int | None = _opt(
+        None, "training budget in tokens (rounded up to whole steps; default: one pass)"
+    )
+    steps: int | None = _opt(None, "training budget in optimiser steps (overrides tokens)")
+    lr: float = _opt(1e-4, "Adam learning rate (peak)")
+    warmup_steps: int = _opt(0, "linear warm-up steps; then linear decay to 0")
+    batch_size: int = _opt(4, "windows per optimiser step")
+    train: list[str] = _opt(
+        None,
+        factory=lambda: ["weights", "norms"],
+        help="what trains: weights (the kept weights and biases of the pruned layers), "
+        "norms (every other block parameter and the final norm); embeddings and lm_head never",
+        nargs="+",
+    )
+    grad_clip: float = _opt(1.0, "clip the gradient's global norm to this (0: no clipping)")
+    kl_chunk: int = _opt(512, "tokens per chunk of the vocabulary-sized KL (memory bound)")
+    gradient_checkpointing: bool = _opt(True, "recompute block activations in the backward")
+    teacher_cache: bool = _opt(
+        True,
+        "run the teacher once over the windows and keep its final hidden states [n, seq, d] "
+        "(its logits still come chunk by chunk); off: run the teacher at every step",
+    )
+    save_every: int = _opt(25, "with an output: save the training state every N steps")
+
+    def validate(self) -> None:
+        for name in ("nsamples", "seqlen", "tokens", "steps", "batch_size", "kl_chunk"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise RecoveryError(f"--recover-{name.replace('_', '-')} must be at least 1")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise RecoveryError("--recover-seqlen must be at least 2")
+        if self.save_every < 1:
+            raise RecoveryError("--recover-save-every must be at least 1")
+        if not (self.lr >= 0 and math.isfinite(self.lr)):
+            raise RecoveryError(f"--recover-lr must be a finite number >= 0, got {self.lr}")
+        if self.warmup_steps < 0 or self.grad_clip < 0:
+            raise RecoveryError("--recover-warmup-steps and --recover-grad-clip must be >= 0")
+        unknown = set(self.train) - set(TRAINABLE_GROUPS)
+        if unknown or not self.train:
+            raise RecoveryError(
+                f"--recover-train takes one or more of {', '.join(TRAINABLE_GROUPS)}, "
+                f"got {self.train}"
+            )
+
+
+def recover_options(values: dict | None = None) -> RecoverOptions:
+    """:class:`RecoverOptions` from a mapping (a recipe's ``recover_options``), validated."""
+    names = {f.name for f in dataclasses.fields(RecoverOptions)}
+    unknown = set(values or {}) - names
+    if unknown:
+        raise RecoveryError(
+            f"unknown recovery option(s): {', '.join(sorted(unknown))}; "
+            f"known: {', '.join(sorted(names))}"
+        )
+    options = RecoverOptions(**(values or {}))
+    options.validate()
+    return options
+
+
+# --------------------------------------------------------------------------------------------
+# the loss
+# --------------------------------------------------------------------------------------------
+
+
+def kl_chunk_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Sum over tokens of KL(teacher || student) for logits ``[tokens, vocab]`` (float32)."""
+    student = F.log_softmax(student_logits.float(), dim=-1)
+    teacher = F.log_softmax(teacher_logits.float(), dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="sum")
+
+
+def chunked_kl_backward(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: nn.Module,
+    teacher_head: nn.Module,
+    chunk: int,
+    scale: float,
+) -> tuple[float, torch.Tensor]:
+    """``(scale * sum of per-token KL, gradient w.r.t. student_hidden)``.
+
+    ``student_hidden`` / ``teacher_hidden``: final hidden states ``[batch, seq, d]``; the heads
+    map them to logits. Only ``chunk`` tokens' logits exist at a time: each chunk's KL is
+    back-propagated to the hidden state (the heads are frozen) and freed.
+    """
+    hidden = student_hidden.detach().reshape(-1, student_hidden.shape[-1]).requires_grad_()
+    target = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk):
+        piece = slice(start, start + chunk)
+        with torch.no_grad():
+            teacher_logits = teacher_head(target[piece])
+        loss = kl_chunk_sum(student_head(hidden[piece]), teacher_logits) * scale
+        loss.backward()
+        total += loss.detach().double()
+    return float(total), hidden.grad.view_as(student_hidden)
+
+
+# --------------------------------------------------------------------------------------------
+# the model's parts
+# --------------------------------------------------------------------------------------------
+
+
+def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(the model without its head, lm_head)``: body(input_ids)[0] is the final hidden state."""
+    head = model.get_output_embeddings()
+    body = getattr(model, "base_model", None)
+    if head is None or body is None or body is model:
+        raise RecoveryError(
+            f"{type(model).__name__} has no separate base model and output embeddings; "
+            "recovery needs a transformers causal LM"
+        )
+    if getattr(model.config, "final_logit_softcapping", None) or hasattr(model, "logit_scale"):
+        raise RecoveryError(
+            f"{type(model).__name__} transforms its logits after lm_head (soft-capping or "
+            "scaling); recovery does not support it yet"
+        )
+    return body, head
+
+
+def sparsity_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{parameter name: weight == 0}`` (bool, True where pruned) for every linear layer of
+    the decoder blocks."""
+    prefix, blocks = find_blocks(model)
+    masks = {}
+    for name, module in blocks.named_modules():
+        if isinstance(module, PRUNABLE_TYPES):
+            masks[f"{prefix}.{name}.weight"] = module.weight.detach() == 0
+    return masks
+
+
+def trainable_parameters(
+    model: nn.Module, masks: dict[str, torch.Tensor], groups: list[str]
+) -> dict[str, nn.Parameter]:
+    """The parameters recovery trains, by name: ``weights`` = the pruned layers' weights and
+    biases, ``norms`` = every other parameter of the blocks plus the final norm. Embeddings
+    and the output head never train; everything returned has ``requires_grad`` set, the rest
+    not."""
+    prefix, blocks = find_blocks(model)
+    layer_names = {name.removesuffix(".weight") for name in masks}
+    head = model.get_output_embeddings()
+    frozen = {id(model.get_input_embeddings().weight), id(head.weight)}
+    chosen: dict[str, nn.Parameter] = {}
+    for name, param in model.named_parameters():
+        param.requires_grad_(False)
+        owner = name.rsplit(".", 1)[0]
+        in_layer = owner in layer_names
+        in_blocks = name.startswith(prefix + ".")
+        outside_norm = not in_blocks and param.dim() == 1 and not name.startswith("lm_head")
+        if id(param) in frozen:
+            continue
+        group = "weights" if in_layer else "norms" if in_blocks or outside_norm else None
+        if group in groups:
+            chosen[name] = param
+    for param in chosen.values():
+        param.requires_grad_(True)
+    return chosen
+
+
+def share_frozen_tensors(student: nn.Module, teacher: nn.Module) -> list[str]:
+    """Point the teacher's embeddings and lm_head at the student's where they are equal (both
+    frozen, never pruned): one copy in memory. Returns what was shared."""
+    shared = []
+    pairs = (
+        ("input embeddings", student.get_input_embeddings(), teacher.get_input_embeddings()),
+        ("lm_head", student.get_output_embeddings(), teacher.get_output_embeddings()),
+    )
+    for label, mine, theirs in pairs:
+        if mine is None or theirs is None or mine.weight is theirs.weight:
+            continue
+        if mine.weight.shape == theirs.weight.shape and torch.equal(mine.weight, theirs.weight):
+            theirs.weight = mine.weight
+            shared.append(label)
+    return shared
+
+
+@torch.no_grad()
+def check_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`RecoveryError` if a pruned entry is no longer exactly zero."""
+    params = dict(model.named_parameters())
+    for name, pruned in masks.items():
+        if torch.count_nonzero(params[name].masked_select(pruned)):
+            raise RecoveryError(
+                f"{name}: pruned entries are non-zero after recovery (the mask moved); "
+                "nothing was saved"
+            )
+
+
+def check_finite_parameters(params: dict[str, nn.Parameter], step: int) -> None:
+    for name, param in params.items():
+        if not torch.isfinite(param).all():
+            raise RecoveryError(
+                f"recovery step {step}: {name} holds NaN/Inf; nothing was saved. Lower "
+                "--recover-lr or --recover-grad-clip"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# the training loop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RecoveryReport:
+    method: str
+    dataset: str
+    nsamples: int
+    seqlen: int
+    seed: int
+    steps: int
+    tokens: int
+    lr: float
+    warmup_steps: int
+    batch_size: int
+    train: list[str]
+    trainable_parameters: int
+    shared_with_teacher: list[str]
+    losses: list[float]
+    seconds: float
+    resumed_from_step: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def total_steps(options: RecoverOptions, nsamples: int, seqlen: int) -> int:
+    """Optimiser steps of the budget: ``steps``, else ``tokens`` / (batch x seqlen) rounded
+    up, else one pass over the windows."""
+    if options.steps is not None:
+        return options.steps
+    per_step = options.batch_size * seqlen
+    tokens = options.tokens if options.tokens is not None else nsamples * seqlen
+    return max(1, math.ceil(tokens / per_step))
+
+
+def _batch_indices(step: int, nwindows: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Windows of step ``step``: consecutive slices of one seeded permutation per pass (a pure
+    function of the step, so a resumed run draws the same batches)."""
+    per_pass = max(1, nwindows // batch_size)
+    epoch, offset = divmod(step, per_pass)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(nwindows, generator=generator)
+    return order[offset * batch_size : (offset + 1) * batch_size]
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (steps - step) / max(1, steps - warmup))
+
+
+def _state_files(state_dir: Path) -> tuple[Path, Path, Path]:
+    return (
+        state_dir / "recovery_progress.json",
+        state_dir / "recovery_weights.safetensors",
+        state_dir / "recovery_optimizer.pt",
+    )
+
+
+def _save_state(state_dir, step, params, optimizer, losses) -> None:
+    progress, weights, optim = _state_files(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in params.items()}
+    tensors.update(rng_state())
+    atomic_write(weights, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(optim, lambda tmp: torch.save(optimizer.state_dict(), tmp))
+    record = {"step": step, "losses": losses}
+    atomic_write(progress, lambda tmp: tmp.write_text(json.dumps(record)))
+
+
+def _load_state(state_dir, params, optimizer) -> tuple[int, list[float]]:
+    """``(step to continue from, losses so far)``; ``(0, [])`` when nothing was saved."""
+    progress, weights, optim = _state_files(state_dir)
+    if not progress.is_file():
+        return 0, []
+    record = json.loads(progress.read_text())
+    tensors = load_file(str(weights))
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[name])
+    optimizer.load_state_dict(torch.load(optim, weights_only=True))
+    set_rng_state({k: v for k, v in tensors.items() if k.startswith("rng.")})
+    return int(record["step"]), list(record["losses"])
+
+
+@torch.no_grad()
+def teacher_hidden_states(
+    teacher: nn.Module, windows: torch.Tensor, batch_size: int, device, progress: bool = False
+) -> torch.Tensor:
+    """The teacher's final hidden states of every window, ``[n, seq, d]`` on ``device``."""
+    body, _ = _body_and_head(teacher)
+    out = []
+    for start in tqdm(
+        range(0, windows.shape[0], batch_size), desc="teacher", unit="batch", disable=not progress
+    ):
+        ids = windows[start : start + batch_size].to(device)
+        out.append(body(input_ids=ids, use_cache=False)[0])
+    return torch.cat(out)
+
+
+def _step_loss(student, teacher, windows, batch, options, device, cache) -> float:
+    """Forward both models on ``windows[batch]`` (this rank's share), back-propagate the
+    chunked KL scaled by 1 / (tokens of the whole batch); returns this rank's loss share.
+    ``cache``: the teacher's hidden states of every window, or None to run the teacher."""
+    body, head = _body_and_head(student)
+    teacher_body, teacher_head = _body_and_head(teacher)
+    mine = distributed.shard(batch)
+    ids = windows[mine].to(device)
+    scale = 1.0 / (len(batch) * windows.shape[1])
+    if cache is not None:
+        teacher_hidden = cache[mine.to(cache.device)]
+    else:
+        with torch.no_grad():
+            teacher_hidden = teacher_body(input_ids=ids, use_cache=False)[0]
+    hidden = body(input_ids=ids, use_cache=False)[0]
+    loss, grad = chunked_kl_backward(
+        hidden, teacher_hidden, head, teacher_head, options.kl_chunk, scale
+    )
+    hidden.backward(grad)
+    return loss
+
+
+def recover(
+    student: nn.Module,
+    teacher: nn.Module,
+    windows: torch.Tensor,
+    options: RecoverOptions,
+    *,
+    device: torch.device | str = "cpu",
+    dataset: str = "",
+    seed: int = 0,
+    state_dir: str | Path | None = None,
+    progress: bool = True,
+) -> RecoveryReport:
+    """Distil ``teacher`` into the pruned ``student`` on ``windows`` ``[n, seqlen]``, in place.
+
+    The student's zeros (its sparsity mask) are frozen. Both models must be on ``device``.
+    ``seed`` orders the windows; ``state_dir`` makes the run resumable (see the module doc).
+    Raises :class:`RecoveryError` on a non-finite loss, gradient or weight, or a moved mask.
+    """
+    start = time.perf_counter()
+    options.validate()
+    masks = sparsity_masks(student)
+    params = trainable_parameters(student, masks, options.train)
+    teacher.requires_grad_(False).eval()
+    shared = share_frozen_tensors(student, teacher)
+    steps = total_steps(options, windows.shape[0], windows.shape[1])
+    batch_size = min(options.batch_size, windows.shape[0])
+    optimizer = torch.optim.Adam(
+        list(params.values()), lr=options.lr, betas=(0.9, 0.95), weight_decay=0.0
+    )
+    state_path = Path(state_dir) if state_dir is not None else None
+    first, losses = _resume_point(state_path, params, optimizer, steps)
+    masked = [(params[n], m) for n, m in masks.items() if n in params]
+    cache = (
+        teacher_hidden_states(teacher, windows, batch_size, device, progress)
+        if options.teacher_cache
+        else None
+    )
+    training = _Training(params, optimizer, masked, first, steps, batch_size, seed, losses)
+    _train(student, teacher, windows, training, options, device, cache, state_path, progress)
+    check_finite_parameters(params, steps)
+    check_masks(student, masks)
+    return RecoveryReport(
+        method="distill",
+        dataset=dataset,
+        nsamples=int(windows.shape[0]),
+        seqlen=int(windows.shape[1]),
+        seed=seed,
+        steps=steps,
+        tokens=steps * batch_size * int(windows.shape[1]),
+        **_settings(options, batch_size),
+        trainable_parameters=sum(p.numel() for p in params.values()),
+        shared_with_teacher=shared,
+        losses=losses,
+        seconds=time.perf_counter() - start,
+        resumed_from_step=first,
+    )
+
+
+def _resume_point(state_path: Path | None, params, optimizer, steps: int) -> tuple[int, list]:
+    """``(first step, losses so far)``: from the saved state when there is one."""
+    first, losses = _load_state(state_path, params, optimizer) if state_path else (0, [])
+    if first:
+        log.info("recovery: resuming at step %d of %d", first, steps)
+    return first, losses
+
+
+def _settings(options: RecoverOptions, batch_size: int) -> dict:
+    """The recovery settings a :class:`RecoveryReport` records."""
+    return {
+        "lr": options.lr,
+        "warmup_steps": options.warmup_steps,
+        "batch_size": batch_size,
+        "train": list(options.train),
+    }
+
+
+@dataclass
+class _Training:
+    """What the step loop works on: trainable parameters, their optimiser, the pruned
+    ``(parameter, mask)`` pairs, the step range and batch size, the seed ordering the windows,
+    and the losses so far (appended to)."""
+
+    params: dict[str, nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    masked: list
+    first: int
+    steps: int
+    batch_size: int
+    seed: int
+    losses: list[float]
+
+
+def _train(
+    student, teacher, windows, training: _Training, options, device, cache, state_path, progress
+) -> None:
+    """The recovery's step loop; the state is saved every ``options.save_every`` steps."""
+    params, optimizer, masked = training.params, training.optimizer, training.masked
+    first, steps, batch_size, seed = (
+        training.first,
+        training.steps,
+        training.batch_size,
+        training.seed,
+    )
+    losses = training.losses
+    was_training = student.training
+    if options.gradient_checkpointing:
+        _checkpointing(student, True)
+    student.train()
+    bar = tqdm(range(first, steps), desc="recovery", unit="step", disable=not progress)
+    try:
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = options.lr * _lr_factor(step, steps, options.warmup_steps)
+            batch = _batch_indices(step, windows.shape[0], batch_size, seed)
+            loss = _step_loss(student, teacher, windows, batch, options, device, cache)
+            _finish_step(optimizer, params, masked, options, step, loss)
+            losses.append(_global_loss(loss, device))
+            bar.set_postfix(kl=f"{losses[-1]:.4f}")
+            if _save_due(state_path, step + 1, steps, options.save_every):
+                _save_state(state_path, step + 1, params, optimizer, losses)
+    finally:
+        bar.close()
+        student.train(was_training)
+        if options.gradient_checkpointing:
+            _checkpointing(student, False)
+        for param in params.values():
+            param.requires_grad_(False)
+
+
+def _save_due(state_path: Path | None, done: int, steps: int, every: int) -> bool:
+    """Whether to save the training state after ``done`` steps (the writer rank only)."""
+    return state_path is not None and done % every == 0 and done < steps and distributed.is_writer()
+
+
+def _checkpointing(model: nn.Module, on: bool) -> None:
+    """Turn transformers' activation (gradient) checkpointing on or off, non-reentrant."""
+    if on:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def _global_loss(loss: float, device) -> float:
+    """The whole batch's loss (the sum of every rank's share)."""
+    if not distributed.active():
+        return loss
+    total = torch.tensor([loss], dtype=torch.float64, device=device)
+    distributed.all_reduce_sum_([total])
+    return float(total)
+
+
+def _finish_step(optimizer, params, masked, options, step, loss) -> None:
+    """Sum gradients over ranks, mask them, check them, step, re-apply the mask."""
+    grads = [p.grad for p in params.values() if p.grad is not None]
+    distributed.all_reduce_sum_(grads)
+    with torch.no_grad():
+        for param, pruned in masked:
+            if param.grad is not None:
+                param.grad.masked_fill_(pruned, 0.0)
+        norm = torch.nn.utils.clip_grad_norm_(
+            list(params.values()), options.grad_clip if options.grad_clip > 0 else math.inf
+        )
+    if not math.isfinite(loss) or not torch.isfinite(norm):
+        raise RecoveryError(
+            f"recovery step {step}: the loss ({loss}) or gradient norm ({float(norm)}) is not "
+            "finite; nothing was saved. Lower --recover-lr, or check the teacher and windows"
+        )
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for param, pruned in masked:
+            param.masked_fill_(pruned, 0.0)  # +0.0, never -0.0
+
+
+# --------------------------------------------------------------------------------------------
+# running it: after the block loop, or on a saved checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+def recovery_windows(tokenizer, config, options: RecoverOptions) -> tuple[torch.Tensor, dict]:
+    """The recovery windows ``[n, seqlen]`` drawn like calibration windows
+    (:func:`safe_llm.data.calibration_windows`; by default the calibration windows
+    themselves), and ``{dataset, seed}`` as used."""
+    from safe_llm import data
+
+    dataset = options.dataset or config.dataset
+    seed = options.seed if options.seed is not None else config.seed
+    windows = data.calibration_windows(
+        tokenizer,
+        dataset,
+        options.nsamples or config.nsamples,
+        options.seqlen or config.seqlen,
+        seed,
+        text_column=config.text_column,
+    )
+    return windows, {"dataset": dataset, "seed": seed}
+
+
+def run_recovery(
+    model: nn.Module,
+    tokenizer,
+    config,
+    device: torch.device,
+    *,
+    state_dir: Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Recover ``model`` (pruned, on the host) in place against the dense ``config.model``
+    (loaded here as the teacher, in the model's dtype) with ``config.recover_options``;
+    returns the recovery report as a dict. The model is back on the host afterwards."""
+    from safe_llm.models import load_model
+
+    options = recover_options(config.recover_options)
+    windows, drawn = recovery_windows(tokenizer, config, options)
+    log.info(
+        "recovery: %d windows x %d tokens from %s; teacher %s",
+        *windows.shape,
+        drawn["dataset"],
+        config.model,
+    )
+    dtype = next(model.parameters()).dtype
+    teacher, _, _ = load_model(config.model, dtype, config.trust_remote_code)
+    home = next(model.parameters()).device
+    model.to(device)
+    teacher.to(device)
+    try:
+        report = recover(
+            model,
+            teacher,
+            windows,
+            options,
+            device=device,
+            dataset=drawn["dataset"],
+            seed=drawn["seed"],
+            state_dir=state_dir,
+            progress=progress,
+        )
+    finally:
+        model.to(home)
+        del teacher
+    log.info(
+        "recovery: %d steps, %d tokens, KL %.4f -> %.4f in %.0f s",
+        report.steps,
+        report.tokens,
+        report.losses[0] if report.losses else float("nan"),
+        report.losses[-1] if report.losses else float("nan"),
+        report.seconds,
+    )
+    return report.to_dict()
+
+
+def _load_pruned(checkpoint: Path, dtype: str | None, trust_remote_code: bool):
+    """``(model, tokenizer)`` of a pruned checkpoint, in the dtype it was pruned in."""
+    from safe_llm.models import DTYPES, load_model
+
+    model, tokenizer, _ = load_model(
+        str(checkpoint), DTYPES.get(dtype or "", torch.float32), trust_remote_code
+    )
+    return model, tokenizer
+
+
+def _evaluation_after_recovery(model, tokenizer, config, device, previous: dict, progress) -> dict:
+    """The checkpoint's evaluation with its pruned scores kept as ``before_recovery`` and,
+    with ``config.eval``, the recovered model's as ``pruned``."""
+    from safe_llm.pipeline import evaluate_sources
+
+    evaluation = dict(previous.get("evaluation") or {})
+    evaluation["before_recovery"] = evaluation.pop("pruned", {})
+    if config.eval:
+        model.to(device)
+        evaluation["pruned"] = evaluate_sources(model, tokenizer, config, device, progress)
+        model.to("cpu")
+    return evaluation
+
+
+def _read_checkpoint_record(checkpoint: Path) -> tuple[dict, dict]:
+    """``(recipe.yaml, report.json)`` of a checkpoint written by safe-llm."""
+    import yaml
+
+    recipe_file, report_file = checkpoint / "recipe.yaml", checkpoint / "report.json"
+    if not recipe_file.is_file() or not report_file.is_file():
+        raise RecoveryError(
+            f"{checkpoint} is not a safe-llm checkpoint (no recipe.yaml / report.json): "
+            "recover needs the recipe to know the dense model (the teacher)"
+        )
+    return yaml.safe_load(recipe_file.read_text()) or {}, json.loads(report_file.read_text())
+
+
+def recover_checkpoint(
+    checkpoint: str | Path,
+    output: str | Path,
+    options: dict,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    device: str | None = None,
+    evaluate: list[str] | None = None,
+    eval_max_windows: int | None = None,
+    command_line: str | None = None,
+    progress: bool = True,
+):
+    """Recover an existing pruned checkpoint into ``output``: the teacher is the dense model
+    named in its ``recipe.yaml``; ``options`` are recovery settings (``recover_options``) on
+    top of the recipe's. The checkpoint is written like ``safe-llm prune`` writes one
+    (atomically), with the recovery in ``report.json``, ``recipe.yaml`` and the model card.
+    Returns the :class:`~safe_llm.pipeline.PruneResult` it wrote."""
+    from safe_llm.checkpoint import save_checkpoint
+    from safe_llm.config import make_config
+    from safe_llm.models import resolve_device
+    from safe_llm.pipeline import PruneResult
+    from safe_llm.resume import work_dir
+    from safe_llm.run_report import RunReport  # (imported here: they import this module)
+
+    start = time.perf_counter()
+    checkpoint = Path(checkpoint).expanduser()
+    if Path(output).expanduser().resolve() == checkpoint.resolve():
+        raise RecoveryError("--output is the input checkpoint; choose another directory")
+    recipe, previous = _read_checkpoint_record(checkpoint)
+    overrides = {
+        "output": str(output),
+        "overwrite": overwrite,
+        "resume": resume,
+        "recover": "distill",
+        "recover_options": options,
+        "command_line": command_line,
+        "device": device,
+        "eval": evaluate,
+        "eval_max_windows": eval_max_windows,
+    }
+    config = make_config(recipe, {k: v for k, v in overrides.items() if v is not None})
+    torch.manual_seed(config.seed)
+    target = resolve_device(config.device)
+    model, tokenizer = _load_pruned(checkpoint, previous.get("dtype"), config.trust_remote_code)
+    state_dir = work_dir(config.output) / "recovery"
+    if not resume and state_dir.exists():
+        shutil.rmtree(state_dir)
+    recovery = run_recovery(
+        model, tokenizer, config, target, state_dir=state_dir, progress=progress
+    )
+    report = RunReport.from_dict(previous)
+    report.evaluation = _evaluation_after_recovery(
+        model, tokenizer, config, target, previous, progress
+    )
+    recovery.update(command=command_line, from_checkpoint=str(checkpoint))
+    report.recovery = {**recovery, "total_seconds": time.perf_counter() - start}
+    result = PruneResult(model, tokenizer, config, report)
+    save_checkpoint(result)  # replaces the output directory, its work area included
+    return result

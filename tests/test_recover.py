@@ -1,0 +1,255 @@
+"""End-to-end sparse recovery (``--recover distill``, ``safe-llm recover``) on tiny models."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from safe_llm import cli, recover
+from safe_llm.recover import RecoverOptions, RecoveryError, sparsity_masks
+
+
+def _pruned_pair(make_tiny_llama, structure: str = "unstructured"):
+    """(student, teacher): a tiny Llama pruned by magnitude per matrix (50% or 2:4), and a
+    dense copy with sharpened logits so the KL is far from zero."""
+    from safe_llm.sparsity import SparsityPattern
+
+    teacher = make_tiny_llama(seed=0)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(8.0)
+    student = copy.deepcopy(teacher)
+    pattern = SparsityPattern.parse(structure, 0.5 if structure == "unstructured" else None)
+    with torch.no_grad():
+        for module in student.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(pattern.keep_mask(module.weight.abs()))
+    return student, teacher
+
+
+def _windows(n: int = 8, seqlen: int = 16) -> torch.Tensor:
+    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(1))
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+def test_recovery_keeps_every_pruned_weight_exactly_zero(make_tiny_llama, structure):
+    student, teacher = _pruned_pair(make_tiny_llama, structure)
+    before = sparsity_masks(student)
+    weights = {n: p.detach().clone() for n, p in student.named_parameters()}
+    options = RecoverOptions(steps=6, lr=3e-3, batch_size=8)  # one batch: the loss falls
+    report = recover.recover(student, teacher, _windows(), options, progress=False)
+    after = sparsity_masks(student)
+    assert set(after) == set(before) and len(before) == 14
+    for name in before:
+        assert torch.equal(after[name], before[name]), name
+        zeros = student.get_parameter(name)[before[name]]
+        assert torch.equal(zeros.view(torch.int32), torch.zeros_like(zeros).view(torch.int32))
+    moved = [n for n in before if not torch.equal(student.get_parameter(n), weights[n])]
+    assert len(moved) == len(before)  # every kept weight trained
+    assert report.losses[-1] < report.losses[0]
+
+
+def test_recovery_with_lr_zero_returns_the_input_weights_exactly(make_tiny_llama):
+    student, teacher = _pruned_pair(make_tiny_llama)
+    weights = {n: p.detach().clone() for n, p in student.named_parameters()}
+    recover.recover(student, teacher, _windows(), RecoverOptions(steps=3, lr=0.0), progress=False)
+    for name, param in student.named_parameters():
+        assert torch.equal(param, weights[name]), name
+
+
+def _independent_kl(student, teacher, windows) -> float:
+    """Mean over tokens of sum_v p_teacher * (log p_teacher - log p_student), full logits."""
+    with torch.no_grad():
+        t = teacher(input_ids=windows).logits.double()
+        s = student(input_ids=windows).logits.double()
+    p = torch.softmax(t, -1)
+    return float((p * (torch.log_softmax(t, -1) - torch.log_softmax(s, -1))).sum(-1).mean())
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 512])
+def test_chunked_kl_equals_an_independently_written_kl(make_tiny_llama, chunk):
+    student, teacher = _pruned_pair(make_tiny_llama)
+    windows = _windows()
+    expected = _independent_kl(student, teacher, windows)
+    options = RecoverOptions(steps=1, lr=0.0, batch_size=len(windows), kl_chunk=chunk)
+    report = recover.recover(student, teacher, windows, options, progress=False)
+    assert expected > 1e-3
+    assert report.losses[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_chunked_kl_gradient_equals_the_full_logits_gradient(make_tiny_llama):
+    student, teacher = _pruned_pair(make_tiny_llama)
+    hidden = torch.randn(2, 7, 32)
+    target = torch.randn(2, 7, 32)
+    loss, grad = recover.chunked_kl_backward(
+        hidden, target, student.lm_head, teacher.lm_head, chunk=3, scale=1 / 14
+    )
+    leaf = hidden.clone().requires_grad_()
+    log_q = F.log_softmax(student.lm_head(leaf), -1)
+    log_p = F.log_softmax(teacher.lm_head(target), -1).detach()
+    full = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    full.backward()
+    assert loss == pytest.approx(float(full.detach()), rel=1e-5)
+    assert torch.allclose(grad, leaf.grad, atol=1e-6)
+
+
+def test_a_non_finite_loss_stops_recovery_before_any_step(make_tiny_llama):
+    student, teacher = _pruned_pair(make_tiny_llama)
+    with torch.no_grad():
+        teacher.model.norm.weight[0] = float("nan")
+    weights = {n: p.detach().clone() for n, p in student.named_parameters()}
+    with pytest.raises(RecoveryError, match="not finite"):
+        recover.recover(student, teacher, _windows(), RecoverOptions(steps=2), progress=False)
+    for name, param in student.named_parameters():
+        assert torch.equal(param, weights[name]), name
+
+
+def test_embeddings_and_lm_head_are_frozen_and_shared_with_the_teacher(make_tiny_llama):
+    student, teacher = _pruned_pair(make_tiny_llama)
+    head = student.lm_head.weight.detach().clone()
+    report = recover.recover(
+        student, teacher, _windows(), RecoverOptions(steps=2, lr=1e-2), progress=False
+    )
+    assert report.shared_with_teacher == ["input embeddings", "lm_head"]
+    assert teacher.lm_head.weight is student.lm_head.weight
+    assert torch.equal(student.lm_head.weight, head)
+    assert not any(p.requires_grad for p in student.parameters())
+
+
+def test_only_the_norms_train_when_asked(make_tiny_llama):
+    student, teacher = _pruned_pair(make_tiny_llama)
+    weights = {n: p.detach().clone() for n, p in student.named_parameters()}
+    options = RecoverOptions(steps=2, lr=1e-2, train=["norms"])
+    recover.recover(student, teacher, _windows(), options, progress=False)
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, weights[n])}
+    assert changed and all("norm" in n for n in changed)
+
+
+def test_a_killed_recovery_resumes_to_the_same_weights_bit_for_bit(make_tiny_llama, tmp_path):
+    options = RecoverOptions(steps=6, lr=1e-2, batch_size=3, save_every=2)
+    whole, teacher = _pruned_pair(make_tiny_llama)
+    recover.recover(whole, teacher, _windows(), options, progress=False)
+
+    killed, teacher = _pruned_pair(make_tiny_llama)
+    calls = {"n": 0}
+    real_step = recover._finish_step
+
+    def dies_at_step_five(*args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(recover, "_finish_step", dies_at_step_five)
+        with pytest.raises(KeyboardInterrupt):
+            recover.recover(
+                killed, teacher, _windows(), options, state_dir=tmp_path, progress=False
+            )
+    resumed, teacher = _pruned_pair(make_tiny_llama)
+    report = recover.recover(
+        resumed, teacher, _windows(), options, state_dir=tmp_path, progress=False
+    )
+    assert report.resumed_from_step == 4
+    for name, param in whole.named_parameters():
+        assert torch.equal(resumed.get_parameter(name), param), name
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+def _prune_args(model_dir, calibration_file, output, *extra) -> list[str]:
+    return [
+        "prune", "--quiet", "--model", str(model_dir), "--dataset", str(calibration_file),
+        "--nsamples", "4", "--seqlen", "16", "--batch-size", "2", "--device", "cpu",
+        "--method", "magnitude", "--output", str(output), *extra,
+    ]  # fmt: skip
+
+
+def test_prune_with_recovery_writes_a_checkpoint_plain_transformers_loads(
+    save_tiny_model, calibration_file, tmp_path
+):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = save_tiny_model()
+    plain, recovered = tmp_path / "plain", tmp_path / "recovered"
+    assert cli.main(_prune_args(model_dir, calibration_file, plain)) == 0
+    extra = ["--recover", "distill", "--recover-steps", "3", "--recover-lr", "1e-2"]
+    assert cli.main(_prune_args(model_dir, calibration_file, recovered, *extra)) == 0
+    report = json.loads((recovered / "report.json").read_text())
+    assert report["recovery"]["method"] == "distill"
+    assert report["recovery"]["tokens"] == 3 * 4 * 16
+    assert report["recovery"]["dataset"] == str(calibration_file)
+    card = (recovered / "README.md").read_text()
+    assert "recovered end to end" in card and "192 tokens" in card
+    model = AutoModelForCausalLM.from_pretrained(recovered)
+    before, after = _weights(plain), model.state_dict()
+    for name, tensor in before.items():
+        if ".layers." in name and name.endswith("proj.weight"):
+            assert torch.equal(after[name] == 0, tensor == 0), name
+            assert not torch.equal(after[name], tensor), name
+    assert not (recovered / ".safe_llm_work").exists()
+
+
+def test_recover_command_recovers_an_existing_checkpoint(
+    save_tiny_model, calibration_file, tmp_path
+):
+    model_dir = save_tiny_model()
+    pruned, recovered = tmp_path / "pruned", tmp_path / "recovered"
+    assert cli.main(_prune_args(model_dir, calibration_file, pruned)) == 0
+    args = ["recover", "--quiet", str(pruned), "--output", str(recovered)]
+    args += ["--recover-steps", "2", "--recover-lr", "1e-2", "--recover-train", "weights"]
+    assert cli.main(args) == 0
+    report = json.loads((recovered / "report.json").read_text())
+    assert report["recovery"]["steps"] == 2 and report["recovery"]["train"] == ["weights"]
+    assert report["method"] == "magnitude"
+    before, after = _weights(pruned), _weights(recovered)
+    for name in before:
+        if name.endswith("proj.weight"):
+            assert torch.equal(after[name] == 0, before[name] == 0), name
+    assert cli.main(args) == 2  # the output exists: --overwrite needed
+
+
+def test_recovery_options_are_validated(save_tiny_model, calibration_file, tmp_path, capsys):
+    model_dir = save_tiny_model()
+    args = _prune_args(model_dir, calibration_file, tmp_path / "o", "--recover", "distill")
+    assert cli.main([*args, "--recover-lr", "-1"]) == 2
+    assert "--recover-lr" in capsys.readouterr().err
+    assert cli.main([*args, "--recover-train", "embeddings"]) == 2
+    assert "--recover-train" in capsys.readouterr().err
+
+
+def test_two_process_recovery_equals_the_single_process_run(
+    save_tiny_model, calibration_file, tmp_path
+):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    model_dir = save_tiny_model()
+    extra = ["--recover", "distill", "--recover-steps", "3", "--recover-lr", "1e-2"]
+    single = tmp_path / "single"
+    assert cli.main(_prune_args(model_dir, calibration_file, single, *extra)) == 0
+    parallel = tmp_path / "parallel"
+    run = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "safe_llm.cli",
+         *_prune_args(model_dir, calibration_file, parallel, *extra)],
+        capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    expected, got = _weights(single), _weights(parallel)
+    for key in expected:
+        assert torch.allclose(got[key], expected[key], atol=1e-5, rtol=1e-4), key
+        assert torch.equal(got[key] == 0, expected[key] == 0), key
