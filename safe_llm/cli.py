@@ -370,9 +370,11 @@ def _run_eval(args: argparse.Namespace) -> int:
         results_document,
         write_json,
     )
+    from safe_llm.memory import serve_large_buffers_from_mmap
     from safe_llm.models import load_model, resolve_device, resolve_dtype
 
     sources, tasks = _check_eval_args(args)
+    serve_large_buffers_from_mmap()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model, tokenizer, _ = load_model(args.model, dtype, args.trust_remote_code)

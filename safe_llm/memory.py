@@ -37,12 +37,38 @@ def process_peak_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+@functools.cache
+def _libc():
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
+
+
+def _mallopt():
+    """glibc's ``mallopt``, or None on other C libraries."""
+    return getattr(_libc(), "mallopt", None)
+
+
+def serve_large_buffers_from_mmap(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Have glibc serve every allocation of ``threshold`` bytes or more by ``mmap``.
+
+    By default glibc raises its mmap threshold (up to 32 MB) after the first large buffers are
+    freed, and from then on keeps freed activations, gradients and logit chunks in its heap:
+    the resident memory of a SmolLM2 run rose by 0.2-0.45 GB over the model that way. Fixed at
+    1 MB, a freed tensor goes back to the OS at once (measured: pruning-stage peak 1.46 ->
+    1.30 GiB, evaluation 1.24 -> 1.18 GiB). Returns whether the setting took effect.
+    """
+    mallopt = _mallopt()
+    return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, threshold) == 1)
+
+
 @functools.cache
 def _malloc_trim():
     """glibc's ``malloc_trim``, or None on other C libraries (nothing to trim there)."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    return getattr(libc, "malloc_trim", None)
+    return getattr(_libc(), "malloc_trim", None)
 
 
 def return_freed_memory() -> None:

@@ -16,7 +16,7 @@ from safe_llm.blocks import find_blocks, prunable_layers, weight_matrix
 from safe_llm.config import ConfigError, PruneConfig, make_config, parse_size
 from safe_llm.engine import BlockSource, PruneReport, dense_pass, prune_model
 from safe_llm.evaluate import evaluate_perplexity
-from safe_llm.memory import StagePeaks, return_freed_memory
+from safe_llm.memory import StagePeaks, return_freed_memory, serve_large_buffers_from_mmap
 from safe_llm.methods import build_method
 from safe_llm.models import load_model, resolve_device, resolve_dtype
 from safe_llm.resume import EngineState, Interrupted, WorkArea, work_dir
@@ -242,6 +242,7 @@ def run_prune(
     dtype = resolve_dtype(config.dtype, device)
     method = build_method(config.method, config.method_options)
     pattern = config.pattern()
+    serve_large_buffers_from_mmap()
     peaks = StagePeaks(device)
     with peaks.stage("load"):
         model, tokenizer, source, writer = _load(config, dtype)
