@@ -487,14 +487,7 @@ class SAFE(PruningMethod):
             return {"steps": 0, "epochs": 0, "loss": float("nan"), "residuals": []}
         params = self._trainable(ctx, splits)
         masks = None if admm else [(s.param != 0).to(s.param.dtype) for s in splits.values()]
-        for p in params:
-            p.requires_grad_(True)
-        optimizer = torch.optim.Adam(
-            [{"params": [p], "unit": u} for p, u in zip(params, steps.units, strict=True)],
-            lr=opts.lr,
-            betas=(0.9, 0.95),
-            weight_decay=0.0,
-        )
+        optimizer = _adam(params, steps.units, opts.lr)
         schedule = _Schedule(opts, lr, total, steps_per_epoch)
         residuals = []
         generator = torch.Generator().manual_seed(ctx.seed)
@@ -510,32 +503,16 @@ class SAFE(PruningMethod):
                 loss, grads = self._sam_grads(ctx, params, steps, batch, previous)
                 if reuse:
                     previous = [g.clone() for g in grads]
-                if admm:
-                    self._add_proximal(splits, grads, steps.proximal(schedule.lam(step)))
-                else:
-                    torch._foreach_mul_(grads[: len(masks)], masks)
-                torch._foreach_mul_(grads, steps.units)  # Adam sees d f / d (W / s)
-                for p, g in zip(params, grads, strict=False):
-                    p.grad = g
-                for group in optimizer.param_groups:
-                    group["lr"] = schedule.lr(step) * group["unit"]
-                optimizer.step()
+                self._adam_step(splits, steps, optimizer, grads, schedule, step, masks)
                 step += 1
                 if admm and step % opts.interval == 0:
                     self._dual_update(ctx, splits)
                     residuals.append(self._residual(splits))
-                if not admm:
-                    with torch.no_grad():
-                        torch._foreach_mul_([s.param for s in splits.values()], masks)
                 epoch_loss = epoch_loss + loss
             epoch += 1
             mean_loss = float(epoch_loss) / (step - epoch_start)  # one host sync per epoch
             epoch_loss = zero
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(
-                    f"{self.name}: loss became {mean_loss} in block {ctx.index}; "
-                    "lower --lr or --rho"
-                )
+            self._check_loss(mean_loss, ctx)
             watched = mean_loss
             if selection is not None and selection.active and step < total:
                 watched = selection.offer(epoch, projected=True)
@@ -548,6 +525,30 @@ class SAFE(PruningMethod):
             p.requires_grad_(False)
             p.grad = None
         return {"steps": step, "epochs": epoch, "loss": mean_loss, "residuals": residuals}
+
+    @torch.no_grad()
+    def _adam_step(self, splits, steps, optimizer, grads, schedule, step, masks) -> None:
+        """One Adam step with the gradients ``grads`` of the trainable tensors: plus the
+        proximal term (ADMM, ``masks`` None), or masked to the kept weights (``masks``)."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if masks is None:
+            self._add_proximal(splits, grads, steps.proximal(schedule.lam(step)))
+        else:
+            torch._foreach_mul_(grads[: len(masks)], masks)
+        torch._foreach_mul_(grads, steps.units)  # Adam sees d f / d (W / s)
+        for p, g in zip(params, grads, strict=False):
+            p.grad = g
+        for group in optimizer.param_groups:
+            group["lr"] = schedule.lr(step) * group["unit"]
+        optimizer.step()
+        if masks is not None:
+            torch._foreach_mul_([s.param for s in splits.values()], masks)
+
+    def _check_loss(self, mean_loss: float, ctx: BlockContext) -> None:
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(
+                f"{self.name}: loss became {mean_loss} in block {ctx.index}; lower --lr or --rho"
+            )
 
     @torch.no_grad()
     def _add_proximal(self, splits: dict[str, _Split], grads: list, lam: list[float]) -> None:
@@ -573,6 +574,19 @@ class SAFE(PruningMethod):
     def _project_final(self, ctx: BlockContext, splits: dict[str, _Split]) -> None:
         for split in splits.values():
             split.param.copy_(self._project(ctx, split, split.param))
+
+
+def _adam(params: list[torch.Tensor], units: list[float], lr: float) -> torch.optim.Adam:
+    """Adam (0.9/0.95, no weight decay) over ``params``, each in its own group with its step
+    unit (the learning rate of a group is ``lr * unit``); the tensors start needing grads."""
+    for p in params:
+        p.requires_grad_(True)
+    return torch.optim.Adam(
+        [{"params": [p], "unit": u} for p, u in zip(params, units, strict=True)],
+        lr=lr,
+        betas=(0.9, 0.95),
+        weight_decay=0.0,
+    )
 
 
 @register
