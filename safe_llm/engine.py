@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,6 +40,7 @@ from safe_llm.blocks import (
 )
 from safe_llm.errors import SafeLLMError
 from safe_llm.layer_stats import collect_input_stats
+from safe_llm.memory import process_peak_bytes
 from safe_llm.methods.base import BlockContext, PruningMethod
 from safe_llm.resume import EngineState, rng_state, set_rng_state
 from safe_llm.sparsity import SparsityPattern, achieved_sparsity
@@ -117,7 +117,7 @@ def peak_memory_bytes(device: torch.device) -> int:
     """Peak accelerator memory on CUDA, else the process's peak resident set size."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    return process_peak_bytes()
 
 
 @contextlib.contextmanager
