@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from safe_llm.atomic import atomic_write
 from safe_llm.models import cache_dir
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,8 @@ def cached_perplexity(
 
 
 def _store(path: Path, value: float) -> None:
-    from safe_llm.evaluate import write_json
-
     try:
-        write_json(path, {"perplexity": value})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps({"perplexity": value})))
     except OSError as error:  # a read-only cache must not fail the evaluation
         log.warning("could not write the perplexity cache %s: %s", path, error)
