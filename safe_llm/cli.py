@@ -73,6 +73,8 @@ def _add_field(
         kwargs["type"] = kind
         if "nargs" in f.metadata:
             kwargs["nargs"] = f.metadata["nargs"]
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
         if f.name == "method":
             kwargs["choices"] = available_methods()
         if f.name == "model" or dest is not None:

@@ -28,6 +28,7 @@ next-token distribution matches the dense *teacher*'s:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -43,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from safe_llm import distributed
+from safe_llm import distributed, precision
 from safe_llm.blocks import PRUNABLE_TYPES, find_blocks
 from safe_llm.errors import SafeLLMError
 from safe_llm.resume import atomic_write, rng_state, set_rng_state
@@ -93,6 +94,12 @@ class RecoverOptions:
     grad_clip: float = _opt(1.0, "clip the gradient's global norm to this (0: no clipping)")
     kl_chunk: int = _opt(512, "tokens per chunk of the vocabulary-sized KL (memory bound)")
     gradient_checkpointing: bool = _opt(True, "recompute block activations in the backward")
+    autocast: str = _opt(
+        "auto",
+        "bf16 autocast of the forward and backward, fp32 master weights and Adam state: auto "
+        "(where the device computes bf16 natively: CUDA, CPUs with AVX-512-BF16/AMX), bf16, off",
+        choices=("auto", "bf16", "off"),
+    )
     teacher_cache: bool = _opt(
         True,
         "run the teacher once over the windows and keep its final hidden states [n, seq, d] "
@@ -111,6 +118,10 @@ class RecoverOptions:
             raise RecoveryError("--recover-save-every must be at least 1")
         if not (self.lr >= 0 and math.isfinite(self.lr)):
             raise RecoveryError(f"--recover-lr must be a finite number >= 0, got {self.lr}")
+        if self.autocast not in ("auto", "bf16", "off"):
+            raise RecoveryError(
+                f"--recover-autocast takes auto, bf16 or off, got {self.autocast!r}"
+            )
         if self.warmup_steps < 0 or self.grad_clip < 0:
             raise RecoveryError("--recover-warmup-steps and --recover-grad-clip must be >= 0")
         unknown = set(self.train) - set(TRAINABLE_GROUPS)
@@ -291,6 +302,7 @@ class RecoveryReport:
     warmup_steps: int
     batch_size: int
     train: list[str]
+    autocast_bf16: bool
     trainable_parameters: int
     shared_with_teacher: list[str]
     losses: list[float]
@@ -430,12 +442,14 @@ def recover(
     state_path = Path(state_dir) if state_dir is not None else None
     first, losses = _resume_point(state_path, params, optimizer, steps)
     masked = [(params[n], m) for n, m in masks.items() if n in params]
-    cache = (
-        teacher_hidden_states(teacher, windows, batch_size, device, progress)
-        if options.teacher_cache
-        else None
-    )
-    training = _Training(params, optimizer, masked, first, steps, batch_size, seed, losses)
+    bf16 = precision.reduced_precision(options.autocast, torch.device(device), "recovery autocast")
+    with _autocast(device, bf16):
+        cache = (
+            teacher_hidden_states(teacher, windows, batch_size, device, progress)
+            if options.teacher_cache
+            else None
+        )
+    training = _Training(params, optimizer, masked, first, steps, batch_size, seed, losses, bf16)
     _train(student, teacher, windows, training, options, device, cache, state_path, progress)
     check_finite_parameters(params, steps)
     check_masks(student, masks)
@@ -448,12 +462,20 @@ def recover(
         steps=steps,
         tokens=steps * batch_size * int(windows.shape[1]),
         **_settings(options, batch_size),
+        autocast_bf16=bf16,
         trainable_parameters=sum(p.numel() for p in params.values()),
         shared_with_teacher=shared,
         losses=losses,
         seconds=time.perf_counter() - start,
         resumed_from_step=first,
     )
+
+
+def _autocast(device, bf16: bool):
+    """bf16 autocast on ``device`` (parameters, gradients and Adam state stay fp32), or none."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 def _resume_point(state_path: Path | None, params, optimizer, steps: int) -> tuple[int, list]:
@@ -488,6 +510,7 @@ class _Training:
     batch_size: int
     seed: int
     losses: list[float]
+    bf16: bool = False
 
 
 def _train(
@@ -512,7 +535,9 @@ def _train(
             for group in optimizer.param_groups:
                 group["lr"] = options.lr * _lr_factor(step, steps, options.warmup_steps)
             batch = _batch_indices(step, windows.shape[0], batch_size, seed)
-            loss = _step_loss(student, teacher, windows, batch, options, device, cache)
+            # autocast per step: its cache of bf16 weight copies must not outlive the update
+            with _autocast(device, training.bf16):
+                loss = _step_loss(student, teacher, windows, batch, options, device, cache)
             _finish_step(optimizer, params, masked, options, step, loss)
             losses.append(_global_loss(loss, device))
             bar.set_postfix(kl=f"{losses[-1]:.4f}")

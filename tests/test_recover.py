@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,9 @@ def test_chunked_kl_equals_an_independently_written_kl(make_tiny_llama, chunk):
     student, teacher = _pruned_pair(make_tiny_llama)
     windows = _windows()
     expected = _independent_kl(student, teacher, windows)
-    options = RecoverOptions(steps=1, lr=0.0, batch_size=len(windows), kl_chunk=chunk)
+    options = RecoverOptions(
+        steps=1, lr=0.0, batch_size=len(windows), kl_chunk=chunk, autocast="off"
+    )
     report = recover.recover(student, teacher, windows, options, progress=False)
     assert expected > 1e-3
     assert report.losses[0] == pytest.approx(expected, rel=1e-5)
@@ -168,6 +171,38 @@ def test_a_killed_recovery_resumes_to_the_same_weights_bit_for_bit(make_tiny_lla
         assert torch.equal(resumed.get_parameter(name), param), name
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_autocast_is_bf16_exactly_where_the_device_computes_it_natively(
+    make_tiny_llama, monkeypatch, native
+):
+    monkeypatch.setattr(recover.precision, "native_bf16", lambda device: native)
+    student, teacher = _pruned_pair(make_tiny_llama)
+    before = recover.sparsity_masks(student)
+    report = recover.recover(
+        student, teacher, _windows(), RecoverOptions(steps=6, lr=3e-3, batch_size=8), progress=False
+    )
+    assert report.autocast_bf16 is native
+    assert report.losses[-1] < report.losses[0]
+    for name, pruned in before.items():
+        assert torch.equal(recover.sparsity_masks(student)[name], pruned), name
+        assert student.get_parameter(name).dtype == torch.float32
+
+
+def test_bf16_recovery_steps_from_the_updated_weights_not_a_stale_copy(make_tiny_llama):
+    """autocast caches bf16 copies of the weights; one context around the whole loop would
+    give step 2 the loss (and gradient) of the weights before step 1."""
+    options = RecoverOptions(steps=2, lr=3e-2, batch_size=8, autocast="bf16")
+    windows = _windows()
+    two, teacher = _pruned_pair(make_tiny_llama)
+    report = recover.recover(two, teacher, windows, options, progress=False)
+    one, teacher = _pruned_pair(make_tiny_llama)
+    recover.recover(one, teacher, windows, replace(options, steps=1), progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        after_one_step = _independent_kl(one, teacher, windows)
+    assert abs(report.losses[1] - report.losses[0]) > 0.2 * report.losses[0]
+    assert report.losses[1] == pytest.approx(after_one_step, rel=0.05)
+
+
 # -- the command line -----------------------------------------------------------------------
 
 
@@ -240,6 +275,7 @@ def test_two_process_recovery_equals_the_single_process_run(
         pytest.skip("torchrun is not installed")
     model_dir = save_tiny_model()
     extra = ["--recover", "distill", "--recover-steps", "3", "--recover-lr", "1e-2"]
+    extra += ["--recover-autocast", "off"]  # fp32: bf16 rounding depends on the batch split
     single = tmp_path / "single"
     assert cli.main(_prune_args(model_dir, calibration_file, single, *extra)) == 0
     parallel = tmp_path / "parallel"
