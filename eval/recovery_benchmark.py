@@ -75,7 +75,7 @@ def read_time(path: Path) -> dict:
     return {"wall_s": seconds, "cpu_s": user + system, "peak_rss_gib": rss / 2**20}
 
 
-def prune(name: str, method: str, structure: str, nsamples: int, args) -> dict:
+def prune(name: str, method: str, structure: str, nsamples: int, args, *extra: str) -> dict:
     out = Path(args.runs_dir) / name
     if (out / "report.json").is_file() and out.with_suffix(".time").is_file():
         return read_time(out.with_suffix(".time"))
@@ -90,7 +90,7 @@ def prune(name: str, method: str, structure: str, nsamples: int, args) -> dict:
     command += ["--seed", "0", "--device", "cpu", "--output", str(out), "--overwrite", "--eval"]
     if structure == "unstructured":
         command += ["--sparsity", "0.5"]
-    return timed(command, out.with_suffix(".log"))
+    return timed([*command, *extra], out.with_suffix(".log"))
 
 
 def recover(name: str, source: str, steps: int, args) -> dict:
@@ -101,6 +101,8 @@ def recover(name: str, source: str, steps: int, args) -> dict:
     command += [str(Path(args.runs_dir) / source), "--output", str(out), "--overwrite"]
     command += ["--recover-steps", str(steps), "--recover-lr", str(args.recover_lr)]
     command += ["--recover-batch-size", str(args.recover_batch_size)]
+    command += ["--recover-warmup-steps", str(args.recover_warmup)]
+    command += ["--recover-nsamples", str(args.recover_nsamples)]
     if not args.checkpointing:
         command += ["--no-recover-gradient-checkpointing"]
     return timed(command, out.with_suffix(".log"))
@@ -146,6 +148,13 @@ def rows_for(structure: str, args, windows: dict, dense: dict) -> list[dict]:
                 "SAFE+, 128 windows",
                 f"safe+n128-{tag}",
                 lambda n: prune(n, "safe+", structure, 128, args),
+            )
+        )
+        plan.append(
+            (
+                "SAFE+, dense-stream targets",
+                f"safe+dense-{tag}",
+                lambda n: prune(n, "safe+", structure, 32, args, "--dense-targets"),
             )
         )
     for steps in args.budgets:
@@ -220,12 +229,20 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="*", type=int, default=[8, 16], help="recovery steps")
     parser.add_argument("--recover-lr", type=float, default=2e-4)
     parser.add_argument("--recover-batch-size", type=int, default=2)
+    parser.add_argument("--recover-warmup", type=int, default=0, help="warm-up steps")
+    parser.add_argument(
+        "--recover-nsamples", type=int, default=32, help="recovery windows (builtin-c4, seed 0)"
+    )
     parser.add_argument(
         "--checkpointing",
         action="store_true",
         help="gradient checkpointing in recovery (off here: SmolLM2 fits, and it costs a forward)",
     )
-    parser.add_argument("--levers", action="store_true", help="add SAFE+ with 128 windows")
+    parser.add_argument(
+        "--levers",
+        action="store_true",
+        help="add SAFE+ with 128 calibration windows and SAFE+ with dense-stream targets",
+    )
     parser.add_argument("--heldout-windows", type=int, default=8)
     parser.add_argument("--runs-dir", default="runs/recovery")
     parser.add_argument("--json", help="write every row here")

@@ -39,7 +39,11 @@ class PruneConfig:
     model: str = _opt(
         None, "Hub id, local model directory, .gguf file or built-in name (smollm2-135m)"
     )
-    method: str = _opt("wanda", "pruning method")
+    method: str = _opt(
+        "safe+",
+        "pruning method; the default SAFE+ (its default options: the measured CPU recipe) "
+        "takes about 3x SparseGPT's time and cuts 10-20%% of SparseGPT's perplexity damage",
+    )
     sparsity: float | None = _opt(
         None, "fraction of weights set to zero in every pruned matrix (default 0.5; implied by N:M)"
     )

@@ -138,7 +138,7 @@ def test_prune_run_writes_checkpoint_with_tokenizer_recipe_report_and_sparsity_c
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp dir left"
 
     report = json.loads((out / "report.json").read_text())
-    assert report["method"] == "wanda" and report["sparsity"] == 0.5
+    assert report["method"] == "safe+" and report["sparsity"] == 0.5
     assert [b["index"] for b in report["blocks"]] == [0, 1]
     for block in report["blocks"]:
         assert set(block["layer_sparsity"]) == set(LAYERS)
@@ -152,7 +152,7 @@ def test_prune_run_writes_checkpoint_with_tokenizer_recipe_report_and_sparsity_c
 
     config = json.loads((out / "config.json").read_text())
     meta = config["safe_llm_sparsity"]
-    assert meta["method"] == "wanda"
+    assert meta["method"] == "safe+"  # the default method
     assert meta["structure"] == "unstructured"
     assert meta["sparsity"] == 0.5
     assert meta["overall_sparsity"] == 0.5

@@ -103,7 +103,7 @@ def test_every_checkpoint_has_a_card_with_the_command_that_made_it_and_its_perpl
     assert report["command"] == shlex.join(["safe-llm", *argv])
     assert f"```bash\n{report['command']}\n```" in card
     meta = _front_matter(card)
-    assert "base_model" not in meta and {"2:4", "wanda"} <= set(meta["tags"])
+    assert "base_model" not in meta and {"2:4", "safe+"} <= set(meta["tags"])
     pruned = report["evaluation"]["pruned"][str(calibration_file)]
     assert f"{pruned['perplexity']:.3f} |" in card
     assert "command_line" not in (out / "recipe.yaml").read_text()
