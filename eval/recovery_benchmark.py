@@ -4,16 +4,19 @@ Rows, for each structure (50% unstructured, 2:4):
 
 * ``sparsegpt``: SparseGPT on the reference calibration (32 x 512 builtin-c4 windows, seed 0);
 * ``safe+``: SAFE+ with the CPU recipe (``recipes/smollm2-135m-safe+-<50|2-4>.yaml``);
-* ``safe+ n128`` (with ``--levers``): the same recipe with 128 calibration windows;
 * ``safe+ + recovery <S> steps``: ``safe-llm recover`` on the SAFE+ checkpoint, one row per
-  budget in ``--budgets`` (optimiser steps of ``--recover-batch-size`` windows; the recovery
-  windows are the calibration windows, in a seeded order).
+  budget in ``--budgets`` (optimiser steps of ``--recover-batch-size`` windows drawn from
+  ``--recover-nsamples`` builtin-c4 windows, seed 0, in a seeded order);
+* ``--levers dense n128``: the same recipe with dense-stream targets, with 128 calibration
+  windows.
 
 Each run is its own ``safe-llm`` process under ``/usr/bin/time -v`` (wall and CPU seconds, peak
 RSS). A pruned checkpoint is made once per structure and kept in ``--runs-dir`` (finished runs
 and scores are reused), and the recovery variants start from it. Columns: perplexity on the
 reference protocol (the raw ``wiki.utf8`` tokenized whole, first 64 x 512 windows), the cut
-of SparseGPT's damage ``(ppl_sgpt - ppl) / (ppl_sgpt - dense)``, perplexity on builtin-c4
+of SparseGPT's damage ``(ppl_sgpt - ppl) / (ppl_sgpt - dense)``, perplexity on the tuning
+split (``tune``: raw ``wiki.utf8`` windows 65-80, after the scored ones; settings are chosen
+on it, never on the reference windows), perplexity on builtin-c4
 windows that no calibration or recovery window came from (``--heldout-windows`` x 512 tokens
 of the documents none was drawn from), seconds (SAFE+ rows: pruning + recovery) and their
 multiple of SparseGPT's, peak RSS.
@@ -126,12 +129,15 @@ def heldout_c4_windows(tokenizer, args) -> torch.Tensor:
 
 
 def score(name: str, directory: str, windows: dict, args) -> dict:
+    """Perplexity of the checkpoint on each set of ``windows``; cached per run (a set added
+    later is computed and added to the cache)."""
     cache = Path(args.runs_dir) / f"{name}.score.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    result = {key: perplexity(model, w, batch_size=8) for key, w in windows.items()}
-    cache.write_text(json.dumps(result))
+    result = json.loads(cache.read_text()) if cache.is_file() else {}
+    missing = [key for key in windows if key not in result]
+    if missing:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        result.update({key: perplexity(model, windows[key], batch_size=8) for key in missing})
+        cache.write_text(json.dumps(result))
     return result
 
 
@@ -142,21 +148,6 @@ def rows_for(structure: str, args, windows: dict, dense: dict) -> list[dict]:
     plan.append(
         ("SAFE+ (CPU recipe)", f"safe+-{tag}", lambda n: prune(n, "safe+", structure, 32, args))
     )
-    if args.levers:
-        plan.append(
-            (
-                "SAFE+, 128 windows",
-                f"safe+n128-{tag}",
-                lambda n: prune(n, "safe+", structure, 128, args),
-            )
-        )
-        plan.append(
-            (
-                "SAFE+, dense-stream targets",
-                f"safe+dense-{tag}",
-                lambda n: prune(n, "safe+", structure, 32, args, "--dense-targets"),
-            )
-        )
     for steps in args.budgets:
         plan.append(
             (
@@ -165,6 +156,19 @@ def rows_for(structure: str, args, windows: dict, dense: dict) -> list[dict]:
                 lambda n, s=steps: recover(n, f"safe+-{tag}", s, args),
             )
         )
+    levers = {
+        "dense": (
+            "SAFE+, dense-stream targets",
+            f"safe+dense-{tag}",
+            lambda n: prune(n, "safe+", structure, 32, args, "--dense-targets"),
+        ),
+        "n128": (
+            "SAFE+, 128 windows",
+            f"safe+n128-{tag}",
+            lambda n: prune(n, "safe+", structure, 128, args),
+        ),
+    }
+    plan += [levers[name] for name in args.levers]
     rows = []
     for label, name, run in plan:
         timing = run(name)
@@ -240,8 +244,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--levers",
-        action="store_true",
-        help="add SAFE+ with 128 calibration windows and SAFE+ with dense-stream targets",
+        nargs="*",
+        default=[],
+        choices=["dense", "n128"],
+        help="rows after the recovery ones: SAFE+ with dense-stream targets (dense), with 128 "
+        "calibration windows (n128)",
     )
     parser.add_argument("--heldout-windows", type=int, default=8)
     parser.add_argument("--runs-dir", default="runs/recovery")
@@ -253,6 +260,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     windows = {
         "ref": reference_windows(tokenizer),
+        "tune": reference_windows(tokenizer, count=80)[64:],
         "c4_heldout": heldout_c4_windows(tokenizer, args),
     }
     dense = score("dense", model_dir, windows, args)
