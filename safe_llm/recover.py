@@ -81,9 +81,9 @@ class RecoverOptions:
         None, "training budget in tokens (rounded up to whole steps; default: one pass)"
     )
     steps: int | None = _opt(None, "training budget in optimiser steps (overrides tokens)")
-    lr: float = _opt(1e-4, "Adam learning rate (peak)")
-    warmup_steps: int = _opt(0, "linear warm-up steps; then linear decay to 0")
-    batch_size: int = _opt(4, "windows per optimiser step")
+    lr: float = _opt(5e-4, "Adam learning rate (peak)")
+    warmup_steps: int = _opt(4, "linear warm-up steps; then linear decay to 0")
+    batch_size: int = _opt(2, "windows per optimiser step")
     train: list[str] = _opt(
         None,
         factory=lambda: ["weights", "norms"],

@@ -223,6 +223,7 @@ def test_prune_with_recovery_writes_a_checkpoint_plain_transformers_loads(
     plain, recovered = tmp_path / "plain", tmp_path / "recovered"
     assert cli.main(_prune_args(model_dir, calibration_file, plain)) == 0
     extra = ["--recover", "distill", "--recover-steps", "3", "--recover-lr", "1e-2"]
+    extra += ["--recover-batch-size", "4"]
     assert cli.main(_prune_args(model_dir, calibration_file, recovered, *extra)) == 0
     report = json.loads((recovered / "report.json").read_text())
     assert report["recovery"]["method"] == "distill"
