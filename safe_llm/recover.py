@@ -81,7 +81,15 @@ class RecoverOptions:
         None, "training budget in tokens (rounded up to whole steps; default: one pass)"
     )
     steps: int | None = _opt(None, "training budget in optimiser steps (overrides tokens)")
-    lr: float = _opt(5e-4, "Adam learning rate (peak)")
+    lr: float = _opt(
+        5e-4, "Adam learning rate (peak); with step_scale relative, in units of each tensor's RMS"
+    )
+    step_scale: str = _opt(
+        "absolute",
+        "absolute: every tensor steps with lr; relative: each tensor with lr x its RMS at the "
+        "start (the steps do not depend on the weights' scale)",
+        choices=("absolute", "relative"),
+    )
     warmup_steps: int = _opt(4, "linear warm-up steps; then linear decay to 0")
     batch_size: int = _opt(2, "windows per optimiser step")
     train: list[str] = _opt(
@@ -118,6 +126,10 @@ class RecoverOptions:
             raise RecoveryError("--recover-save-every must be at least 1")
         if not (self.lr >= 0 and math.isfinite(self.lr)):
             raise RecoveryError(f"--recover-lr must be a finite number >= 0, got {self.lr}")
+        if self.step_scale not in ("absolute", "relative"):
+            raise RecoveryError(
+                f"--recover-step-scale takes absolute or relative, got {self.step_scale!r}"
+            )
         if self.autocast not in ("auto", "bf16", "off"):
             raise RecoveryError(
                 f"--recover-autocast takes auto, bf16 or off, got {self.autocast!r}"
@@ -300,6 +312,7 @@ class RecoveryReport:
     tokens: int
     lr: float
     warmup_steps: int
+    step_scale: str
     batch_size: int
     train: list[str]
     autocast_bf16: bool
@@ -437,7 +450,7 @@ def recover(
     steps = total_steps(options, windows.shape[0], windows.shape[1])
     batch_size = min(options.batch_size, windows.shape[0])
     optimizer = torch.optim.Adam(
-        list(params.values()), lr=options.lr, betas=(0.9, 0.95), weight_decay=0.0
+        _param_groups(params, options.step_scale), lr=options.lr, betas=(0.9, 0.95)
     )
     state_path = Path(state_dir) if state_dir is not None else None
     first, losses = _resume_point(state_path, params, optimizer, steps)
@@ -471,6 +484,19 @@ def recover(
     )
 
 
+def _param_groups(params: dict[str, nn.Parameter], step_scale: str) -> list[dict]:
+    """One Adam group per tensor with its ``scale``: the step is ``lr * scale`` (1 with
+    absolute steps; with relative steps the tensor's RMS now, or 1 for an all-zero tensor)."""
+    groups = []
+    for param in params.values():
+        scale = 1.0
+        if step_scale == "relative":
+            rms = float(param.detach().float().pow(2).mean().sqrt())
+            scale = rms if rms > 0 else 1.0
+        groups.append({"params": [param], "scale": scale})
+    return groups
+
+
 def _autocast(device, bf16: bool):
     """bf16 autocast on ``device`` (parameters, gradients and Adam state stay fp32), or none."""
     if not bf16:
@@ -491,6 +517,7 @@ def _settings(options: RecoverOptions, batch_size: int) -> dict:
     return {
         "lr": options.lr,
         "warmup_steps": options.warmup_steps,
+        "step_scale": options.step_scale,
         "batch_size": batch_size,
         "train": list(options.train),
     }
@@ -533,7 +560,8 @@ def _train(
     try:
         for step in bar:
             for group in optimizer.param_groups:
-                group["lr"] = options.lr * _lr_factor(step, steps, options.warmup_steps)
+                factor = _lr_factor(step, steps, options.warmup_steps)
+                group["lr"] = options.lr * factor * group["scale"]
             batch = _batch_indices(step, windows.shape[0], batch_size, seed)
             # autocast per step: its cache of bf16 weight copies must not outlive the update
             with _autocast(device, training.bf16):

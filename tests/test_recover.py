@@ -188,6 +188,37 @@ def test_auto_autocast_is_bf16_exactly_where_the_device_computes_it_natively(
         assert student.get_parameter(name).dtype == torch.float32
 
 
+def _recovered_pair(make_tiny_llama, scale: float, step_scale: str):
+    """(recovered student, recovered copy of it rescaled by ``scale`` before recovery)."""
+    from safe_llm.rescale import rescale_norms
+
+    options = RecoverOptions(
+        steps=4, lr=3e-2, batch_size=8, step_scale=step_scale, grad_clip=0.0, autocast="off"
+    )
+    student, teacher = _pruned_pair(make_tiny_llama)
+    rescaled = rescale_norms(copy.deepcopy(student), scale)
+    recover.recover(student, teacher, _windows(), options, progress=False)
+    recover.recover(rescaled, teacher, _windows(), options, progress=False)
+    return student, rescaled
+
+
+@pytest.mark.parametrize("step_scale, invariant", [("relative", True), ("absolute", False)])
+def test_relative_recovery_steps_do_not_depend_on_the_weights_scale(
+    make_tiny_llama, step_scale, invariant
+):
+    """A function-preserving rescaling (norm gains x 10, the layers reading them / 10) gives
+    the same recovered weights (/ 10) with relative steps; absolute steps move the small
+    weights 10x further in their own units."""
+    student, rescaled = _recovered_pair(make_tiny_llama, 10.0, step_scale)
+    q = student.model.layers[0].self_attn.q_proj.weight
+    q_scaled = rescaled.model.layers[0].self_attn.q_proj.weight * 10.0
+    close = torch.allclose(q_scaled, q, rtol=0, atol=2e-4)  # weights: RMS 0.02, max 0.06
+    assert close is invariant
+    ids = _windows(2)
+    same = torch.allclose(rescaled(ids).logits, student(ids).logits, rtol=1e-3, atol=1e-3)
+    assert same is invariant
+
+
 def test_bf16_recovery_steps_from_the_updated_weights_not_a_stale_copy(make_tiny_llama):
     """autocast caches bf16 copies of the weights; one context around the whole loop would
     give step 2 the loss (and gradient) of the weights before step 1."""
