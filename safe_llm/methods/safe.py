@@ -26,7 +26,7 @@ solution, ``lam_schedule`` lets the penalty grow so the final projection removes
 ``final_epochs`` retrains the kept weights after the projection, ``patience`` stops a block
 whose loss has plateaued, and ``grad_accum`` accumulates gradients with each micro-batch's own
 targets. The defaults are the SmolLM2 CPU recipes' (SparseGPT start, 2 epochs, the SAM ascent
-from the previous step); ``recipes/llama*-safe*.yaml`` hold the paper's settings.
+from the previous step); ``recipes/llama*-safe*-paper.yaml`` hold the paper's settings.
 """
 
 from __future__ import annotations
