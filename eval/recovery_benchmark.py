@@ -25,6 +25,8 @@ Usage (CPU, single thread; a few hours on a quiet machine)::
 
     OMP_NUM_THREADS=1 python eval/recovery_benchmark.py --runs-dir runs/recovery \
         --json eval/results/recovery_smollm2.json
+
+The defaults are the settings of the table in ``eval/README.md``.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ def recover(name: str, source: str, steps: int, args) -> dict:
     command += ["--recover-steps", str(steps), "--recover-lr", str(args.recover_lr)]
     command += ["--recover-batch-size", str(args.recover_batch_size)]
     command += ["--recover-warmup-steps", str(args.recover_warmup)]
+    command += ["--recover-step-scale", args.recover_step_scale]
     command += ["--recover-nsamples", str(args.recover_nsamples)]
     if not args.checkpointing:
         command += ["--no-recover-gradient-checkpointing"]
@@ -230,12 +233,15 @@ def main() -> None:
     )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--structures", nargs="+", default=["unstructured", "2:4"])
-    parser.add_argument("--budgets", nargs="*", type=int, default=[8, 16], help="recovery steps")
-    parser.add_argument("--recover-lr", type=float, default=2e-4)
-    parser.add_argument("--recover-batch-size", type=int, default=2)
-    parser.add_argument("--recover-warmup", type=int, default=0, help="warm-up steps")
+    parser.add_argument("--budgets", nargs="*", type=int, default=[48, 96], help="recovery steps")
+    parser.add_argument("--recover-lr", type=float, default=5e-4)
     parser.add_argument(
-        "--recover-nsamples", type=int, default=32, help="recovery windows (builtin-c4, seed 0)"
+        "--recover-step-scale", default="absolute", choices=["absolute", "relative"]
+    )
+    parser.add_argument("--recover-batch-size", type=int, default=2)
+    parser.add_argument("--recover-warmup", type=int, default=4, help="warm-up steps")
+    parser.add_argument(
+        "--recover-nsamples", type=int, default=128, help="recovery windows (builtin-c4, seed 0)"
     )
     parser.add_argument(
         "--checkpointing",
@@ -245,7 +251,7 @@ def main() -> None:
     parser.add_argument(
         "--levers",
         nargs="*",
-        default=[],
+        default=["dense"],
         choices=["dense", "n128"],
         help="rows after the recovery ones: SAFE+ with dense-stream targets (dense), with 128 "
         "calibration windows (n128)",
