@@ -82,12 +82,14 @@ class RecoverOptions:
     )
     steps: int | None = _opt(None, "training budget in optimiser steps (overrides tokens)")
     lr: float = _opt(
-        5e-4, "Adam learning rate (peak); with step_scale relative, in units of each tensor's RMS"
+        2.5e-3,
+        "Adam learning rate (peak); with step_scale relative (default), in units of each "
+        "tensor's RMS",
     )
     step_scale: str = _opt(
-        "absolute",
-        "absolute: every tensor steps with lr; relative: each tensor with lr x its RMS at the "
-        "start (the steps do not depend on the weights' scale)",
+        "relative",
+        "relative: each tensor steps lr x its RMS at the start (the steps do not depend on the "
+        "weights' scale); absolute: every tensor steps lr",
         choices=("absolute", "relative"),
     )
     warmup_steps: int = _opt(4, "linear warm-up steps; then linear decay to 0")
