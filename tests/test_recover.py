@@ -222,9 +222,7 @@ def test_relative_recovery_steps_do_not_depend_on_the_weights_scale(
 def test_bf16_recovery_steps_from_the_updated_weights_not_a_stale_copy(make_tiny_llama):
     """autocast caches bf16 copies of the weights; one context around the whole loop would
     give step 2 the loss (and gradient) of the weights before step 1."""
-    options = RecoverOptions(
-        steps=2, lr=3e-2, batch_size=8, autocast="bf16", step_scale="absolute"
-    )
+    options = RecoverOptions(steps=2, lr=3e-2, batch_size=8, autocast="bf16", step_scale="absolute")
     windows = _windows()
     two, teacher = _pruned_pair(make_tiny_llama)
     report = recover.recover(two, teacher, windows, options, progress=False)
