@@ -16,27 +16,20 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
+from pathlib import Path
 
 import torch
 
 from safe_llm import data
-from safe_llm.blocks import find_blocks, prunable_layers, weight_matrix
 from safe_llm.engine import prune_model
 from safe_llm.methods import build_method
 from safe_llm.models import load_model
 from safe_llm.rescale import rescale_norms
 from safe_llm.sparsity import SparsityPattern
 
-
-def keep_masks(model, blocks: int) -> torch.Tensor:
-    """Keep-masks of every prunable layer of the first ``blocks`` blocks, flattened."""
-    return torch.cat(
-        [
-            (weight_matrix(layer) != 0).flatten()
-            for block in find_blocks(model)[1][:blocks]
-            for layer in prunable_layers(block).values()
-        ]
-    )
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale_benchmark import keep_masks  # noqa: E402
 
 
 def agreement(method: str, options: dict, scale: float, args) -> float:

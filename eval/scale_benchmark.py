@@ -67,12 +67,13 @@ def block_summary(report) -> dict:
     return rows
 
 
-def keep_masks(model) -> torch.Tensor:
-    """Every prunable weight's keep-mask, flattened in block order."""
+def keep_masks(model, blocks: int | None = None) -> torch.Tensor:
+    """The keep-mask of every prunable weight (of the first ``blocks`` blocks), flattened in
+    block order."""
     return torch.cat(
         [
             (weight_matrix(layer) != 0).flatten()
-            for block in find_blocks(model)[1]
+            for block in find_blocks(model)[1][:blocks]
             for layer in prunable_layers(block).values()
         ]
     )

@@ -79,8 +79,6 @@ def _add_field(
             kwargs["choices"] = available_methods()
         if f.name == "model" or dest is not None:
             kwargs["metavar"] = f.name.upper()
-        if f.name == "recover":
-            kwargs["choices"] = ["distill"]
     parser.add_argument(_flag(prefix + f.name), dest=dest or prefix + f.name, **kwargs)
 
 

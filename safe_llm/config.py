@@ -10,24 +10,20 @@ import dataclasses
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from safe_llm.errors import SafeLLMError
 from safe_llm.methods import build_method, method_options
+from safe_llm.options import option
+from safe_llm.recover import RECOVERY_METHODS
 from safe_llm.sparsity import SparsityPattern
 
 
 class ConfigError(SafeLLMError):
     """An option or recipe that cannot be used; the message says what to change."""
-
-
-def _opt(default, help: str, factory=None, **kw):
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -36,85 +32,85 @@ class PruneConfig:
     weights (where the checkpoint goes, evaluation, memory limits...): a ``--resume`` may
     change it; every other field must match the interrupted run's."""
 
-    model: str = _opt(
+    model: str = option(
         None, "Hub id, local model directory, .gguf file or built-in name (smollm2-135m)"
     )
-    method: str = _opt(
+    method: str = option(
         "safe+",
         "pruning method; the default SAFE+ (its default options: the measured CPU recipe) "
         "takes about 3x SparseGPT's time and cuts 10-20%% of SparseGPT's perplexity damage",
     )
-    sparsity: float | None = _opt(
+    sparsity: float | None = option(
         None, "fraction of weights set to zero in every pruned matrix (default 0.5; implied by N:M)"
     )
-    structure: str = _opt("unstructured", "'unstructured' or N:M such as 2:4 or 4:8")
-    sparsity_profile: str = _opt(
+    structure: str = option("unstructured", "'unstructured' or N:M such as 2:4 or 4:8")
+    sparsity_profile: str = option(
         "uniform",
         "how the sparsity is spread over blocks: uniform, or owl (outlier-weighted: blocks with "
         "more activation outliers keep more weights; the overall sparsity stays --sparsity)",
     )
-    owl_m: float = _opt(5.0, "OWL: a score above M times its block's mean is an outlier")
-    owl_lambda: float = _opt(0.08, "OWL: block sparsities range over --sparsity -/+ lambda")
-    sparsity_per_block: list[float] | None = _opt(
+    owl_m: float = option(5.0, "OWL: a score above M times its block's mean is an outlier")
+    owl_lambda: float = option(0.08, "OWL: block sparsities range over --sparsity -/+ lambda")
+    sparsity_per_block: list[float] | None = option(
         None, "explicit sparsity of every decoder block, in order (unstructured only)", nargs="*"
     )
-    dataset: str = _opt(
+    dataset: str = option(
         "c4",
         "calibration text: c4, wikitext2, builtin-c4, builtin-wiki, a .txt/.jsonl/.parquet "
         "file, or a datasets id (name or name:config)",
     )
-    text_column: str = _opt("text", "text column of a JSON/parquet/datasets source")
-    nsamples: int = _opt(128, "number of calibration windows")
-    seqlen: int = _opt(2048, "tokens per calibration window")
-    seed: int = _opt(0, "random seed for calibration windows and the solver")
-    device: str = _opt("auto", "compute device: auto, cpu, cuda or cuda:N")
-    dtype: str = _opt(
+    text_column: str = option("text", "text column of a JSON/parquet/datasets source")
+    nsamples: int = option(128, "number of calibration windows")
+    seqlen: int = option(2048, "tokens per calibration window")
+    seed: int = option(0, "random seed for calibration windows and the solver")
+    device: str = option("auto", "compute device: auto, cpu, cuda or cuda:N")
+    dtype: str = option(
         "auto",
         "dtype of the weights: auto (bf16 on CUDA, fp32 on CPU: the master copy; SAFE computes "
         "in bf16 where the CPU has native bf16), float32, bfloat16, float16",
     )
-    batch_size: int = _opt(8, "calibration windows per forward batch")
-    ignore: list[str] = _opt(
+    batch_size: int = option(8, "calibration windows per forward batch")
+    ignore: list[str] = option(
         None,
         factory=list,
         help="module-name patterns (fnmatch, relative to a block) never pruned, "
         "e.g. 'mlp.down_proj'",
         nargs="*",
     )
-    dense_targets: bool = _opt(
+    dense_targets: bool = option(
         False,
         "targets from the dense model's stream (global propagation) instead of the pruned stream",
     )
-    layer_errors: bool = _opt(True, "report each layer's relative output error (needs X^T X)")
-    trust_remote_code: bool = _opt(
+    layer_errors: bool = option(True, "report each layer's relative output error (needs X^T X)")
+    trust_remote_code: bool = option(
         False, "allow model code from the Hub (off unless asked)", decisive=False
     )
-    output: str | None = _opt(None, "directory for the pruned checkpoint", decisive=False)
-    overwrite: bool = _opt(False, "replace a non-empty output directory", decisive=False)
-    resume: bool = _opt(
+    output: str | None = option(None, "directory for the pruned checkpoint", decisive=False)
+    overwrite: bool = option(False, "replace a non-empty output directory", decisive=False)
+    resume: bool = option(
         False,
         "continue an interrupted run from the last block saved in --output's work area "
         "(the other options must be the same; starts from block 0 if nothing was saved)",
         decisive=False,
     )
-    max_blocks: int | None = _opt(
+    max_blocks: int | None = option(
         None,
         "prune only the first N decoder blocks (quick studies; the rest stay dense)",
         decisive=False,
     )
-    max_shard_size: str = _opt("2GB", "largest safetensors shard", decisive=False)
-    stream_from_disk: bool = _opt(
+    max_shard_size: str = option("2GB", "largest safetensors shard", decisive=False)
+    stream_from_disk: bool = option(
         False,
         "keep only one block in memory: load the model skeleton empty, read each block from the "
         "local safetensors files and write it pruned to --output (needs --output, no --eval)",
         decisive=False,
     )
-    max_activation_memory: str | None = _opt(
+    max_activation_memory: str | None = option(
         None,
         "calibration activations above this size (e.g. 4GB) spill to a memory-mapped file",
         decisive=False,
     )
-    eval: list[str] = _opt(
+    eval: list[str] = option(
         None,
         factory=list,
         help="evaluate dense and pruned perplexity on these sources "
@@ -122,36 +118,37 @@ class PruneConfig:
         nargs="*",
         decisive=False,
     )
-    eval_seqlen: int | None = _opt(
+    eval_seqlen: int | None = option(
         None, "window length for --eval (default: --seqlen)", decisive=False
     )
-    eval_max_windows: int | None = _opt(
+    eval_max_windows: int | None = option(
         None, "evaluate on at most this many windows", decisive=False
     )
-    eval_cache: bool = _opt(
+    eval_cache: bool = option(
         True,
         "reuse a perplexity computed before for bit-identical weights and windows (disk cache "
         "in $SAFE_LLM_CACHE/perplexity, default ~/.cache/safe_llm); --no-eval-cache recomputes",
         decisive=False,
     )
-    push_to_hub: bool = _opt(
+    push_to_hub: bool = option(
         False,
         "upload the checkpoint to the Hugging Face Hub repo --hub-repo-id when written",
         decisive=False,
     )
-    hub_repo_id: str | None = _opt(
+    hub_repo_id: str | None = option(
         None, "Hub repository for --push-to-hub (user/name)", decisive=False
     )
-    hub_private: bool = _opt(False, "create the Hub repository private", decisive=False)
-    hub_revision: str | None = _opt(None, "Hub branch to push to (default: main)", decisive=False)
-    method_options: dict = _opt(None, "method hyperparameters", factory=dict, cli=False)
-    recover: str | None = _opt(
+    hub_private: bool = option(False, "create the Hub repository private", decisive=False)
+    hub_revision: str | None = option(None, "Hub branch to push to (default: main)", decisive=False)
+    method_options: dict = option(None, "method hyperparameters", factory=dict, cli=False)
+    recover: str | None = option(
         None,
         "after the block loop, train the whole pruned model end to end with its mask frozen: "
         "distill (match the dense model's next-token distribution; see recovery options)",
+        choices=RECOVERY_METHODS,
     )
-    recover_options: dict = _opt(None, "recovery settings", factory=dict, cli=False)
-    command_line: str | None = _opt(
+    recover_options: dict = option(None, "recovery settings", factory=dict, cli=False)
+    command_line: str | None = option(
         None, "the command line that made the run", cli=False, decisive=False
     )
 
@@ -359,8 +356,6 @@ def _check_profile(config: PruneConfig) -> None:
 
 
 def _check_recovery(config: PruneConfig) -> None:
-    from safe_llm.recover import RECOVERY_METHODS
-
     if config.recover is not None and config.recover not in RECOVERY_METHODS:
         raise ConfigError(
             f"--recover {config.recover!r} is not one of: {', '.join(RECOVERY_METHODS)}"

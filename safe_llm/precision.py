@@ -9,6 +9,7 @@ there still runs, after a one-line warning.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import platform
@@ -70,6 +71,14 @@ def reduced_precision(choice: str, device: torch.device, what: str) -> bool:
     if not native:
         _warn_emulated(what, str(device))
     return True
+
+
+def bf16_autocast(device: torch.device | str, on: bool):
+    """bf16 autocast on ``device`` when ``on`` (parameters stay in their dtype), else none.
+    Enter it around one step: its cache of bf16 weight copies lives until it exits."""
+    if not on:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 @functools.cache

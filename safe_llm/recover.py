@@ -28,14 +28,13 @@ next-token distribution matches the dense *teacher*'s:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,6 +46,7 @@ from tqdm.auto import tqdm
 from safe_llm import distributed, precision
 from safe_llm.blocks import PRUNABLE_TYPES, find_blocks
 from safe_llm.errors import SafeLLMError
+from safe_llm.options import option
 from safe_llm.resume import atomic_write, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -59,63 +59,57 @@ class RecoveryError(SafeLLMError):
     """Recovery could not run or produced unusable weights; nothing was saved."""
 
 
-def _opt(default, help: str, factory=None, **kw):
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass
 class RecoverOptions:
     """Recovery settings: recipe key ``recover_options``, CLI flags ``--recover-<name>``."""
 
-    dataset: str | None = _opt(None, "recovery text (default: the calibration --dataset)")
-    nsamples: int | None = _opt(None, "recovery windows (default: --nsamples)")
-    seqlen: int | None = _opt(None, "tokens per recovery window (default: --seqlen)")
-    seed: int | None = _opt(
+    dataset: str | None = option(None, "recovery text (default: the calibration --dataset)")
+    nsamples: int | None = option(None, "recovery windows (default: --nsamples)")
+    seqlen: int | None = option(None, "tokens per recovery window (default: --seqlen)")
+    seed: int | None = option(
         None,
         "seed of the recovery windows and their order (default: --seed, i.e. the "
         "calibration windows themselves)",
     )
-    tokens: int | None = _opt(
+    tokens: int | None = option(
         None, "training budget in tokens (rounded up to whole steps; default: one pass)"
     )
-    steps: int | None = _opt(None, "training budget in optimiser steps (overrides tokens)")
-    lr: float = _opt(
+    steps: int | None = option(None, "training budget in optimiser steps (overrides tokens)")
+    lr: float = option(
         2.5e-3,
         "Adam learning rate (peak); with step_scale relative (default), in units of each "
         "tensor's RMS",
     )
-    step_scale: str = _opt(
+    step_scale: str = option(
         "relative",
         "relative: each tensor steps lr x its RMS at the start (the steps do not depend on the "
         "weights' scale); absolute: every tensor steps lr",
         choices=("absolute", "relative"),
     )
-    warmup_steps: int = _opt(4, "linear warm-up steps; then linear decay to 0")
-    batch_size: int = _opt(2, "windows per optimiser step")
-    train: list[str] = _opt(
+    warmup_steps: int = option(4, "linear warm-up steps; then linear decay to 0")
+    batch_size: int = option(2, "windows per optimiser step")
+    train: list[str] = option(
         None,
         factory=lambda: ["weights", "norms"],
         help="what trains: weights (the kept weights and biases of the pruned layers), "
         "norms (every other block parameter and the final norm); embeddings and lm_head never",
         nargs="+",
     )
-    grad_clip: float = _opt(1.0, "clip the gradient's global norm to this (0: no clipping)")
-    kl_chunk: int = _opt(512, "tokens per chunk of the vocabulary-sized KL (memory bound)")
-    gradient_checkpointing: bool = _opt(True, "recompute block activations in the backward")
-    autocast: str = _opt(
+    grad_clip: float = option(1.0, "clip the gradient's global norm to this (0: no clipping)")
+    kl_chunk: int = option(512, "tokens per chunk of the vocabulary-sized KL (memory bound)")
+    gradient_checkpointing: bool = option(True, "recompute block activations in the backward")
+    autocast: str = option(
         "auto",
         "bf16 autocast of the forward and backward, fp32 master weights and Adam state: auto "
         "(where the device computes bf16 natively: CUDA, CPUs with AVX-512-BF16/AMX), bf16, off",
         choices=("auto", "bf16", "off"),
     )
-    teacher_cache: bool = _opt(
+    teacher_cache: bool = option(
         True,
         "run the teacher once over the windows and keep its final hidden states [n, seq, d] "
         "(its logits still come chunk by chunk); off: run the teacher at every step",
     )
-    save_every: int = _opt(25, "with an output: save the training state every N steps")
+    save_every: int = option(25, "with an output: save the training state every N steps")
 
     def validate(self) -> None:
         for name in ("nsamples", "seqlen", "tokens", "steps", "batch_size", "kl_chunk"):
@@ -128,14 +122,11 @@ class RecoverOptions:
             raise RecoveryError("--recover-save-every must be at least 1")
         if not (self.lr >= 0 and math.isfinite(self.lr)):
             raise RecoveryError(f"--recover-lr must be a finite number >= 0, got {self.lr}")
-        if self.step_scale not in ("absolute", "relative"):
-            raise RecoveryError(
-                f"--recover-step-scale takes absolute or relative, got {self.step_scale!r}"
-            )
-        if self.autocast not in ("auto", "bf16", "off"):
-            raise RecoveryError(
-                f"--recover-autocast takes auto, bf16 or off, got {self.autocast!r}"
-            )
+        for f in dataclasses.fields(self):
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and value not in choices:
+                flag = f"--recover-{f.name.replace('_', '-')}"
+                raise RecoveryError(f"{flag} takes {', '.join(choices)}, got {value!r}")
         if self.warmup_steps < 0 or self.grad_clip < 0:
             raise RecoveryError("--recover-warmup-steps and --recover-grad-clip must be >= 0")
         unknown = set(self.train) - set(TRAINABLE_GROUPS)
@@ -458,7 +449,7 @@ def recover(
     first, losses = _resume_point(state_path, params, optimizer, steps)
     masked = [(params[n], m) for n, m in masks.items() if n in params]
     bf16 = precision.reduced_precision(options.autocast, torch.device(device), "recovery autocast")
-    with _autocast(device, bf16):
+    with precision.bf16_autocast(device, bf16):
         cache = (
             teacher_hidden_states(teacher, windows, batch_size, device, progress)
             if options.teacher_cache
@@ -497,13 +488,6 @@ def _param_groups(params: dict[str, nn.Parameter], step_scale: str) -> list[dict
             scale = rms if rms > 0 else 1.0
         groups.append({"params": [param], "scale": scale})
     return groups
-
-
-def _autocast(device, bf16: bool):
-    """bf16 autocast on ``device`` (parameters, gradients and Adam state stay fp32), or none."""
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 def _resume_point(state_path: Path | None, params, optimizer, steps: int) -> tuple[int, list]:
@@ -566,7 +550,7 @@ def _train(
                 group["lr"] = options.lr * factor * group["scale"]
             batch = _batch_indices(step, windows.shape[0], batch_size, seed)
             # autocast per step: its cache of bf16 weight copies must not outlive the update
-            with _autocast(device, training.bf16):
+            with precision.bf16_autocast(device, training.bf16):
                 loss = _step_loss(student, teacher, windows, batch, options, device, cache)
             _finish_step(optimizer, params, masked, options, step, loss)
             losses.append(_global_loss(loss, device))

@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -43,6 +42,7 @@ from safe_llm.errors import SafeLLMError
 from safe_llm.methods import register
 from safe_llm.methods.base import BlockContext, PruningMethod
 from safe_llm.methods.sparsegpt import sparsegpt_prune
+from safe_llm.options import option
 
 log = logging.getLogger(__name__)
 
@@ -51,60 +51,60 @@ class NonFiniteLossError(SafeLLMError):
     """The block's loss stayed NaN/Inf after the retries with smaller learning rates."""
 
 
-def _o(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass
 class SAFEOptions:
-    lr: float = _o(
+    lr: float = option(
         2.5e-3, "SAFE: Adam learning rate (relative steps: a fraction of each tensor's RMS)"
     )
-    epochs: float = _o(2, "SAFE: passes over the calibration windows per block (paper: 30)")
-    train_batch_size: int = _o(8, "SAFE: windows per optimisation step")
-    grad_accum: int = _o(1, "SAFE: micro-batches accumulated per step")
-    lam: float = _o(
+    epochs: float = option(2, "SAFE: passes over the calibration windows per block (paper: 30)")
+    train_batch_size: int = option(8, "SAFE: windows per optimisation step")
+    grad_accum: int = option(1, "SAFE: micro-batches accumulated per step")
+    lam: float = option(
         2e-6, "SAFE: augmented-Lagrangian penalty lambda (start value; paper: 1e-3 absolute)"
     )
-    lam_schedule: str = _o(
+    lam_schedule: str = option(
         "constant",
         "SAFE: lambda schedule: constant, cosine or linear (both rise from --lam to --lam-max)",
     )
-    lam_max: float = _o(1e-1, "SAFE: final lambda of a rising schedule")
-    rho: float = _o(1e-3, "SAFE: SAM perturbation radius (0 = plain ADMM; paper: 2e-4 absolute)")
-    interval: int = _o(2, "SAFE: steps between ADMM projection/dual updates (paper: 32)")
-    warmup_epochs: float = _o(0, "SAFE: epochs of linear learning-rate warm-up (paper: 2)")
-    init: str = _o(
+    lam_max: float = option(1e-1, "SAFE: final lambda of a rising schedule")
+    rho: float = option(
+        1e-3, "SAFE: SAM perturbation radius (0 = plain ADMM; paper: 2e-4 absolute)"
+    )
+    interval: int = option(2, "SAFE: steps between ADMM projection/dual updates (paper: 32)")
+    warmup_epochs: float = option(0, "SAFE: epochs of linear learning-rate warm-up (paper: 2)")
+    init: str = option(
         "sparsegpt",
         "SAFE: starting weights: dense (paper), wanda or sparsegpt (one-shot solution)",
     )
-    final_epochs: float = _o(
+    final_epochs: float = option(
         0, "SAFE: epochs of masked reconstruction of the kept weights after the projection"
     )
-    patience: int = _o(
+    patience: int = option(
         0,
         "SAFE: stop a block after this many epochs without 0.5%% improvement of the loss "
         "(of the held-out error with --holdout) (0 = off)",
     )
-    autocast: str = _o(
+    autocast: str = option(
         "auto",
         "SAFE: bf16 autocast with fp32 master weights: auto (where the device computes bf16 "
         "natively: CUDA, CPUs with AVX-512-BF16/AMX), bf16, off",
     )
-    sam_ascent: str = _o(
+    sam_ascent: str = option(
         "previous",
         "SAFE: SAM ascent direction: exact (this batch's gradient, two passes a step) or "
         "previous (the last step's gradient, one pass a step; paper: exact)",
     )
-    nan_retries: int = _o(2, "SAFE: retries of a block whose loss turns NaN/Inf (lr / 10 each)")
-    train_others: bool = _o(True, "SAFE: also train the block's norms and biases (unconstrained)")
-    step_scale: str = _o(
+    nan_retries: int = option(2, "SAFE: retries of a block whose loss turns NaN/Inf (lr / 10 each)")
+    train_others: bool = option(
+        True, "SAFE: also train the block's norms and biases (unconstrained)"
+    )
+    step_scale: str = option(
         "relative",
         "SAFE: relative (lr and rho in units of each tensor's RMS at the block's start, lam "
         "relative to the block's output power: the same steps on any weight scale) or absolute "
         "(the paper's: lr, rho and lam as absolute lengths)",
     )
-    holdout: float = _o(
+    holdout: float = option(
         0.125,
         "SAFE: fraction of the calibration windows held out of each block's optimisation; on "
         "them the result is compared with its warm start and with each epoch's projection, "
@@ -402,9 +402,8 @@ class SAFE(PruningMethod):
     # -- optimisation -----------------------------------------------------------------------
 
     def _autocast(self, device: torch.device):
-        if not precision.reduced_precision(self.options.autocast, device, "SAFE autocast"):
-            return nullcontext()
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        bf16 = precision.reduced_precision(self.options.autocast, device, "SAFE autocast")
+        return precision.bf16_autocast(device, bf16)
 
     def _loss_and_grads(self, ctx, params, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Mean squared error summed over micro-batches, with each micro-batch's targets.
