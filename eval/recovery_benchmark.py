@@ -7,8 +7,8 @@ Rows, for each structure (50% unstructured, 2:4):
 * ``safe+ + recovery <S> steps``: ``safe-llm recover`` on the SAFE+ checkpoint, one row per
   budget in ``--budgets`` (optimiser steps of ``--recover-batch-size`` windows drawn from
   ``--recover-nsamples`` builtin-c4 windows, seed 0, in a seeded order);
-* ``--levers dense n128``: the same recipe with dense-stream targets, with 128 calibration
-  windows.
+* ``--levers dense n64 n128``: the same recipe with dense-stream targets, with 64 or 128
+  calibration windows; ``--recover-on`` adds a recovery row (first budget) on top of a lever.
 
 Each run is its own ``safe-llm`` process under ``/usr/bin/time -v`` (wall and CPU seconds, peak
 RSS). A pruned checkpoint is made once per structure and kept in ``--runs-dir`` (finished runs
@@ -165,20 +165,31 @@ def rows_for(structure: str, args, windows: dict, dense: dict) -> list[dict]:
             f"safe+dense-{tag}",
             lambda n: prune(n, "safe+", structure, 32, args, "--dense-targets"),
         ),
-        "n128": (
-            "SAFE+, 128 windows",
-            f"safe+n128-{tag}",
-            lambda n: prune(n, "safe+", structure, 128, args),
-        ),
     }
+    for count in (64, 128):
+        levers[f"n{count}"] = (
+            f"SAFE+, {count} windows",
+            f"safe+n{count}-{tag}",
+            lambda n, c=count: prune(n, "safe+", structure, c, args),
+        )
     plan += [levers[name] for name in args.levers]
+    for lever in args.recover_on:
+        steps = args.budgets[0]
+        label, source, _ = levers[lever]
+        plan.append(
+            (
+                f"{label} + recovery, {steps} steps",
+                f"{source}-rec{steps}",
+                lambda n, src=source, s=steps: recover(n, src, s, args),
+            )
+        )
     rows = []
     for label, name, run in plan:
         timing = run(name)
         row = {"row": label, "structure": structure, "run": name, **timing}
         row.update(score(name, str(runs / name), windows, args))
-        if "rec" in name:  # pruning + recovery
-            pruned = read_time(runs / f"safe+-{tag}.time")
+        if "-rec" in name:  # pruning + recovery
+            pruned = read_time(runs / f"{name.rsplit('-rec', 1)[0]}.time")
             row["recovery_wall_s"], row["recovery_cpu_s"] = row["wall_s"], row["cpu_s"]
             row["wall_s"] += pruned["wall_s"]
             row["cpu_s"] += pruned["cpu_s"]
@@ -252,9 +263,17 @@ def main() -> None:
         "--levers",
         nargs="*",
         default=["dense"],
-        choices=["dense", "n128"],
-        help="rows after the recovery ones: SAFE+ with dense-stream targets (dense), with 128 "
-        "calibration windows (n128)",
+        choices=["dense", "n64", "n128"],
+        help="rows after the recovery ones: SAFE+ with dense-stream targets (dense), with 64 or "
+        "128 calibration windows (n64, n128)",
+    )
+    parser.add_argument(
+        "--recover-on",
+        nargs="*",
+        default=[],
+        choices=["dense", "n64", "n128"],
+        help="also recover these levers' checkpoints (first budget); the row's time is the "
+        "lever's pruning plus the recovery",
     )
     parser.add_argument("--heldout-windows", type=int, default=8)
     parser.add_argument("--runs-dir", default="runs/recovery")

@@ -78,7 +78,8 @@ def _settings_table(recipe: dict, report: dict) -> list[str]:
             (
                 "Recovery",
                 f"{recovery['method']}: the whole model trained against the dense model's "
-                f"next-token distribution (KL), mask frozen; {recovery['tokens']} tokens "
+                f"next-token distribution (KL{_hidden_term(recovery)}), mask frozen; "
+                f"{recovery['tokens']} tokens "
                 f"({recovery['steps']} steps x {recovery['batch_size']} windows x "
                 f"{recovery['seqlen']} tokens) of `{recovery['dataset']}`, seed "
                 f"{recovery['seed']}, lr {recovery['lr']:g}, trained: "
@@ -86,6 +87,11 @@ def _settings_table(recipe: dict, report: dict) -> list[str]:
             )
         )
     return ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+
+
+def _hidden_term(recovery: dict) -> str:
+    weight = recovery.get("hidden_weight") or 0
+    return f" + {weight:g} x block-output error" if weight else ""
 
 
 def _perplexity_table(report: dict) -> list[str]:

@@ -28,6 +28,7 @@ next-token distribution matches the dense *teacher*'s:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -109,6 +110,13 @@ class RecoverOptions:
         "run the teacher once over the windows and keep its final hidden states [n, seq, d] "
         "(its logits still come chunk by chunk); off: run the teacher at every step",
     )
+    hidden_weight: float = option(
+        0.0,
+        "weight of the hidden-state term added to the KL: the sum over blocks of each token's "
+        "squared error to the teacher's block output, divided by that output's squared norm "
+        "(SquareHead-style, Kurtic et al. 2023); 0: KL only. Above 0 the teacher runs at "
+        "every step (its block outputs are not cached)",
+    )
     save_every: int = option(25, "with an output: save the training state every N steps")
 
     def validate(self) -> None:
@@ -120,8 +128,11 @@ class RecoverOptions:
             raise RecoveryError("--recover-seqlen must be at least 2")
         if self.save_every < 1:
             raise RecoveryError("--recover-save-every must be at least 1")
-        if not (self.lr >= 0 and math.isfinite(self.lr)):
-            raise RecoveryError(f"--recover-lr must be a finite number >= 0, got {self.lr}")
+        for name in ("lr", "hidden_weight"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                flag = f"--recover-{name.replace('_', '-')}"
+                raise RecoveryError(f"{flag} must be a finite number >= 0, got {value}")
         for f in dataclasses.fields(self):
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices and value not in choices:
@@ -308,6 +319,7 @@ class RecoveryReport:
     step_scale: str
     batch_size: int
     train: list[str]
+    hidden_weight: float
     autocast_bf16: bool
     trainable_parameters: int
     shared_with_teacher: list[str]
@@ -396,24 +408,65 @@ def teacher_hidden_states(
 
 def _step_loss(student, teacher, windows, batch, options, device, cache) -> float:
     """Forward both models on ``windows[batch]`` (this rank's share), back-propagate the
-    chunked KL scaled by 1 / (tokens of the whole batch); returns this rank's loss share.
-    ``cache``: the teacher's hidden states of every window, or None to run the teacher."""
+    chunked KL (plus the hidden-state term) scaled by 1 / (tokens of the whole batch); returns
+    this rank's loss share. ``cache``: the teacher's final hidden states of every window, or
+    None to run the teacher."""
     body, head = _body_and_head(student)
     teacher_body, teacher_head = _body_and_head(teacher)
     mine = distributed.shard(batch)
     ids = windows[mine].to(device)
     scale = 1.0 / (len(batch) * windows.shape[1])
-    if cache is not None:
-        teacher_hidden = cache[mine.to(cache.device)]
-    else:
-        with torch.no_grad():
-            teacher_hidden = teacher_body(input_ids=ids, use_cache=False)[0]
-    hidden = body(input_ids=ids, use_cache=False)[0]
+    with _block_outputs(teacher, options.hidden_weight > 0) as teacher_blocks:
+        if cache is not None:
+            teacher_hidden = cache[mine.to(cache.device)]
+        else:
+            with torch.no_grad():
+                teacher_hidden = teacher_body(input_ids=ids, use_cache=False)[0]
+    with _block_outputs(student, options.hidden_weight > 0) as student_blocks:
+        hidden = body(input_ids=ids, use_cache=False)[0]
     loss, grad = chunked_kl_backward(
         hidden, teacher_hidden, head, teacher_head, options.kl_chunk, scale
     )
-    hidden.backward(grad)
-    return loss
+    if not student_blocks:
+        hidden.backward(grad)
+        return loss
+    term = options.hidden_weight * scale * hidden_state_error(student_blocks, teacher_blocks)
+    torch.autograd.backward([hidden, term], [grad, torch.ones_like(term)])
+    return loss + float(term.detach())
+
+
+def hidden_state_error(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Sum over blocks and tokens of ``||s - t||^2 / ||t||^2`` for block outputs
+    ``[batch, seq, d]`` (float32 scalar). Normalised per token, so it adds up over ranks and the
+    few tokens with huge activations (attention sinks) do not outweigh the rest."""
+    total = torch.zeros((), dtype=torch.float32, device=student[0].device)
+    for mine, theirs in zip(student, teacher, strict=True):
+        theirs = theirs.detach().float()
+        error = (mine.float() - theirs).pow(2).sum(-1)
+        total = total + (error / theirs.pow(2).sum(-1).clamp_min(1e-12)).sum()
+    return total
+
+
+@contextlib.contextmanager
+def _block_outputs(model: nn.Module, on: bool):
+    """Within the context, every decoder block's output is appended to the yielded list
+    (nothing when ``on`` is false). The hooks are gone when the context exits, so a
+    checkpointed block recomputed in the backward is not recorded twice."""
+    outputs: list[torch.Tensor] = []
+    if not on:
+        yield outputs
+        return
+
+    def record(module, args, output):
+        outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    _, blocks = find_blocks(model)
+    handles = [block.register_forward_hook(record) for block in blocks]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def recover(
@@ -452,7 +505,7 @@ def recover(
     with precision.bf16_autocast(device, bf16):
         cache = (
             teacher_hidden_states(teacher, windows, batch_size, device, progress)
-            if options.teacher_cache
+            if options.teacher_cache and options.hidden_weight == 0
             else None
         )
     training = _Training(params, optimizer, masked, first, steps, batch_size, seed, losses, bf16)
@@ -506,6 +559,7 @@ def _settings(options: RecoverOptions, batch_size: int) -> dict:
         "step_scale": options.step_scale,
         "batch_size": batch_size,
         "train": list(options.train),
+        "hidden_weight": options.hidden_weight,
     }
 
 
@@ -554,7 +608,7 @@ def _train(
                 loss = _step_loss(student, teacher, windows, batch, options, device, cache)
             _finish_step(optimizer, params, masked, options, step, loss)
             losses.append(_global_loss(loss, device))
-            bar.set_postfix(kl=f"{losses[-1]:.4f}")
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if _save_due(state_path, step + 1, steps, options.save_every):
                 _save_state(state_path, step + 1, params, optimizer, losses)
     finally:

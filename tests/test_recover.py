@@ -109,6 +109,56 @@ def test_chunked_kl_gradient_equals_the_full_logits_gradient(make_tiny_llama):
     assert torch.allclose(grad, leaf.grad, atol=1e-6)
 
 
+def _independent_hidden_error(student, teacher, windows) -> float:
+    """Mean over tokens of sum over blocks of ||s - t||^2 / ||t||^2: the block outputs are
+    transformers' hidden states 1..L-1 and the final norm's input."""
+
+    def block_outputs(model):
+        last = []
+        handle = model.model.norm.register_forward_pre_hook(lambda m, a: last.append(a[0]))
+        with torch.no_grad():
+            states = model(input_ids=windows, output_hidden_states=True).hidden_states
+        handle.remove()
+        return [h.double() for h in (*states[1:-1], last[0])]
+
+    total = 0.0
+    for s, t in zip(block_outputs(student), block_outputs(teacher), strict=True):
+        total += float(((s - t).pow(2).sum(-1) / t.pow(2).sum(-1)).mean())
+    return total
+
+
+def test_hidden_state_term_equals_an_independently_written_one(make_tiny_llama):
+    student, teacher = _pruned_pair(make_tiny_llama)
+    windows = _windows()
+    kl = _independent_kl(student, teacher, windows)
+    hidden = _independent_hidden_error(student, teacher, windows)
+    options = RecoverOptions(
+        steps=1, lr=0.0, batch_size=len(windows), hidden_weight=0.5, autocast="off"
+    )
+    report = recover.recover(student, teacher, windows, options, progress=False)
+    assert hidden > 1e-3
+    assert report.losses[0] == pytest.approx(kl + 0.5 * hidden, rel=1e-5)
+
+
+def test_hidden_state_term_steps_the_same_with_and_without_gradient_checkpointing(
+    make_tiny_llama,
+):
+    """A checkpointed block is recomputed in the backward: its output must count once."""
+    results = []
+    for checkpointing in (False, True):
+        student, teacher = _pruned_pair(make_tiny_llama)
+        options = RecoverOptions(
+            steps=3, lr=1e-2, hidden_weight=1.0, gradient_checkpointing=checkpointing,
+            autocast="off",
+        )  # fmt: skip
+        report = recover.recover(student, teacher, _windows(), options, progress=False)
+        results.append((report.losses, dict(student.named_parameters())))
+    (losses_off, weights_off), (losses_on, weights_on) = results
+    assert losses_on == pytest.approx(losses_off, rel=1e-6)
+    for name, param in weights_off.items():
+        assert torch.allclose(weights_on[name], param, atol=1e-6), name
+
+
 def test_a_non_finite_loss_stops_recovery_before_any_step(make_tiny_llama):
     student, teacher = _pruned_pair(make_tiny_llama)
     with torch.no_grad():
@@ -279,9 +329,12 @@ def test_recover_command_recovers_an_existing_checkpoint(
     assert cli.main(_prune_args(model_dir, calibration_file, pruned)) == 0
     args = ["recover", "--quiet", str(pruned), "--output", str(recovered)]
     args += ["--recover-steps", "2", "--recover-lr", "1e-2", "--recover-train", "weights"]
+    args += ["--recover-hidden-weight", "0.25"]
     assert cli.main(args) == 0
     report = json.loads((recovered / "report.json").read_text())
     assert report["recovery"]["steps"] == 2 and report["recovery"]["train"] == ["weights"]
+    assert report["recovery"]["hidden_weight"] == 0.25
+    assert "KL + 0.25 x block-output error" in (recovered / "README.md").read_text()
     assert report["method"] == "magnitude"
     before, after = _weights(pruned), _weights(recovered)
     for name in before:
@@ -297,6 +350,8 @@ def test_recovery_options_are_validated(save_tiny_model, calibration_file, tmp_p
     assert "--recover-lr" in capsys.readouterr().err
     assert cli.main([*args, "--recover-train", "embeddings"]) == 2
     assert "--recover-train" in capsys.readouterr().err
+    assert cli.main([*args, "--recover-hidden-weight", "nan"]) == 2
+    assert "--recover-hidden-weight" in capsys.readouterr().err
 
 
 def test_two_process_recovery_equals_the_single_process_run(
