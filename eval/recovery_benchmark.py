@@ -8,7 +8,8 @@ Rows, for each structure (50% unstructured, 2:4):
   budget in ``--budgets`` (optimiser steps of ``--recover-batch-size`` windows drawn from
   ``--recover-nsamples`` builtin-c4 windows, seed 0, in a seeded order);
 * ``--levers dense n64 n128``: the same recipe with dense-stream targets, with 64 or 128
-  calibration windows; ``--recover-on`` adds a recovery row (first budget) on top of a lever.
+  calibration windows; ``--recover-on`` adds a recovery row (``--lever-budget`` steps) on top
+  of a lever.
 
 Each run is its own ``safe-llm`` process under ``/usr/bin/time -v`` (wall and CPU seconds, peak
 RSS). A pruned checkpoint is made once per structure and kept in ``--runs-dir`` (finished runs
@@ -109,6 +110,7 @@ def recover(name: str, source: str, steps: int, args) -> dict:
     command += ["--recover-warmup-steps", str(args.recover_warmup)]
     command += ["--recover-step-scale", args.recover_step_scale]
     command += ["--recover-nsamples", str(args.recover_nsamples)]
+    command += ["--recover-hidden-weight", str(args.recover_hidden_weight)]
     if not args.checkpointing:
         command += ["--no-recover-gradient-checkpointing"]
     return timed(command, out.with_suffix(".log"))
@@ -144,8 +146,24 @@ def score(name: str, directory: str, windows: dict, args) -> dict:
     return result
 
 
+def recovery_variant(args) -> tuple[str, str]:
+    """``(run-name suffix, label suffix)`` of recovery settings off the table's defaults."""
+    name, label = "", ""
+    if args.recover_batch_size != 2:
+        name, label = (
+            f"{name}b{args.recover_batch_size}",
+            f"{label}, {args.recover_batch_size} windows/step",
+        )
+    if args.recover_hidden_weight:
+        weight = f"{args.recover_hidden_weight:g}"
+        name = f"{name}h{weight.replace('.', 'p')}"  # no dot: log and time files add suffixes
+        label = f"{label}, hidden-state weight {weight}"
+    return name, label
+
+
 def rows_for(structure: str, args, windows: dict, dense: dict) -> list[dict]:
     tag = TAGS[structure]
+    variant, variant_label = recovery_variant(args)
     runs = Path(args.runs_dir)
     plan = [("SparseGPT", f"sparsegpt-{tag}", lambda n: prune(n, "sparsegpt", structure, 32, args))]
     plan.append(
@@ -154,8 +172,8 @@ def rows_for(structure: str, args, windows: dict, dense: dict) -> list[dict]:
     for steps in args.budgets:
         plan.append(
             (
-                f"SAFE+ + recovery, {steps} steps",
-                f"safe+-{tag}-rec{steps}",
+                f"SAFE+ + recovery, {steps} steps{variant_label}",
+                f"safe+-{tag}-rec{steps}{variant}",
                 lambda n, s=steps: recover(n, f"safe+-{tag}", s, args),
             )
         )
@@ -174,12 +192,12 @@ def rows_for(structure: str, args, windows: dict, dense: dict) -> list[dict]:
         )
     plan += [levers[name] for name in args.levers]
     for lever in args.recover_on:
-        steps = args.budgets[0]
+        steps = args.lever_budget
         label, source, _ = levers[lever]
         plan.append(
             (
-                f"{label} + recovery, {steps} steps",
-                f"{source}-rec{steps}",
+                f"{label} + recovery, {steps} steps{variant_label}",
+                f"{source}-rec{steps}{variant}",
                 lambda n, src=source, s=steps: recover(n, src, s, args),
             )
         )
@@ -250,6 +268,12 @@ def main() -> None:
         "--recover-step-scale", default="absolute", choices=["absolute", "relative"]
     )
     parser.add_argument("--recover-batch-size", type=int, default=2)
+    parser.add_argument(
+        "--recover-hidden-weight",
+        type=float,
+        default=0.0,
+        help="weight of the hidden-state term (0: KL only)",
+    )
     parser.add_argument("--recover-warmup", type=int, default=4, help="warm-up steps")
     parser.add_argument(
         "--recover-nsamples", type=int, default=128, help="recovery windows (builtin-c4, seed 0)"
@@ -272,8 +296,11 @@ def main() -> None:
         nargs="*",
         default=[],
         choices=["dense", "n64", "n128"],
-        help="also recover these levers' checkpoints (first budget); the row's time is the "
-        "lever's pruning plus the recovery",
+        help="also recover these levers' checkpoints (--lever-budget steps); the row's time is "
+        "the lever's pruning plus the recovery",
+    )
+    parser.add_argument(
+        "--lever-budget", type=int, default=96, help="recovery steps of the --recover-on rows"
     )
     parser.add_argument("--heldout-windows", type=int, default=8)
     parser.add_argument("--runs-dir", default="runs/recovery")
