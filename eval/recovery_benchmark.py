@@ -7,9 +7,9 @@ Rows, for each structure (50% unstructured, 2:4):
 * ``safe+ + recovery <S> steps``: ``safe-llm recover`` on the SAFE+ checkpoint, one row per
   budget in ``--budgets`` (optimiser steps of ``--recover-batch-size`` windows drawn from
   ``--recover-nsamples`` builtin-c4 windows, seed 0, in a seeded order);
-* ``--levers dense n64 n128``: the same recipe with dense-stream targets, with 64 or 128
-  calibration windows; ``--recover-on`` adds a recovery row (``--lever-budget`` steps) on top
-  of a lever.
+* ``--levers dense n64 n96 n128``: the same recipe with dense-stream targets, with 64-128
+  calibration windows; ``--recover-on`` adds recovery rows (``--lever-budgets`` steps) on
+  top of a lever; ``--only-finished`` makes the table of what already ran.
 
 Each run is its own ``safe-llm`` process under ``/usr/bin/time -v`` (wall and CPU seconds, peak
 RSS). A pruned checkpoint is made once per structure and kept in ``--runs-dir`` (finished runs
@@ -81,10 +81,16 @@ def read_time(path: Path) -> dict:
     return {"wall_s": seconds, "cpu_s": user + system, "peak_rss_gib": rss / 2**20}
 
 
-def prune(name: str, method: str, structure: str, nsamples: int, args, *extra: str) -> dict:
+def finished(name: str, args) -> dict | None:
+    """The timing of a finished run in ``--runs-dir``, else None."""
     out = Path(args.runs_dir) / name
     if (out / "report.json").is_file() and out.with_suffix(".time").is_file():
         return read_time(out.with_suffix(".time"))
+    return None
+
+
+def prune(name: str, method: str, structure: str, nsamples: int, args, *extra: str) -> dict:
+    out = Path(args.runs_dir) / name
     command = [sys.executable, "-m", "safe_llm.cli", "prune", "--quiet"]
     if method == "safe+":
         command += [
@@ -101,8 +107,6 @@ def prune(name: str, method: str, structure: str, nsamples: int, args, *extra: s
 
 def recover(name: str, source: str, steps: int, args) -> dict:
     out = Path(args.runs_dir) / name
-    if (out / "report.json").is_file() and out.with_suffix(".time").is_file():
-        return read_time(out.with_suffix(".time"))
     command = [sys.executable, "-m", "safe_llm.cli", "recover", "--quiet"]
     command += [str(Path(args.runs_dir) / source), "--output", str(out), "--overwrite"]
     command += ["--recover-steps", str(steps), "--recover-lr", str(args.recover_lr)]
@@ -184,7 +188,7 @@ def rows_for(structure: str, args, windows: dict, dense: dict) -> list[dict]:
             lambda n: prune(n, "safe+", structure, 32, args, "--dense-targets"),
         ),
     }
-    for count in (64, 128):
+    for count in (64, 96, 128):
         levers[f"n{count}"] = (
             f"SAFE+, {count} windows",
             f"safe+n{count}-{tag}",
@@ -192,18 +196,21 @@ def rows_for(structure: str, args, windows: dict, dense: dict) -> list[dict]:
         )
     plan += [levers[name] for name in args.levers]
     for lever in args.recover_on:
-        steps = args.lever_budget
         label, source, _ = levers[lever]
-        plan.append(
-            (
-                f"{label} + recovery, {steps} steps{variant_label}",
-                f"{source}-rec{steps}{variant}",
-                lambda n, src=source, s=steps: recover(n, src, s, args),
+        for steps in args.lever_budgets:
+            plan.append(
+                (
+                    f"{label} + recovery, {steps} steps{variant_label}",
+                    f"{source}-rec{steps}{variant}",
+                    lambda n, src=source, s=steps: recover(n, src, s, args),
+                )
             )
-        )
     rows = []
     for label, name, run in plan:
-        timing = run(name)
+        timing = finished(name, args)
+        if timing is None and args.only_finished:
+            continue
+        timing = timing or run(name)
         row = {"row": label, "structure": structure, "run": name, **timing}
         row.update(score(name, str(runs / name), windows, args))
         if "-rec" in name:  # pruning + recovery
@@ -287,20 +294,29 @@ def main() -> None:
         "--levers",
         nargs="*",
         default=["dense"],
-        choices=["dense", "n64", "n128"],
-        help="rows after the recovery ones: SAFE+ with dense-stream targets (dense), with 64 or "
-        "128 calibration windows (n64, n128)",
+        choices=["dense", "n64", "n96", "n128"],
+        help="rows after the recovery ones: SAFE+ with dense-stream targets (dense), with 64, 96 or "
+        "128 calibration windows (n64, n96, n128)",
     )
     parser.add_argument(
         "--recover-on",
         nargs="*",
         default=[],
-        choices=["dense", "n64", "n128"],
-        help="also recover these levers' checkpoints (--lever-budget steps); the row's time is "
-        "the lever's pruning plus the recovery",
+        choices=["dense", "n64", "n96", "n128"],
+        help="also recover these levers' checkpoints (--lever-budgets steps); the row's time "
+        "is the lever's pruning plus the recovery",
     )
     parser.add_argument(
-        "--lever-budget", type=int, default=96, help="recovery steps of the --recover-on rows"
+        "--lever-budgets",
+        nargs="+",
+        type=int,
+        default=[48, 96],
+        help="recovery steps of the --recover-on rows",
+    )
+    parser.add_argument(
+        "--only-finished",
+        action="store_true",
+        help="run nothing: the table of the runs already finished in --runs-dir",
     )
     parser.add_argument("--heldout-windows", type=int, default=8)
     parser.add_argument("--runs-dir", default="runs/recovery")
