@@ -293,7 +293,7 @@ def main() -> None:
     parser.add_argument(
         "--levers",
         nargs="*",
-        default=["dense"],
+        default=["dense", "n64", "n96", "n128"],
         choices=["dense", "n64", "n96", "n128"],
         help="rows after the recovery ones: SAFE+ with dense-stream targets (dense), with 64, 96 or "
         "128 calibration windows (n64, n96, n128)",
@@ -301,7 +301,7 @@ def main() -> None:
     parser.add_argument(
         "--recover-on",
         nargs="*",
-        default=[],
+        default=["n64", "n96"],
         choices=["dense", "n64", "n96", "n128"],
         help="also recover these levers' checkpoints (--lever-budgets steps); the row's time "
         "is the lever's pruning plus the recovery",
