@@ -310,7 +310,7 @@ def main() -> None:
         "--lever-budgets",
         nargs="+",
         type=int,
-        default=[48, 96],
+        default=[40, 48, 96],
         help="recovery steps of the --recover-on rows",
     )
     parser.add_argument(
