@@ -52,6 +52,8 @@ sys.path.insert(0, str(ROOT / "eval"))
 from benchmark import reference_windows  # noqa: E402
 
 TAGS = {"unstructured": "50", "2:4": "2-4"}
+LEVER_WINDOWS = (64, 96, 128)
+LEVERS = ("dense", *(f"n{count}" for count in LEVER_WINDOWS))
 
 
 def timed(command: list[str], log: Path) -> dict:
@@ -154,67 +156,62 @@ def recovery_variant(args) -> tuple[str, str]:
     """``(run-name suffix, label suffix)`` of recovery settings off the table's defaults."""
     name, label = "", ""
     if args.recover_batch_size != 2:
-        name, label = (
-            f"{name}b{args.recover_batch_size}",
-            f"{label}, {args.recover_batch_size} windows/step",
-        )
+        name += f"b{args.recover_batch_size}"
+        label += f", {args.recover_batch_size} windows/step"
     if args.recover_hidden_weight:
         weight = f"{args.recover_hidden_weight:g}"
-        name = f"{name}h{weight.replace('.', 'p')}"  # no dot: log and time files add suffixes
-        label = f"{label}, hidden-state weight {weight}"
+        name += f"h{weight.replace('.', 'p')}"  # no dot: log and time files add suffixes
+        label += f", hidden-state weight {weight}"
     return name, label
 
 
-def rows_for(structure: str, args, windows: dict, dense: dict) -> list[dict]:
+def plan_for(structure: str, args) -> list[tuple]:
+    """``(label, run name, run it, the run it recovers or None)`` of every row."""
     tag = TAGS[structure]
     variant, variant_label = recovery_variant(args)
-    runs = Path(args.runs_dir)
-    plan = [("SparseGPT", f"sparsegpt-{tag}", lambda n: prune(n, "sparsegpt", structure, 32, args))]
-    plan.append(
-        ("SAFE+ (CPU recipe)", f"safe+-{tag}", lambda n: prune(n, "safe+", structure, 32, args))
-    )
-    for steps in args.budgets:
-        plan.append(
+
+    def pruned(label, name, nsamples, method="safe+", *extra):
+        return (label, name, lambda n: prune(n, method, structure, nsamples, args, *extra), None)
+
+    def recovered(label, source, budgets):
+        return [
             (
-                f"SAFE+ + recovery, {steps} steps{variant_label}",
-                f"safe+-{tag}-rec{steps}{variant}",
-                lambda n, s=steps: recover(n, f"safe+-{tag}", s, args),
+                f"{label} + recovery, {steps} steps{variant_label}",
+                f"{source}-rec{steps}{variant}",
+                lambda n, s=steps: recover(n, source, s, args),
+                source,
             )
-        )
-    levers = {
-        "dense": (
-            "SAFE+, dense-stream targets",
-            f"safe+dense-{tag}",
-            lambda n: prune(n, "safe+", structure, 32, args, "--dense-targets"),
-        ),
-    }
-    for count in (64, 96, 128):
-        levers[f"n{count}"] = (
-            f"SAFE+, {count} windows",
-            f"safe+n{count}-{tag}",
-            lambda n, c=count: prune(n, "safe+", structure, c, args),
-        )
+            for steps in budgets
+        ]
+
+    levers = {"dense": pruned("SAFE+, dense-stream targets", f"safe+dense-{tag}", 32, "safe+",
+                              "--dense-targets")}  # fmt: skip
+    for count in LEVER_WINDOWS:
+        levers[f"n{count}"] = pruned(f"SAFE+, {count} windows", f"safe+n{count}-{tag}", count)
+    plan = [
+        pruned("SparseGPT", f"sparsegpt-{tag}", 32, "sparsegpt"),
+        pruned("SAFE+ (CPU recipe)", f"safe+-{tag}", 32),
+    ]
+    plan += recovered("SAFE+", f"safe+-{tag}", args.budgets)
     plan += [levers[name] for name in args.levers]
-    for lever in args.recover_on:
-        label, source, _ = levers[lever]
-        for steps in args.lever_budgets:
-            plan.append(
-                (
-                    f"{label} + recovery, {steps} steps{variant_label}",
-                    f"{source}-rec{steps}{variant}",
-                    lambda n, src=source, s=steps: recover(n, src, s, args),
-                )
-            )
+    for name in args.recover_on:
+        label, source, _, _ = levers[name]
+        plan += recovered(label, source, args.lever_budgets)
+    return plan
+
+
+def rows_for(structure: str, args, windows: dict, dense: dict) -> list[dict]:
+    runs = Path(args.runs_dir)
     rows = []
-    for label, name, run in plan:
+    for label, name, run, source in plan_for(structure, args):
         timing = finished(name, args)
         if timing is None and args.only_finished:
             continue
         timing = timing or run(name)
         row = {"row": label, "structure": structure, "run": name, **timing}
         row.update(score(name, str(runs / name), windows, args))
-        if "-rec" in name:  # pruning + recovery
-            pruned = read_time(runs / f"{name.rsplit('-rec', 1)[0]}.time")
+        if source is not None:  # pruning + recovery
+            pruned = read_time(runs / f"{source}.time")
             row["recovery_wall_s"], row["recovery_cpu_s"] = row["wall_s"], row["cpu_s"]
             row["wall_s"] += pruned["wall_s"]
             row["cpu_s"] += pruned["cpu_s"]
@@ -293,8 +290,8 @@ def main() -> None:
     parser.add_argument(
         "--levers",
         nargs="*",
-        default=["dense", "n64", "n96", "n128"],
-        choices=["dense", "n64", "n96", "n128"],
+        default=list(LEVERS),
+        choices=LEVERS,
         help="rows after the recovery ones: SAFE+ with dense-stream targets (dense), with 64, 96 or "
         "128 calibration windows (n64, n96, n128)",
     )
@@ -302,7 +299,7 @@ def main() -> None:
         "--recover-on",
         nargs="*",
         default=["n64", "n96"],
-        choices=["dense", "n64", "n96", "n128"],
+        choices=LEVERS,
         help="also recover these levers' checkpoints (--lever-budgets steps); the row's time "
         "is the lever's pruning plus the recovery",
     )

@@ -8,6 +8,9 @@ next-token distribution matches the dense *teacher*'s:
 
     loss = mean over tokens t of  KL( p_teacher(. | x_<t) || p_student(. | x_<t) )
 
+plus, with ``hidden_weight`` > 0, that weight times the sum over blocks of each token's block
+output error ``||s - t||^2 / ||t||^2`` (measured on SmolLM2: it did not help; off by default).
+
 * The sparsity mask is frozen: the gradient is masked before each optimiser step (Adam's
   moments of pruned entries stay zero) and the mask is re-applied after it, so every exact
   zero stays exactly zero; the mask is checked again before anything is saved.
