@@ -1,7 +1,8 @@
 """Quick SAFE/SAFE+ hyperparameter study on SmolLM2: prune the first K blocks, measure perplexity.
 
 Usage: python eval/sweep_safe.py --blocks 6 --configs '{"method": "safe+", "lr": 1e-3}' ...
-Each config is a JSON object: "method" plus method options. Prints one line per config.
+Each config is a JSON object: "method" plus method options, and the engine's
+"dense_targets", "joint_blocks", "joint_epochs", "joint_lr". Prints one line per config.
 ``--eval-start 64`` scores raw ``wiki.utf8`` windows from the 65th on: text outside the
 reference protocol's 64 windows, for choosing values without tuning on the reported figures.
 """
@@ -17,6 +18,7 @@ import torch
 
 from safe_llm.data import builtin_data_dir, calibration_windows, evaluation_windows
 from safe_llm.engine import prune_model
+from safe_llm.joint import JointOptions
 from safe_llm.methods import build_method
 from safe_llm.models import load_model
 from safe_llm.perplexity import perplexity
@@ -61,6 +63,11 @@ def main() -> None:
         options = json.loads(text)
         method = options.pop("method")
         dense_targets = options.pop("dense_targets", False)
+        joint = JointOptions(
+            blocks=options.pop("joint_blocks", 1),
+            epochs=options.pop("joint_epochs", 1.0),
+            lr=options.pop("joint_lr", 2.5e-3),
+        )
         model = copy.deepcopy(dense)
         start = time.perf_counter()
         report = prune_model(
@@ -72,14 +79,21 @@ def main() -> None:
             max_blocks=args.blocks,
             progress=False,
             dense_targets=dense_targets,
+            joint=joint,
         )
         seconds = time.perf_counter() - start
         ppl = perplexity(model, evalw, 8)
         errors = [round(b.reconstruction_error, 4) for b in report.blocks]
         fell_back = sum(int(b.extra.get("kept_warm_start", 0)) for b in report.blocks)
+        joint = [
+            (round(b.extra["joint_error_before"], 4), round(b.extra["joint_error_after"], 4))
+            for b in report.blocks
+            if "joint_error_before" in b.extra
+        ]
         print(
             f"{text}: ppl {ppl:.3f}  {seconds / args.blocks:.1f}s/block  errors {errors}  "
-            f"warm start kept in {fell_back} blocks",
+            f"warm start kept in {fell_back} blocks"
+            + (f"  joint held-out errors {joint}" if joint else ""),
             flush=True,
         )
 

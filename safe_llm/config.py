@@ -81,6 +81,16 @@ class PruneConfig:
         False,
         "targets from the dense model's stream (global propagation) instead of the pruned stream",
     )
+    joint_blocks: int = option(
+        1,
+        "after the method has pruned each block of a window of N consecutive blocks, train the "
+        "window jointly against the dense window's outputs, masks frozen, in the precision of the "
+        "method's --autocast (1 = off)",
+    )
+    joint_epochs: float = option(1.0, "joint windows: passes over the calibration windows")
+    joint_lr: float = option(
+        2.5e-3, "joint windows: Adam learning rate, a fraction of each tensor's RMS per step"
+    )
     layer_errors: bool = option(True, "report each layer's relative output error (needs X^T X)")
     trust_remote_code: bool = option(
         False, "allow model code from the Hub (off unless asked)", decisive=False
@@ -321,12 +331,23 @@ def validate(config: PruneConfig) -> None:
     _check_profile(config)
     _check_streaming(config)
     _check_recovery(config)
+    _check_joint(config)
     if config.resume and not config.output:
         raise ConfigError("--resume needs --output (the directory of the interrupted run)")
     if config.push_to_hub and not (config.output and config.hub_repo_id):
         raise ConfigError("--push-to-hub needs --output and --hub-repo-id user/name")
     if config.output:
         _check_output(Path(config.output), config.model, config.overwrite, config.resume)
+
+
+def _check_joint(config: PruneConfig) -> None:
+    """Joint windows need a window size of at least 1, epochs > 0 and a finite lr >= 0."""
+    from safe_llm.joint import JointOptions
+
+    try:
+        JointOptions(config.joint_blocks, config.joint_epochs, config.joint_lr)
+    except SafeLLMError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _check_profile(config: PruneConfig) -> None:

@@ -10,8 +10,12 @@ For block ``b`` with calibration inputs ``X_b`` ``[n, seq, d]``:
 5. check the pattern, measure the reconstruction error, ``X_{b+1} = pruned_block_b(X_b)``;
 6. move the block back to where it was.
 
-Only one block is on the compute device at a time (:func:`block_on_device`, shared with the
-dense pass of :mod:`safe_llm.owl`).
+With ``joint.blocks = k > 1`` the blocks go in windows of ``k``: each is pruned as above, then
+the window is reconstructed jointly, its masks frozen (:mod:`safe_llm.joint`), against the
+dense window applied to the pruned stream entering it, and the stream is recomputed.
+
+Only one block (one window) is on the compute device at a time (:func:`block_on_device`,
+shared with the dense pass of :mod:`safe_llm.owl`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from safe_llm.blocks import (
     weight_matrix,
 )
 from safe_llm.errors import SafeLLMError
+from safe_llm.joint import JointOptions, Window, reconstruct
 from safe_llm.layer_stats import collect_input_stats
 from safe_llm.memory import process_peak_bytes
 from safe_llm.methods.base import BlockContext, PruningMethod
@@ -68,6 +73,7 @@ class EngineOptions:
     progress: bool = True
     activation_budget: int | None = None
     spill_dir: str | Path | None = None
+    joint: JointOptions = JointOptions()  # windows of consecutive blocks reconstructed jointly
 
 
 class BlockSource(Protocol):
@@ -214,6 +220,8 @@ class _Run:
     dense: torch.Tensor | None
     reports: list[BlockReport]
     first: int  # the first block this call prunes (after a resume, not 0)
+    window_inputs: torch.Tensor | None = None  # the pruned stream entering the joint window
+    window_targets: torch.Tensor | None = None  # the dense window's outputs on it (so far)
 
 
 def prune_model(
@@ -227,7 +235,7 @@ def prune_model(
     source: BlockSource | None = None,
     resume: EngineState | None = None,
     on_block: Callable[[BlockReport], None] | None = None,
-    on_state: Callable[[EngineState, nn.Module], None] | None = None,
+    on_state: Callable[[EngineState, dict[int, nn.Module]], None] | None = None,
     **settings,
 ) -> PruneReport:
     """Prune every decoder block of ``model`` in place.
@@ -243,8 +251,9 @@ def prune_model(
         resume: continue from this state; its blocks must already hold their pruned weights
             (:meth:`safe_llm.resume.WorkArea.load` puts them there).
         on_block: called with each finished block's report.
-        on_state: called after each block with the state to continue from and the pruned
-            block (to save it); a run resumed from that state gives the same bits.
+        on_state: called after each block (after each joint window) with the state to
+            continue from and the blocks pruned since the last call, ``{index: block}`` (to
+            save them); a run resumed from that state gives the same bits.
     """
     if options is not None and settings:
         raise TypeError("give prune_model either options or its fields as keywords, not both")
@@ -254,7 +263,8 @@ def prune_model(
         torch.cuda.reset_peak_memory_stats(options.device)
     _, blocks = find_blocks(model)
     patterns = _block_patterns(blocks, pattern, block_patterns, options.ignore)
-    with captured_inputs(model, windows, 3 if options.dense_targets else 2, options) as (
+    streams = 2 + options.dense_targets + 2 * options.joint.active
+    with captured_inputs(model, windows, streams, options) as (
         hidden,
         calls,
         space,
@@ -292,31 +302,90 @@ def _run_blocks(
     source: BlockSource,
     patterns: list[SparsityPattern],
     on_block: Callable[[BlockReport], None] | None,
-    on_state: Callable[[EngineState, nn.Module], None] | None,
+    on_state: Callable[[EngineState, dict[int, nn.Module]], None] | None,
 ) -> None:
-    """The block loop of :func:`prune_model`: prune, advance the streams, report, save."""
+    """The block loop of :func:`prune_model`, one window of ``joint.blocks`` consecutive
+    blocks at a time (one block without joint reconstruction); the state is saved after
+    each window."""
     count = len(patterns) if run.options.max_blocks is None else run.options.max_blocks
     count, first = min(count, len(patterns)), run.first
     name = patterns[0] if len(set(patterns)) == 1 else "per-block sparsity"
     bar = tqdm(
-        range(first, count),
         desc=f"pruning ({run.method.name}, {name})",
         disable=not run.options.progress,
         initial=first,
         total=count,
     )
-    for index in bar:
-        with block_on_device(source, index, run.options.device) as block:
-            report = _prune_block(index, block, patterns[index], run)
-            if run.dense is not None:  # the targets just made are the next block's dense input
-                run.dense, run.targets = run.targets, run.dense
-            run.reports.append(report)
-            bar.set_postfix(err=f"{report.reconstruction_error:.3g}")
-            _log_block(report, len(patterns))
-            if on_block is not None:
-                on_block(report)
-            if on_state is not None:
-                on_state(_state(run, index + 1), block)
+    size = run.options.joint.blocks
+    with bar:
+        for start in range(first, count, size):
+            indices = range(start, min(start + size, count))
+            with contextlib.ExitStack() as stack:
+                blocks = {
+                    i: stack.enter_context(block_on_device(source, i, run.options.device))
+                    for i in indices
+                }
+                _run_window(run, blocks, patterns, bar)
+                for report in run.reports[-len(indices) :]:
+                    if on_block is not None:
+                        on_block(report)
+                if on_state is not None:
+                    on_state(_state(run, indices.stop), blocks)
+
+
+def _run_window(
+    run: _Run, blocks: dict[int, nn.Module], patterns: list[SparsityPattern], bar: tqdm
+) -> None:
+    """Prune the window's blocks one by one, advancing the streams, then (a window of more
+    than one block with joint reconstruction on) reconstruct them jointly."""
+    joint = _open_window(run, len(blocks))
+    for index, block in blocks.items():
+        report = _prune_block(index, block, patterns[index], run, joint)
+        if run.dense is not None:  # the targets just made are the next block's dense input
+            run.dense, run.targets = run.targets, run.dense
+        run.reports.append(report)
+        bar.update(1)
+        bar.set_postfix(err=f"{report.reconstruction_error:.3g}")
+        _log_block(report, len(patterns))
+    if joint:
+        run.reports[-1].extra.update(_reconstruct_window(run, blocks))
+
+
+def _open_window(run: _Run, size: int) -> bool:
+    """Start a joint window of ``size`` blocks: its inputs and (growing) targets are the
+    pruned stream entering it. False when there is nothing to reconstruct jointly."""
+    if run.window_inputs is None or size < 2:
+        return False
+    run.window_inputs.copy_(run.hidden)
+    run.window_targets.copy_(run.hidden)
+    return True
+
+
+def _reconstruct_window(run: _Run, blocks: dict[int, nn.Module]) -> dict[str, float]:
+    """Train the window's blocks jointly (masks frozen), check them, and replace the pruned
+    stream by the window's outputs."""
+    opts = run.options
+    first = min(blocks)
+    window = Window(
+        first=first,
+        blocks=list(blocks.values()),
+        calls=[run.calls[i].to(opts.device) for i in blocks],
+        inputs=run.window_inputs,
+        targets=run.window_targets,
+        pruned=[
+            layer.weight
+            for block in blocks.values()
+            for layer in prunable_layers(block, opts.ignore).values()
+        ],
+        device=opts.device,
+    )
+    extra = reconstruct(window, opts.joint, opts.seed + first)
+    for index, block in blocks.items():
+        _check_finite("joint reconstruction", index, block)
+    run.hidden.copy_(run.window_inputs)
+    for block, call in zip(window.blocks, window.calls, strict=True):
+        _apply(block, run.hidden, call, run.hidden, opts.device, opts.batch_size)
+    return extra
 
 
 def _start(
@@ -332,6 +401,9 @@ def _start(
     dense = space.copy(captured) if options.dense_targets and resume is None else None
     targets = space.empty(captured.shape, captured.dtype)
     run = _Run(method, options, calls, captured, targets, dense, reports=[], first=0)
+    if options.joint.active:
+        run.window_inputs = space.empty(captured.shape, captured.dtype)
+        run.window_targets = space.empty(captured.shape, captured.dtype)
     if resume is None:
         return run
     if resume.hidden.shape != captured.shape:
@@ -368,15 +440,20 @@ def _log_block(report: BlockReport, total: int) -> None:
     )
 
 
-def _prune_block(index: int, block: nn.Module, pattern: SparsityPattern, run: _Run) -> BlockReport:
-    """Statistics of the dense block, the method, the checks, the pruned pass: one block."""
+def _prune_block(
+    index: int, block: nn.Module, pattern: SparsityPattern, run: _Run, joint: bool = False
+) -> BlockReport:
+    """Statistics of the dense block, the method, the checks, the pruned pass: one block
+    (``joint``: the dense block first extends the joint window's targets)."""
     start = time.perf_counter()
     opts, method = run.options, run.method
     call = run.calls[index].to(opts.device)
+    if joint:
+        _apply(block, run.window_targets, call, run.window_targets, opts.device, opts.batch_size)
     ctx = _context(index, block, pattern.counting_per_row(method.per_row), call, run)
     dense = {n: ctx.matrix(n).detach().clone() for n in ctx.layers} if opts.layer_errors else {}
     extra = method.prune_block(ctx) or {}
-    _check_finite(method.name, index, ctx)
+    _check_finite(method.name, index, block)
     _positive_zeros(ctx)
     _check_pattern(method.name, ctx)
     error = _advance(block, run.hidden, run.targets, call, opts.device, opts.batch_size)
@@ -430,12 +507,12 @@ def _positive_zeros(ctx: BlockContext) -> None:
         matrix.masked_fill_(matrix == 0, 0.0)
 
 
-def _check_finite(method: str, index: int, ctx: BlockContext) -> None:
+def _check_finite(what: str, index: int, block: nn.Module) -> None:
     """Raise :class:`NonFiniteError` naming the first parameter of the block with NaN/Inf."""
-    for name, param in ctx.block.named_parameters():
+    for name, param in block.named_parameters():
         if not torch.isfinite(param).all():
             raise NonFiniteError(
-                f"{method} left NaN or Inf in block {ctx.index} ({name}); the run stopped "
+                f"{what} left NaN or Inf in block {index} ({name}); the run stopped "
                 f"before saving block {index}: nothing with NaN/Inf was written"
             )
 

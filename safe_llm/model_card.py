@@ -70,6 +70,7 @@ def _settings_table(recipe: dict, report: dict) -> list[str]:
             if recipe.get("dense_targets")
             else "pruned stream (sequential)",
         ),
+        ("Reconstruction", _reconstruction(recipe)),
         ("Dtype / device", f"{report.get('dtype')} on {report.get('device')}"),
     ]
     recovery = report.get("recovery")
@@ -161,3 +162,15 @@ def render_model_card(recipe: dict, report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _reconstruction(recipe: dict) -> str:
+    """How the blocks were reconstructed: one at a time, or also in joint windows."""
+    size = recipe.get("joint_blocks") or 1
+    if size == 1:
+        return "block by block"
+    return (
+        f"block by block, then windows of {size} consecutive blocks trained jointly against "
+        f"the dense window's outputs, masks frozen ({recipe.get('joint_epochs'):g} epochs, "
+        f"lr {recipe.get('joint_lr'):g} of each tensor's RMS)"
+    )

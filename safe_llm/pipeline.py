@@ -16,6 +16,7 @@ from safe_llm.blocks import find_blocks, prunable_layers, weight_matrix
 from safe_llm.config import ConfigError, PruneConfig, make_config, parse_size
 from safe_llm.engine import EngineOptions, PruneReport, prune_model
 from safe_llm.evaluate import evaluate_perplexity
+from safe_llm.joint import JointOptions
 from safe_llm.memory import StagePeaks, return_freed_memory, serve_large_buffers_from_mmap
 from safe_llm.methods import build_method
 from safe_llm.models import load_model, resolve_device, resolve_dtype
@@ -99,16 +100,17 @@ def _state_saver(
     total: int,
     should_stop: Callable[[], int | None] | None,
 ) -> Callable[[EngineState, nn.Module], None]:
-    """The engine's ``on_state``: save the block's state, then stop if a signal asked to."""
+    """The engine's ``on_state``: save the finished blocks and the state, then stop if a
+    signal asked to."""
     started = not fresh
 
-    def on_state(state: EngineState, block: nn.Module) -> None:
+    def on_state(state: EngineState, blocks: dict[int, nn.Module]) -> None:
         nonlocal started
         if work is not None:
             if not started:
                 work.start(config.to_dict())
                 started = True
-            work.save(state, block, total)
+            work.save(state, blocks, total)
         signum = should_stop() if should_stop is not None else None
         if signum:
             raise Interrupted(signum, state.next_block, total, work.path if work else None)
@@ -125,6 +127,13 @@ def engine_options(config: PruneConfig, device: torch.device, progress: bool) ->
         batch_size=config.batch_size,
         ignore=tuple(config.ignore),
         dense_targets=config.dense_targets,
+        joint=JointOptions(
+            blocks=config.joint_blocks,
+            epochs=config.joint_epochs,
+            lr=config.joint_lr,
+            batch_size=config.batch_size,
+            autocast=config.method_options.get("autocast", "auto"),  # as the method computes
+        ),
         layer_errors=config.layer_errors,
         seed=config.seed,
         max_blocks=config.max_blocks,

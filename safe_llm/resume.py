@@ -48,6 +48,9 @@ ADDED_OPTIONS = {
     "sparsity_per_block": None,
     "recover": None,
     "recover_options": {},
+    "joint_blocks": 1,
+    "joint_epochs": 1.0,
+    "joint_lr": 2.5e-3,
 }
 
 
@@ -201,16 +204,18 @@ class WorkArea:
                 "nothing of this run was saved"
             ) from exc
 
-    def save(self, state: EngineState, block: nn.Module, total_blocks: int) -> None:
-        """Record block ``state.next_block - 1`` (its weights ``block``) as finished."""
+    def save(self, state: EngineState, blocks: dict[int, nn.Module], total_blocks: int) -> None:
+        """Record the blocks ``blocks`` (``{index: pruned block}``, those finished since the
+        last save, up to ``state.next_block - 1``) as finished."""
         index = state.next_block - 1
         previous = self.progress()
         stream = {"hidden": _host_copy(state.hidden), **state.rng}
         if state.dense_stream is not None:
             stream["dense"] = _host_copy(state.dense_stream)
-        weights = {name: _host_copy(t) for name, t in block.state_dict().items()}
         try:
-            _write_tensors(self.block_file(index), weights)
+            for block_index, block in blocks.items():
+                weights = {name: _host_copy(t) for name, t in block.state_dict().items()}
+                _write_tensors(self.block_file(block_index), weights)
             stream_name = f"stream_{state.next_block:05d}.safetensors"
             _write_tensors(self.path / stream_name, stream)
             _write_json(

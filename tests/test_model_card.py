@@ -66,6 +66,13 @@ def test_card_states_method_calibration_perplexities_and_command():
     assert "```bash\nsafe-llm prune --model meta-llama/Llama-2-7b-hf --method safe+\n```" in card
 
 
+def test_card_says_whether_blocks_were_reconstructed_alone_or_in_joint_windows():
+    assert "| Reconstruction | block by block |" in render_model_card(_recipe(), _report())
+    card = render_model_card(_recipe(joint_blocks=2, joint_epochs=1.0, joint_lr=2.5e-3), _report())
+    assert "windows of 2 consecutive blocks trained jointly" in card
+    assert "1 epochs, lr 0.0025" in card
+
+
 def test_card_without_evaluation_says_it_was_not_evaluated():
     card = render_model_card(_recipe(), _report(evaluation={"dense": {}, "pruned": {}}))
     assert "Not evaluated" in card and "| wikitext2 |" not in card

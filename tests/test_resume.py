@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from safe_llm import cli, engine
 from safe_llm.blocks import find_blocks
+from safe_llm.joint import JointOptions
 from safe_llm.methods import METHODS, register
 from safe_llm.methods.base import PruningMethod
 from safe_llm.resume import (
@@ -323,14 +324,22 @@ def random_method():
     METHODS.pop(_RandomTestMethod.name)
 
 
-@pytest.mark.parametrize("dense_targets", [False, True], ids=["sequential", "dense-targets"])
+ENGINE_VARIANTS = {
+    "sequential": {},
+    "dense-targets": {"dense_targets": True},
+    "joint-windows": {"joint": JointOptions(blocks=2, batch_size=2)},
+}
+
+
+@pytest.mark.parametrize("variant", list(ENGINE_VARIANTS))
 def test_engine_state_after_block_k_continues_bitwise_with_restored_rng(
-    dense_targets, make_tiny_llama, random_method, tmp_path
+    variant, make_tiny_llama, random_method, tmp_path
 ):
     pattern = SparsityPattern.parse("unstructured", 0.5)
     windows = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(1))
-    options = dict(device=torch.device("cpu"), batch_size=2, dense_targets=dense_targets)
-    options["progress"] = False
+    options = dict(device=torch.device("cpu"), batch_size=2, progress=False)
+    options |= ENGINE_VARIANTS[variant]
+    dense_targets = options.get("dense_targets", False)
 
     # make_tiny_llama seeds the global RNG: each run below starts from the same RNG state
     reference = make_tiny_llama(num_hidden_layers=BLOCKS)
@@ -342,8 +351,8 @@ def test_engine_state_after_block_k_continues_bitwise_with_restored_rng(
     class Stop(Exception):
         pass
 
-    def save_then_stop(state: EngineState, block):
-        work.save(state, block, BLOCKS)
+    def save_then_stop(state: EngineState, blocks):
+        work.save(state, blocks, BLOCKS)
         if state.next_block == 2:
             raise Stop
 

@@ -241,17 +241,22 @@ def test_streamed_run_resumes_from_its_work_area(save_tiny_model, calibration_fi
 # -- data-parallel SAFE --------------------------------------------------------------------------
 
 
-def _safe_command(model_dir, calibration_file, output) -> list[str]:
+def _safe_command(model_dir, calibration_file, output, extra=()) -> list[str]:
     return [
         "prune", "--quiet", "--model", str(model_dir), "--dataset", str(calibration_file),
         "--nsamples", "8", "--seqlen", "32", "--batch-size", "4", "--device", "cpu",
         "--method", "safe+", "--epochs", "4", "--train-batch-size", "4", "--interval", "2",
-        "--autocast", "off", "--output", str(output),
+        "--autocast", "off", "--output", str(output), *extra,
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [(), ("--joint-blocks", "2", "--joint-epochs", "2", "--joint-lr", "1e-2")],
+    ids=["block-by-block", "joint-window"],
+)
 def test_two_process_safe_equals_the_single_process_run(
-    save_tiny_model, calibration_file, tmp_path
+    extra, save_tiny_model, calibration_file, tmp_path
 ):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     if torchrun is None:
@@ -259,19 +264,22 @@ def test_two_process_safe_equals_the_single_process_run(
     model_dir = save_tiny_model(num_hidden_layers=2)
     single = tmp_path / "single"
     subprocess.run(
-        [sys.executable, "-m", "safe_llm.cli", *_safe_command(model_dir, calibration_file, single)],
+        [sys.executable, "-m", "safe_llm.cli",
+         *_safe_command(model_dir, calibration_file, single, extra)],
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip
     parallel = tmp_path / "parallel"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
         [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "safe_llm.cli",
-         *_safe_command(model_dir, calibration_file, parallel)],
+         *_safe_command(model_dir, calibration_file, parallel, extra)],
         capture_output=True, text=True, timeout=180, env=env,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((parallel / "report.json").read_text())
     assert report["data_parallel_ranks"] == 2
+    if extra:
+        assert "joint_error_after" in report["blocks"][-1]["extra"]
     expected, got = _weights(single), _weights(parallel)
     assert set(got) == set(expected)
     for key in expected:
