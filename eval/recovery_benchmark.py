@@ -7,8 +7,9 @@ Rows, for each structure (50% unstructured, 2:4):
 * ``safe+ + recovery <S> steps``: ``safe-llm recover`` on the SAFE+ checkpoint, one row per
   budget in ``--budgets`` (optimiser steps of ``--recover-batch-size`` windows drawn from
   ``--recover-nsamples`` builtin-c4 windows, seed 0, in a seeded order);
-* ``--levers dense n64 n96 n128``: the same recipe with dense-stream targets, with 64-128
-  calibration windows; ``--recover-on`` adds recovery rows (``--lever-budgets`` steps) on
+* ``--levers dense n64 n96 n128 joint2 joint3``: the same recipe with dense-stream targets,
+  with 64-128 calibration windows, with windows of 2 or 3 consecutive blocks reconstructed
+  jointly after the block loop's own step (``--joint-blocks``); ``--recover-on`` adds recovery rows (``--lever-budgets`` steps) on
   top of a lever; ``--only-finished`` makes the table of what already ran.
 
 Each run is its own ``safe-llm`` process under ``/usr/bin/time -v`` (wall and CPU seconds, peak
@@ -53,7 +54,12 @@ from benchmark import reference_windows  # noqa: E402
 
 TAGS = {"unstructured": "50", "2:4": "2-4"}
 LEVER_WINDOWS = (64, 96, 128)
-LEVERS = ("dense", *(f"n{count}" for count in LEVER_WINDOWS))
+LEVER_JOINT = (2, 3)  # windows of consecutive blocks reconstructed jointly
+LEVERS = (
+    "dense",
+    *(f"n{count}" for count in LEVER_WINDOWS),
+    *(f"joint{size}" for size in LEVER_JOINT),
+)
 
 
 def timed(command: list[str], log: Path) -> dict:
@@ -188,6 +194,11 @@ def plan_for(structure: str, args) -> list[tuple]:
                               "--dense-targets")}  # fmt: skip
     for count in LEVER_WINDOWS:
         levers[f"n{count}"] = pruned(f"SAFE+, {count} windows", f"safe+n{count}-{tag}", count)
+    for size in LEVER_JOINT:
+        label = f"SAFE+, joint windows of {size} blocks"
+        levers[f"joint{size}"] = pruned(
+            label, f"safe+joint{size}-{tag}", 32, "safe+", "--joint-blocks", str(size)
+        )
     plan = [
         pruned("SparseGPT", f"sparsegpt-{tag}", 32, "sparsegpt"),
         pruned("SAFE+ (CPU recipe)", f"safe+-{tag}", 32),
@@ -293,7 +304,8 @@ def main() -> None:
         default=list(LEVERS),
         choices=LEVERS,
         help="rows after the recovery ones: SAFE+ with dense-stream targets (dense), with 64, 96 or "
-        "128 calibration windows (n64, n96, n128)",
+        "128 calibration windows (n64, n96, n128), with joint windows of 2 or 3 blocks (joint2, "
+        "joint3)",
     )
     parser.add_argument(
         "--recover-on",

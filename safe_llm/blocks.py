@@ -227,7 +227,7 @@ class _Swapped:
             self.blocks[i] = block
 
 
-def _non_block_modules_to(model: nn.Module, blocks: nn.ModuleList, device: torch.device):
+def non_block_modules_to(model: nn.Module, blocks: nn.ModuleList, device: torch.device):
     """Move everything but the blocks (embeddings, rotary tables, norms, head) to ``device``."""
     with _Swapped(blocks, lambda i: nn.Identity()):
         model.to(device)
@@ -263,7 +263,7 @@ def capture_block_inputs(
     host = next(model.parameters()).device
     was_training = model.training
     model.eval()  # dropout would make the recorded inputs random
-    _non_block_modules_to(model, blocks, device)
+    non_block_modules_to(model, blocks, device)
     try:
         with (
             _Recording(blocks, device, stop_at_first=False) as recording,
@@ -291,7 +291,7 @@ def capture_block_inputs(
                     hidden = allocate(torch.Size((len(windows), *chunk.shape[1:])), chunk.dtype)
                 hidden[part].copy_(chunk)
     finally:
-        _non_block_modules_to(model, blocks, host)
+        non_block_modules_to(model, blocks, host)
         model.train(was_training)
     return hidden, [calls[i] for i in range(len(blocks))]
 

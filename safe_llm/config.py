@@ -7,6 +7,7 @@ hyperparameters sit under ``method_options`` in a recipe and are plain flags on 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -388,6 +389,11 @@ def _check_recovery(config: PruneConfig) -> None:
         )
     if config.recover_options.get("dataset"):
         _check_source(config.recover_options["dataset"])
+    if config.recover_options.get("fsdp") and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise ConfigError(
+            "--recover-fsdp shards the model over several processes: launch the command with "
+            "torchrun --nproc-per-node N (N >= 2)"
+        )
 
 
 def _check_streaming(config: PruneConfig) -> None:

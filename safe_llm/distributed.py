@@ -72,6 +72,12 @@ def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
         torch._foreach_copy_(group, [p.view_as(t) for p, t in zip(pieces, group, strict=True)])
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing in a single process)."""
+    if active():
+        dist.barrier()
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

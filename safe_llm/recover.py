@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from safe_llm import distributed, precision
+from safe_llm import distributed, fsdp, precision
 from safe_llm.blocks import PRUNABLE_TYPES, find_blocks
 from safe_llm.errors import SafeLLMError
 from safe_llm.options import option
@@ -121,6 +121,12 @@ class RecoverOptions:
         "every step (its block outputs are not cached)",
     )
     save_every: int = option(25, "with an output: save the training state every N steps")
+    fsdp: bool = option(
+        False,
+        "under torchrun: shard the decoder blocks' weights, gradients and Adam state over the "
+        "ranks (FSDP2) instead of keeping a whole copy on each: for models whose weights and "
+        "optimiser state do not fit one device",
+    )
 
     def validate(self) -> None:
         for name in ("nsamples", "seqlen", "tokens", "steps", "batch_size", "kl_chunk"):
@@ -323,6 +329,7 @@ class RecoveryReport:
     batch_size: int
     train: list[str]
     hidden_weight: float
+    fsdp: bool
     autocast_bf16: bool
     trainable_parameters: int
     shared_with_teacher: list[str]
@@ -360,38 +367,87 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
     return max(0.0, (steps - step) / max(1, steps - warmup))
 
 
-def _state_files(state_dir: Path) -> tuple[Path, Path, Path]:
+def _state_files(state_dir: Path, sharded: bool = False) -> tuple[Path, Path, Path]:
+    """The progress record, the weights and the optimiser state; sharded (FSDP) runs keep
+    one weights and one optimiser file per rank, each with that rank's shards."""
+    suffix = f".rank{distributed.rank()}-of-{distributed.world_size()}" if sharded else ""
     return (
         state_dir / "recovery_progress.json",
-        state_dir / "recovery_weights.safetensors",
-        state_dir / "recovery_optimizer.pt",
+        state_dir / f"recovery_weights{suffix}.safetensors",
+        state_dir / f"recovery_optimizer{suffix}.pt",
     )
 
 
+def _sharded(params: dict[str, nn.Parameter]) -> bool:
+    return any(fsdp.is_sharded(p) for p in params.values())
+
+
 def _save_state(state_dir, step, params, optimizer, losses) -> None:
-    progress, weights, optim = _state_files(state_dir)
+    """Save the training state (every rank its own shards under FSDP; the progress record,
+    written last, by the writer after every rank's files are complete)."""
+    sharded = _sharded(params)
+    if not (sharded or distributed.is_writer()):
+        return  # every rank holds the same state: the writer saves it
+    progress, weights, optim = _state_files(state_dir, sharded)
     state_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in params.items()}
+    tensors = {
+        n: fsdp.local(p.detach()).to("cpu", copy=True).contiguous() for n, p in params.items()
+    }
     tensors.update(rng_state())
     atomic_write(weights, lambda tmp: save_file(tensors, str(tmp)))
-    atomic_write(optim, lambda tmp: torch.save(optimizer.state_dict(), tmp))
-    record = {"step": step, "losses": losses}
-    atomic_write(progress, lambda tmp: tmp.write_text(json.dumps(record)))
+    state = _map_state(optimizer.state_dict(), fsdp.local)
+    atomic_write(optim, lambda tmp: torch.save(state, tmp))
+    if sharded:
+        distributed.barrier()
+    if distributed.is_writer():
+        record = {"step": step, "losses": losses}
+        atomic_write(progress, lambda tmp: tmp.write_text(json.dumps(record)))
 
 
 def _load_state(state_dir, params, optimizer) -> tuple[int, list[float]]:
     """``(step to continue from, losses so far)``; ``(0, [])`` when nothing was saved."""
-    progress, weights, optim = _state_files(state_dir)
+    sharded = _sharded(params)
+    progress, weights, optim = _state_files(state_dir, sharded)
     if not progress.is_file():
         return 0, []
+    if not weights.is_file():
+        raise RecoveryError(
+            f"the recovery state in {state_dir} has no {weights.name}: it was saved by a run "
+            "with another number of processes or without --recover-fsdp; resume it the same way"
+        )
     record = json.loads(progress.read_text())
     tensors = load_file(str(weights))
     with torch.no_grad():
         for name, param in params.items():
-            param.copy_(tensors[name])
-    optimizer.load_state_dict(torch.load(optim, weights_only=True))
+            fsdp.local(param).copy_(tensors[name])
+    state = torch.load(optim, weights_only=True)
+    ordered = list(params.values())  # the optimiser's parameter order (one group each)
+    for index, values in state["state"].items():
+        param = ordered[index]
+        if fsdp.is_sharded(param):
+            state["state"][index] = _map_state(values, lambda t, p=param: _like(t, p))
+    optimizer.load_state_dict(state)
     set_rng_state({k: v for k, v in tensors.items() if k.startswith("rng.")})
     return int(record["step"]), list(record["losses"])
+
+
+def _map_state(value, fn):
+    """``value`` (an optimiser state dict or part of it) with ``fn`` applied to every tensor
+    of more than one element (Adam's moments; its step counters stay as they are)."""
+    if isinstance(value, dict):
+        return {k: _map_state(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_state(v, fn) for v in value]
+    if isinstance(value, torch.Tensor) and value.dim() > 0:
+        return fn(value)
+    return value
+
+
+def _like(shard: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A local shard as a ``DTensor`` sharded like ``param``."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(shard.to(param.device), param.device_mesh, param.placements)
 
 
 @torch.no_grad()
@@ -486,35 +542,37 @@ def recover(
 ) -> RecoveryReport:
     """Distil ``teacher`` into the pruned ``student`` on ``windows`` ``[n, seqlen]``, in place.
 
-    The student's zeros (its sparsity mask) are frozen. Both models must be on ``device``.
+    The student's zeros (its sparsity mask) are frozen. Both models must be on ``device``;
+    with ``options.fsdp`` they may be on the host: their blocks are sharded onto ``device``.
     ``seed`` orders the windows; ``state_dir`` makes the run resumable (see the module doc).
     Raises :class:`RecoveryError` on a non-finite loss, gradient or weight, or a moved mask.
     """
     start = time.perf_counter()
     options.validate()
     masks = sparsity_masks(student)
-    params = trainable_parameters(student, masks, options.train)
     teacher.requires_grad_(False).eval()
     shared = share_frozen_tensors(student, teacher)
     steps = total_steps(options, windows.shape[0], windows.shape[1])
     batch_size = min(options.batch_size, windows.shape[0])
-    optimizer = torch.optim.Adam(
-        _param_groups(params, options.step_scale), lr=options.lr, betas=(0.9, 0.95)
-    )
     state_path = Path(state_dir) if state_dir is not None else None
-    first, losses = _resume_point(state_path, params, optimizer, steps)
-    masked = [(params[n], m) for n, m in masks.items() if n in params]
     bf16 = precision.reduced_precision(options.autocast, torch.device(device), "recovery autocast")
-    with precision.bf16_autocast(device, bf16):
-        cache = (
-            teacher_hidden_states(teacher, windows, batch_size, device, progress)
-            if options.teacher_cache and options.hidden_weight == 0
-            else None
-        )
-    training = _Training(params, optimizer, masked, first, steps, batch_size, seed, losses, bf16)
-    _train(student, teacher, windows, training, options, device, cache, state_path, progress)
+    with (
+        fsdp.sharded_blocks(student, torch.device(device), on=options.fsdp),
+        fsdp.sharded_blocks(teacher, torch.device(device), on=options.fsdp, keep=False),
+    ):
+        training = _training(student, options, steps, batch_size, seed, state_path, bf16)
+        with precision.bf16_autocast(device, bf16):
+            cache = (
+                teacher_hidden_states(teacher, windows, batch_size, device, progress)
+                if options.teacher_cache and options.hidden_weight == 0
+                else None
+            )
+        _train(student, teacher, windows, training, options, device, cache, state_path, progress)
+        names = set(training.params)
+    params = {n: p for n, p in student.named_parameters() if n in names}
     check_finite_parameters(params, steps)
     check_masks(student, masks)
+    first, losses = training.first, training.losses
     return RecoveryReport(
         method="distill",
         dataset=dataset,
@@ -533,6 +591,19 @@ def recover(
     )
 
 
+def _training(student, options, steps, batch_size, seed, state_path, bf16) -> _Training:
+    """The trainable parameters (shards of them under FSDP), their optimiser and masks, and
+    the step to start from (from the saved state when there is one)."""
+    masks = sparsity_masks(student)
+    params = trainable_parameters(student, masks, options.train)
+    optimizer = torch.optim.Adam(
+        _param_groups(params, options.step_scale), lr=options.lr, betas=(0.9, 0.95)
+    )
+    first, losses = _resume_point(state_path, params, optimizer, steps)
+    masked = [(params[n], m) for n, m in masks.items() if n in params]
+    return _Training(params, optimizer, masked, first, steps, batch_size, seed, losses, bf16)
+
+
 def _param_groups(params: dict[str, nn.Parameter], step_scale: str) -> list[dict]:
     """One Adam group per tensor with its ``scale``: the step is ``lr * scale`` (1 with
     absolute steps; with relative steps the tensor's RMS now, or 1 for an all-zero tensor)."""
@@ -540,7 +611,7 @@ def _param_groups(params: dict[str, nn.Parameter], step_scale: str) -> list[dict
     for param in params.values():
         scale = 1.0
         if step_scale == "relative":
-            rms = float(param.detach().float().pow(2).mean().sqrt())
+            rms = float(fsdp.full(param.detach()).float().pow(2).mean().sqrt())
             scale = rms if rms > 0 else 1.0
         groups.append({"params": [param], "scale": scale})
     return groups
@@ -563,6 +634,7 @@ def _settings(options: RecoverOptions, batch_size: int) -> dict:
         "batch_size": batch_size,
         "train": list(options.train),
         "hidden_weight": options.hidden_weight,
+        "fsdp": options.fsdp,
     }
 
 
@@ -624,8 +696,9 @@ def _train(
 
 
 def _save_due(state_path: Path | None, done: int, steps: int, every: int) -> bool:
-    """Whether to save the training state after ``done`` steps (the writer rank only)."""
-    return state_path is not None and done % every == 0 and done < steps and distributed.is_writer()
+    """Whether to save the training state after ``done`` steps (on the ranks that write:
+    every rank holds a shard of it under FSDP, only the writer otherwise)."""
+    return state_path is not None and done % every == 0 and done < steps
 
 
 def _checkpointing(model: nn.Module, on: bool) -> None:
@@ -652,16 +725,19 @@ def _global_loss(loss: float, device) -> float:
 
 
 def _finish_step(optimizer, params, masked, options, step, loss) -> None:
-    """Sum gradients over ranks, mask them, check them, step, re-apply the mask."""
+    """Sum gradients over ranks (FSDP has summed the sharded ones), mask them, check them,
+    step, re-apply the mask."""
     grads = [p.grad for p in params.values() if p.grad is not None]
-    distributed.all_reduce_sum_(grads)
+    distributed.all_reduce_sum_([g for g in grads if not fsdp.is_sharded(g)])
     with torch.no_grad():
         for param, pruned in masked:
             if param.grad is not None:
                 param.grad.masked_fill_(pruned, 0.0)
-        norm = torch.nn.utils.clip_grad_norm_(
-            list(params.values()), options.grad_clip if options.grad_clip > 0 else math.inf
-        )
+        limit = options.grad_clip if options.grad_clip > 0 else math.inf
+        if _sharded(params):
+            norm = _clip_sharded(grads, limit)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(list(params.values()), limit)
     if not math.isfinite(loss) or not torch.isfinite(norm):
         raise RecoveryError(
             f"recovery step {step}: the loss ({loss}) or gradient norm ({float(norm)}) is not "
@@ -672,6 +748,27 @@ def _finish_step(optimizer, params, masked, options, step, loss) -> None:
     with torch.no_grad():
         for param, pruned in masked:
             param.masked_fill_(pruned, 0.0)  # +0.0, never -0.0
+
+
+@torch.no_grad()
+def _clip_sharded(grads: list[torch.Tensor], limit: float) -> torch.Tensor:
+    """Clip gradients, some of them FSDP shards, to the global norm ``limit``; return the
+    norm before clipping (the same on every rank)."""
+    device = fsdp.local(grads[0]).device
+    shard_sum = torch.zeros((), device=device)
+    whole_sum = torch.zeros((), device=device)
+    for g in grads:
+        part = fsdp.local(g).float().square().sum()
+        if fsdp.is_sharded(g):
+            shard_sum += part
+        else:
+            whole_sum += part
+    distributed.all_reduce_sum_([shard_sum])
+    norm = (shard_sum + whole_sum).sqrt()
+    factor = (limit / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        fsdp.local(g).mul_(factor)
+    return norm
 
 
 # --------------------------------------------------------------------------------------------
@@ -723,8 +820,9 @@ def run_recovery(
     dtype = next(model.parameters()).dtype
     teacher, _, _ = load_model(config.model, dtype, config.trust_remote_code)
     home = next(model.parameters()).device
-    model.to(device)
-    teacher.to(device)
+    if not options.fsdp:  # under FSDP only the shards and what is not in a block go there
+        model.to(device)
+        teacher.to(device)
     try:
         report = recover(
             model,

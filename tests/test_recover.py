@@ -352,10 +352,13 @@ def test_recovery_options_are_validated(save_tiny_model, calibration_file, tmp_p
     assert "--recover-train" in capsys.readouterr().err
     assert cli.main([*args, "--recover-hidden-weight", "nan"]) == 2
     assert "--recover-hidden-weight" in capsys.readouterr().err
+    assert cli.main([*args, "--recover-fsdp"]) == 2  # one process: nothing to shard over
+    assert "torchrun --nproc-per-node" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("sharding", [[], ["--recover-fsdp"]], ids=["ddp", "fsdp"])
 def test_two_process_recovery_equals_the_single_process_run(
-    save_tiny_model, calibration_file, tmp_path
+    sharding, save_tiny_model, calibration_file, tmp_path
 ):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     if torchrun is None:
@@ -363,16 +366,37 @@ def test_two_process_recovery_equals_the_single_process_run(
     model_dir = save_tiny_model()
     extra = ["--recover", "distill", "--recover-steps", "3", "--recover-lr", "1e-2"]
     extra += ["--recover-autocast", "off"]  # fp32: bf16 rounding depends on the batch split
+    extra += ["--recover-hidden-weight", "0.25"]  # block hooks on the sharded blocks too
     single = tmp_path / "single"
     assert cli.main(_prune_args(model_dir, calibration_file, single, *extra)) == 0
     parallel = tmp_path / "parallel"
     run = subprocess.run(
         [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "safe_llm.cli",
-         *_prune_args(model_dir, calibration_file, parallel, *extra)],
+         *_prune_args(model_dir, calibration_file, parallel, *extra, *sharding)],
         capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((parallel / "report.json").read_text())
+    assert report["recovery"]["fsdp"] == bool(sharding)
     expected, got = _weights(single), _weights(parallel)
     for key in expected:
         assert torch.allclose(got[key], expected[key], atol=1e-5, rtol=1e-4), key
         assert torch.equal(got[key] == 0, expected[key] == 0), key
+
+
+def test_a_killed_fsdp_recovery_resumes_from_its_shards_to_the_same_weights_bit_for_bit(
+    tmp_path,
+):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    worker = Path(__file__).with_name("_fsdp_resume_worker.py")
+    run = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", str(worker), str(tmp_path)],
+        capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "ok rank 0" in run.stdout and "ok rank 1" in run.stdout
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "recovery_weights.rank0-of-2.safetensors" in names, names
+    assert "recovery_weights.rank1-of-2.safetensors" in names, names
