@@ -421,21 +421,28 @@ def _run_prune(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
 
 def _run_recover(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    from safe_llm import distributed
     from safe_llm.recover import recover_checkpoint
 
     options = _pop_recover_options(dict(vars(args)))
-    result = recover_checkpoint(
-        args.checkpoint,
-        args.output,
-        options,
-        overwrite=args.overwrite,
-        resume=args.resume,
-        device=args.device,
-        evaluate=args.eval,
-        eval_max_windows=args.eval_max_windows,
-        command_line=_command_line(argv),
-        progress=not args.quiet,
-    )
+    try:
+        result = recover_checkpoint(
+            args.checkpoint,
+            args.output,
+            options,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            device=args.device,
+            evaluate=args.eval,
+            eval_max_windows=args.eval_max_windows,
+            command_line=_command_line(argv),
+            progress=not args.quiet,
+        )
+        writer = distributed.is_writer()  # under torchrun rank 0 alone reports
+    finally:
+        distributed.shutdown()
+    if not writer:
+        return 0
     recovery = result.report["recovery"]
     print(
         f"recovery: {recovery['steps']} steps, {recovery['tokens']} tokens of "

@@ -234,13 +234,13 @@ def run_prune(
 
 def _recover(model, tokenizer, config: PruneConfig, device, work, peaks, progress):
     """The recovery stage after the block loop (``--recover``; its own memory stage), or None
-    without it; its resumable state lives in the work area of the writing rank."""
+    without it; its resumable state lives in the work area (every rank reads it on a resume;
+    the writing rank saves it, or under FSDP every rank its own shards)."""
     if not config.recover:
         return None
     from safe_llm.recover import run_recovery
 
-    writes = work if distributed.is_writer() else None
-    state_dir = writes.path / "recovery" if writes is not None else None
+    state_dir = work.path / "recovery" if work is not None else None
     with peaks.stage("recovery"):
         return run_recovery(
             model, tokenizer, config, device, state_dir=state_dir, progress=progress

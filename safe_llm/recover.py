@@ -912,6 +912,7 @@ def recover_checkpoint(
     from safe_llm.run_report import RunReport  # (imported here: they import this module)
 
     start = time.perf_counter()
+    distributed.init_from_env()
     checkpoint = Path(checkpoint).expanduser()
     if Path(output).expanduser().resolve() == checkpoint.resolve():
         raise RecoveryError("--output is the input checkpoint; choose another directory")
@@ -932,10 +933,16 @@ def recover_checkpoint(
     target = resolve_device(config.device)
     model, tokenizer = _load_pruned(checkpoint, previous.get("dtype"), config.trust_remote_code)
     state_dir = work_dir(config.output) / "recovery"
-    if not resume and state_dir.exists():
+    if not resume and state_dir.exists() and distributed.is_writer():
         shutil.rmtree(state_dir)
+    distributed.barrier()
     recovery = run_recovery(
-        model, tokenizer, config, target, state_dir=state_dir, progress=progress
+        model,
+        tokenizer,
+        config,
+        distributed.local_device(target),
+        state_dir=state_dir,
+        progress=progress and distributed.is_writer(),
     )
     report = RunReport.from_dict(previous)
     report.evaluation = _evaluation_after_recovery(
@@ -944,5 +951,6 @@ def recover_checkpoint(
     recovery.update(command=command_line, from_checkpoint=str(checkpoint))
     report.recovery = {**recovery, "total_seconds": time.perf_counter() - start}
     result = PruneResult(model, tokenizer, config, report)
-    save_checkpoint(result)  # replaces the output directory, its work area included
+    if distributed.is_writer():  # under torchrun rank 0 alone writes
+        save_checkpoint(result)  # replaces the output directory, its work area included
     return result

@@ -343,6 +343,35 @@ def test_recover_command_recovers_an_existing_checkpoint(
     assert cli.main(args) == 2  # the output exists: --overwrite needed
 
 
+def test_the_recover_command_under_torchrun_with_fsdp_equals_one_process(
+    save_tiny_model, calibration_file, tmp_path
+):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    model_dir = save_tiny_model()
+    pruned = tmp_path / "pruned"
+    assert cli.main(_prune_args(model_dir, calibration_file, pruned)) == 0
+
+    def recover_args(output):
+        return ["recover", "--quiet", str(pruned), "--output", str(output), "--recover-steps",
+                "3", "--recover-lr", "1e-2", "--recover-autocast", "off"]  # fmt: skip
+
+    assert cli.main(recover_args(tmp_path / "single")) == 0
+    run = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "safe_llm.cli",
+         *recover_args(tmp_path / "fsdp"), "--recover-fsdp"],
+        capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("checkpoint written to") == 1  # rank 0 alone reports and writes
+    assert json.loads((tmp_path / "fsdp" / "report.json").read_text())["recovery"]["fsdp"]
+    expected, got = _weights(tmp_path / "single"), _weights(tmp_path / "fsdp")
+    for key in expected:
+        assert torch.allclose(got[key], expected[key], atol=1e-5, rtol=1e-4), key
+        assert torch.equal(got[key] == 0, expected[key] == 0), key
+
+
 def test_recovery_options_are_validated(save_tiny_model, calibration_file, tmp_path, capsys):
     model_dir = save_tiny_model()
     args = _prune_args(model_dir, calibration_file, tmp_path / "o", "--recover", "distill")
