@@ -561,12 +561,7 @@ def recover(
         fsdp.sharded_blocks(teacher, torch.device(device), on=options.fsdp, keep=False),
     ):
         training = _training(student, options, steps, batch_size, seed, state_path, bf16)
-        with precision.bf16_autocast(device, bf16):
-            cache = (
-                teacher_hidden_states(teacher, windows, batch_size, device, progress)
-                if options.teacher_cache and options.hidden_weight == 0
-                else None
-            )
+        cache = _teacher_cache(teacher, windows, options, batch_size, device, bf16, progress)
         _train(student, teacher, windows, training, options, device, cache, state_path, progress)
         names = set(training.params)
     params = {n: p for n, p in student.named_parameters() if n in names}
@@ -589,6 +584,15 @@ def recover(
         seconds=time.perf_counter() - start,
         resumed_from_step=first,
     )
+
+
+def _teacher_cache(teacher, windows, options, batch_size, device, bf16, progress):
+    """The teacher's final hidden states ``[n, seq, d]`` of every window, or None where the
+    teacher runs at every step (``--no-recover-teacher-cache``, or the hidden-state term)."""
+    if not options.teacher_cache or options.hidden_weight > 0:
+        return None
+    with precision.bf16_autocast(device, bf16):
+        return teacher_hidden_states(teacher, windows, batch_size, device, progress)
 
 
 def _training(student, options, steps, batch_size, seed, state_path, bf16) -> _Training:
@@ -886,6 +890,18 @@ def _read_checkpoint_record(checkpoint: Path) -> tuple[dict, dict]:
     return yaml.safe_load(recipe_file.read_text()) or {}, json.loads(report_file.read_text())
 
 
+def _recovery_state_dir(output: str, resume: bool) -> Path:
+    """The recovery state's directory in ``output``'s work area, emptied unless resuming
+    (by the writing rank, before any rank reads it)."""
+    from safe_llm.resume import work_dir
+
+    state_dir = work_dir(output) / "recovery"
+    if not resume and state_dir.exists() and distributed.is_writer():
+        shutil.rmtree(state_dir)
+    distributed.barrier()
+    return state_dir
+
+
 def recover_checkpoint(
     checkpoint: str | Path,
     output: str | Path,
@@ -908,7 +924,6 @@ def recover_checkpoint(
     from safe_llm.config import make_config
     from safe_llm.models import resolve_device
     from safe_llm.pipeline import PruneResult
-    from safe_llm.resume import work_dir
     from safe_llm.run_report import RunReport  # (imported here: they import this module)
 
     start = time.perf_counter()
@@ -930,19 +945,12 @@ def recover_checkpoint(
     }
     config = make_config(recipe, {k: v for k, v in overrides.items() if v is not None})
     torch.manual_seed(config.seed)
-    target = resolve_device(config.device)
+    target = distributed.local_device(resolve_device(config.device))
     model, tokenizer = _load_pruned(checkpoint, previous.get("dtype"), config.trust_remote_code)
-    state_dir = work_dir(config.output) / "recovery"
-    if not resume and state_dir.exists() and distributed.is_writer():
-        shutil.rmtree(state_dir)
-    distributed.barrier()
+    state_dir = _recovery_state_dir(config.output, resume)
+    progress = progress and distributed.is_writer()
     recovery = run_recovery(
-        model,
-        tokenizer,
-        config,
-        distributed.local_device(target),
-        state_dir=state_dir,
-        progress=progress and distributed.is_writer(),
+        model, tokenizer, config, target, state_dir=state_dir, progress=progress
     )
     report = RunReport.from_dict(previous)
     report.evaluation = _evaluation_after_recovery(
