@@ -7,9 +7,10 @@ Rows, for each structure (50% unstructured, 2:4):
 * ``safe+ + recovery <S> steps``: ``safe-llm recover`` on the SAFE+ checkpoint, one row per
   budget in ``--budgets`` (optimiser steps of ``--recover-batch-size`` windows drawn from
   ``--recover-nsamples`` builtin-c4 windows, seed 0, in a seeded order);
-* ``--levers dense n64 n96 n128 joint2 joint3``: the same recipe with dense-stream targets,
-  with 64-128 calibration windows, with windows of 2 or 3 consecutive blocks reconstructed
-  jointly after the block loop's own step (``--joint-blocks``); ``--recover-on`` adds recovery rows (``--lever-budgets`` steps) on
+* ``--levers dense n64 n96 n128 joint2 joint3 n64joint2``: the same recipe with dense-stream
+  targets, with 64-128 calibration windows, with windows of 2 or 3 consecutive blocks
+  reconstructed jointly after each block's own step (``--joint-blocks``), with both (64
+  windows, windows of 2 blocks); ``--recover-on`` adds recovery rows (``--lever-budgets`` steps) on
   top of a lever; ``--only-finished`` makes the table of what already ran.
 
 Each run is its own ``safe-llm`` process under ``/usr/bin/time -v`` (wall and CPU seconds, peak
@@ -59,6 +60,7 @@ LEVERS = (
     "dense",
     *(f"n{count}" for count in LEVER_WINDOWS),
     *(f"joint{size}" for size in LEVER_JOINT),
+    "n64joint2",
 )
 
 
@@ -199,6 +201,10 @@ def plan_for(structure: str, args) -> list[tuple]:
         levers[f"joint{size}"] = pruned(
             label, f"safe+joint{size}-{tag}", 32, "safe+", "--joint-blocks", str(size)
         )
+    levers["n64joint2"] = pruned(
+        "SAFE+, 64 windows, joint windows of 2 blocks", f"safe+n64joint2-{tag}", 64, "safe+",
+        "--joint-blocks", "2",
+    )  # fmt: skip
     plan = [
         pruned("SparseGPT", f"sparsegpt-{tag}", 32, "sparsegpt"),
         pruned("SAFE+ (CPU recipe)", f"safe+-{tag}", 32),
@@ -305,7 +311,7 @@ def main() -> None:
         choices=LEVERS,
         help="rows after the recovery ones: SAFE+ with dense-stream targets (dense), with 64, 96 or "
         "128 calibration windows (n64, n96, n128), with joint windows of 2 or 3 blocks (joint2, "
-        "joint3)",
+        "joint3), with 64 windows and joint windows of 2 blocks (n64joint2)",
     )
     parser.add_argument(
         "--recover-on",

@@ -34,6 +34,10 @@ from safe_llm.errors import SafeLLMError
 log = logging.getLogger(__name__)
 
 
+class NonFiniteJointLossError(SafeLLMError):
+    """A window's loss turned NaN/Inf: the run stops before the window is saved."""
+
+
 @dataclass(frozen=True)
 class JointOptions:
     """How a window of ``blocks`` consecutive blocks is reconstructed (``blocks == 1``: off)."""
@@ -173,9 +177,9 @@ def _train(window: Window, options: JointOptions, train: torch.Tensor, seed: int
             step += 1
         mean = float(loss_sum) / max(loss_count, 1)
         if not math.isfinite(mean):
-            raise FloatingPointError(
-                f"joint reconstruction of blocks from {window.first}: loss became {mean}; "
-                "lower --joint-lr"
+            raise NonFiniteJointLossError(
+                f"joint reconstruction of the window from block {window.first}: the loss "
+                f"became {mean}; nothing of the run was saved. Lower --joint-lr"
             )
     for p in params:
         p.requires_grad_(False)

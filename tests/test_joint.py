@@ -8,7 +8,7 @@ import torch
 from safe_llm import engine
 from safe_llm.blocks import find_blocks, prunable_layers
 from safe_llm.config import ConfigError, make_config
-from safe_llm.joint import JointOptions
+from safe_llm.joint import JointOptions, NonFiniteJointLossError
 from safe_llm.methods.magnitude import Magnitude
 from safe_llm.sparsity import SparsityPattern
 
@@ -151,6 +151,14 @@ def test_the_block_after_a_window_reads_the_trained_windows_outputs(make_tiny_ll
     handle.remove()
     trained_outputs = seen[0][0] if isinstance(seen[0], tuple) else seen[0]
     torch.testing.assert_close(method.inputs[2], trained_outputs, rtol=1e-5, atol=1e-5)
+
+
+def test_a_window_whose_loss_turns_non_finite_stops_the_run_with_the_block_named(
+    make_tiny_llama,
+):
+    model = make_tiny_llama(num_hidden_layers=2)
+    with pytest.raises(NonFiniteJointLossError, match="from block 0.*--joint-lr"):
+        _prune(model, PATTERNS["unstructured"], JointOptions(blocks=2, lr=1e30, batch_size=4))
 
 
 @pytest.mark.parametrize(
