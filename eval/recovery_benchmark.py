@@ -316,7 +316,7 @@ def main() -> None:
     parser.add_argument(
         "--recover-on",
         nargs="*",
-        default=["n64", "n96"],
+        default=["n64", "n96", "joint2"],
         choices=LEVERS,
         help="also recover these levers' checkpoints (--lever-budgets steps); the row's time "
         "is the lever's pruning plus the recovery",
