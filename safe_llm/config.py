@@ -390,10 +390,9 @@ def _check_recovery(config: PruneConfig) -> None:
     if config.recover_options.get("dataset"):
         _check_source(config.recover_options["dataset"])
     if config.recover_options.get("fsdp") and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        raise ConfigError(
-            "--recover-fsdp shards the model over several processes: launch the command with "
-            "torchrun --nproc-per-node N (N >= 2)"
-        )
+        from safe_llm.fsdp import NEEDS_RANKS
+
+        raise ConfigError(NEEDS_RANKS)  # checked before any pruning; recover() checks again
 
 
 def _check_streaming(config: PruneConfig) -> None:

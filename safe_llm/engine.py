@@ -382,9 +382,10 @@ def _reconstruct_window(run: _Run, blocks: dict[int, nn.Module]) -> dict[str, fl
     extra = reconstruct(window, opts.joint, opts.seed + first)
     for index, block in blocks.items():
         _check_finite("joint reconstruction", index, block)
-    run.hidden.copy_(run.window_inputs)
-    for block, call in zip(window.blocks, window.calls, strict=True):
-        _apply(block, run.hidden, call, run.hidden, opts.device, opts.batch_size)
+    if extra["joint_kept"]:  # else the stream already holds the block-by-block window's output
+        run.hidden.copy_(run.window_inputs)
+        for block, call in zip(window.blocks, window.calls, strict=True):
+            _apply(block, run.hidden, call, run.hidden, opts.device, opts.batch_size)
     return extra
 
 

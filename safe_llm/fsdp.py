@@ -26,6 +26,11 @@ from safe_llm import distributed
 from safe_llm.blocks import find_blocks, non_block_modules_to
 from safe_llm.errors import SafeLLMError
 
+NEEDS_RANKS = (
+    "--recover-fsdp shards the model over several processes: launch the command with "
+    "torchrun --nproc-per-node N (N >= 2)"
+)
+
 
 def is_sharded(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a ``DTensor`` (a shard of a whole tensor)."""
@@ -56,10 +61,7 @@ def sharded_blocks(
         yield
         return
     if not distributed.active():
-        raise SafeLLMError(
-            "--recover-fsdp shards the model over several processes: launch the command with "
-            "torchrun --nproc-per-node N (N >= 2)"
-        )
+        raise SafeLLMError(NEEDS_RANKS)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

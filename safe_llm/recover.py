@@ -700,8 +700,8 @@ def _train(
 
 
 def _save_due(state_path: Path | None, done: int, steps: int, every: int) -> bool:
-    """Whether to save the training state after ``done`` steps (on the ranks that write:
-    every rank holds a shard of it under FSDP, only the writer otherwise)."""
+    """Whether the training state is due after ``done`` steps (:func:`_save_state` decides
+    which ranks write it)."""
     return state_path is not None and done % every == 0 and done < steps
 
 
