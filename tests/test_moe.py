@@ -500,6 +500,12 @@ def test_cli_prunes_a_saved_moe_model_and_its_report_says_what_stayed_dense(
     assert 0.45 < report["all_block_weights_sparsity"] < 0.5
     assert all(b["extra"]["experts"] == EXPERTS for b in report["blocks"])
     assert all("experts_without_tokens" in b["extra"] for b in report["blocks"])
+    card = (out / "README.md").read_text()
+    assert (
+        "every expert's matrix" in card and "| Left dense in the blocks | `mlp.gate.weight`" in card
+    )
+    meta = json.loads((out / "config.json").read_text())["safe_llm_sparsity"]
+    assert meta["unpruned_block_weights"] == ["mlp.gate.weight"]
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     experts = find_blocks(reloaded)[1][2].mlp.experts
     assert int((experts.gate_up_proj == 0).sum()) * 2 == experts.gate_up_proj.numel()
@@ -521,3 +527,41 @@ def test_bitmask_export_packs_the_experts_and_loads_back_bit_for_bit(arch, tmp_p
     assert mine.keys() == theirs.keys()
     for key, value in mine.items():
         assert value.dtype == theirs[key].dtype and torch.equal(value, theirs[key]), key
+
+
+def test_an_moe_run_stopped_after_a_block_resumes_to_the_same_bits(tmp_path):
+    from safe_llm.resume import EngineState, WorkArea
+
+    pattern = SparsityPattern.parse("2:4")
+    windows = make_windows(4, 16)
+    method = build_method("safe+", {"epochs": 1, "train_batch_size": 2})
+    reference = make_moe("gpt_oss")
+    prune_model(reference, windows, method, pattern, progress=False, batch_size=2)
+
+    work = WorkArea(tmp_path / "work")
+    work.start({"seed": 0})
+
+    class Stop(Exception):
+        pass
+
+    def save_then_stop(state: EngineState, blocks):
+        work.save(state, blocks, 3)
+        if state.next_block == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        prune_model(
+            make_moe("gpt_oss"), windows, method, pattern, progress=False, batch_size=2,
+            on_state=save_then_stop,
+        )  # fmt: skip
+    resumed = make_moe("gpt_oss")
+    state = work.load(find_blocks(resumed)[1])
+    report = prune_model(
+        resumed, windows, method, pattern, progress=False, batch_size=2, resume=state
+    )
+    assert report.resumed_from_block == 2
+    assert report.overall_sparsity == 0.5
+    assert [b.extra["experts"] for b in report.blocks] == [EXPERTS] * 3
+    expected, got = reference.state_dict(), resumed.state_dict()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
