@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from safe_llm.blocks import PrunableMatrix, expert_layout
+from safe_llm.blocks import PrunableMatrix
 from safe_llm.errors import SafeLLMError
 
 _PRODUCTS = {
@@ -161,7 +161,3 @@ def every_token(capture: ExpertInputs, modules: list[nn.Module]) -> Iterator[Non
         for handle in handles:
             handle.remove()
         capture.active = True
-
-
-def is_experts_module(module: nn.Module) -> bool:
-    return expert_layout(module) is not None

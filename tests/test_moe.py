@@ -233,22 +233,30 @@ def _check_checkpoint(model, path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+ROUTERS = {"qwen3_moe": "gate", "gpt_oss": "router", "deepseek_v3": "gate"}
+
+
 def _routed(arch: str, block, hidden, call):
-    """``(moe input [tokens, d], top-k expert indices [tokens, k])`` of the block's router,
-    recorded around the MoE module by hooks of the test's own."""
+    """``(experts module, MoE input [tokens, d], top-k expert indices [tokens, k])``: the MoE
+    module's input recorded by a hook of the test's own, the indices from calling the model's
+    router on it ourselves."""
     experts = _experts_modules(block)[0]
+    moe = next(m for m in block.modules() if experts in m.children())
     seen = {}
 
-    def record(_module, args, _kwargs):
-        seen["x"], seen["index"] = args[0].detach().clone(), args[1].detach().clone()
+    def record(_module, args):
+        seen["x"] = args[0].detach().clone()
 
-    handle = experts.register_forward_pre_hook(record, with_kwargs=True)
+    handle = moe.register_forward_pre_hook(record)
     try:
         with torch.no_grad():
             run_block(block, hidden, call)
     finally:
         handle.remove()
-    return experts, seen["x"], seen["index"]
+    x = seen["x"]
+    with torch.no_grad():
+        index = getattr(moe, ROUTERS.get(arch, "gate"))(x)[2]
+    return experts, x.reshape(-1, x.shape[-1]), index.reshape(-1, index.shape[-1])
 
 
 def _expected_intermediate(arch, experts, e, x):
