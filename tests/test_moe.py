@@ -573,3 +573,26 @@ def test_an_moe_run_stopped_after_a_block_resumes_to_the_same_bits(tmp_path):
     expected, got = reference.state_dict(), resumed.state_dict()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
+
+
+def test_recovery_trains_the_experts_and_keeps_every_experts_zeros(tmp_path):
+    import copy
+
+    from safe_llm import recover
+    from safe_llm.recover import RecoverOptions
+
+    teacher = make_moe("qwen3_moe")
+    student = copy.deepcopy(teacher)
+    pattern = SparsityPattern.parse("2:4")
+    prune_model(student, make_windows(4, 16), build_method("wanda"), pattern, progress=False)
+    before = sparsity_masks(student)
+    weights = {n: p.detach().clone() for n, p in student.named_parameters()}
+    options = RecoverOptions(steps=4, lr=3e-3, batch_size=8)
+    recover.recover(student, teacher, make_windows(), options, progress=False)
+    for layer in range(3):
+        name = f"model.layers.{layer}.mlp.experts.gate_up_proj"
+        assert torch.equal(sparsity_masks(student)[name], before[name])
+        assert not torch.equal(student.get_parameter(name), weights[name])  # trained
+    for block in find_blocks(student)[1]:
+        for name, handle in prunable_layers(block).items():
+            assert pattern.satisfied_by(handle.matrix()), name
