@@ -140,6 +140,7 @@ def _expert_capture(
         capture.watch(handle.param)
     modules = moe.expert_modules(experts)
     stack = contextlib.ExitStack()
+    stack.enter_context(moe.CheckedExperts(capture, modules))
     stack.enter_context(moe.eager_experts(modules))
     if every_token:
         stack.enter_context(moe.every_token(capture, modules))

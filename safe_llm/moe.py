@@ -46,6 +46,7 @@ class ExpertInputs(TorchFunctionMode):
         self.sinks = sinks
         self.params: dict[int, nn.Parameter] = {}
         self.active = True
+        self.recorded: set[int] = set()  # ids of the parameters some input reached
 
     def watch(self, param: nn.Parameter) -> None:
         self.params[param.untyped_storage().data_ptr()] = param
@@ -67,7 +68,42 @@ class ExpertInputs(TorchFunctionMode):
         expert = (weight.storage_offset() - param.storage_offset()) // param.stride(0)
         sink = self.sinks.get((id(param), expert))
         if sink is not None:
+            self.recorded.add(id(param))
             sink(x.detach())
+
+
+class CheckedExperts:
+    """Context manager: counts the calls of the experts ``modules`` and, on a clean exit,
+    raises :class:`SafeLLMError` for one that ran while ``capture`` saw none of its experts'
+    inputs (an eager forward that does not call ``F.linear`` / ``@`` on ``param[e]``): its
+    experts would otherwise look as if no token had reached them."""
+
+    def __init__(self, capture: ExpertInputs, modules: list[nn.Module]):
+        self.capture, self.modules = capture, modules
+        self.calls = dict.fromkeys(map(id, modules), 0)
+        self.handles = []
+
+    def _count(self, module, _args, _output) -> None:
+        self.calls[id(module)] += 1
+
+    def __enter__(self):
+        self.handles = [m.register_forward_hook(self._count) for m in self.modules]
+        return self
+
+    def __exit__(self, exc_type, *_):
+        for handle in self.handles:
+            handle.remove()
+        if exc_type is not None:
+            return
+        for module in self.modules:
+            params = {id(p) for p in module.parameters(recurse=False)}
+            if self.calls[id(module)] and not params & self.capture.recorded:
+                raise SafeLLMError(
+                    f"{type(module).__name__} ran during calibration but none of its experts' "
+                    "inputs could be seen (its eager forward does not apply F.linear or @ to "
+                    "one expert's slice of the fused parameters); --ignore its parameters to "
+                    "leave them dense"
+                )
 
 
 def expert_modules(handles: dict[str, PrunableMatrix]) -> list[nn.Module]:

@@ -596,3 +596,24 @@ def test_recovery_trains_the_experts_and_keeps_every_experts_zeros(tmp_path):
     for block in find_blocks(student)[1]:
         for name, handle in prunable_layers(block).items():
             assert pattern.satisfied_by(handle.matrix()), name
+
+
+class _EinsumExperts(_Mixer):
+    """Declares the transformers experts layout but applies the fused parameter whole (one
+    einsum), so no expert's input can be told apart."""
+
+    def __init__(self, width: int):
+        super().__init__(width)
+        self.is_transposed, self.has_gate = False, True
+
+
+def test_declared_experts_whose_inputs_cannot_be_seen_stop_the_run_instead_of_a_fallback():
+    from safe_llm.errors import SafeLLMError
+
+    model = _Model()
+    for block in model.layers:
+        block.mixer = _EinsumExperts(16)
+    assert "mixer.mixers[3]" in prunable_layers(model.layers[0])
+    pattern = SparsityPattern.parse("unstructured", 0.5)
+    with pytest.raises(SafeLLMError, match="_EinsumExperts ran during calibration"):
+        prune_model(model, make_windows(2, 8), build_method("wanda"), pattern, progress=False)
