@@ -103,6 +103,25 @@ def expert_layout(module: nn.Module) -> bool | None:
     return None
 
 
+@contextlib.contextmanager
+def experts_implementation(modules: list[nn.Module], name: str) -> Iterator[None]:
+    """Inside the ``with``, the experts ``modules`` run transformers' ``name`` implementation
+    (``eager``, ``batched_mm``...; their configs' ``_experts_implementation``), restored after."""
+    configs = {
+        id(m.config): m.config
+        for m in modules
+        if hasattr(getattr(m, "config", None), "_experts_implementation")
+    }
+    saved = {key: config._experts_implementation for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config._experts_implementation = name
+        yield
+    finally:
+        for key, config in configs.items():
+            config._experts_implementation = saved[key]
+
+
 def _module_matrices(name: str, module: nn.Module) -> Iterator[tuple[str, PrunableMatrix]]:
     """The prunable matrices a module holds itself (not its children's)."""
     prefix = f"{name}." if name else ""
@@ -392,6 +411,16 @@ class _Swapped:
             self.blocks[i] = block
 
 
+def _meta_experts(blocks: nn.ModuleList) -> contextlib.AbstractContextManager:
+    """Blocks not loaded (streamed, on meta) run their experts as ``batched_mm`` while their
+    calls are recorded: the grouped kernel has no meta version for every dtype, the eager loop
+    needs the routing's values."""
+    if not any(p.is_meta for p in blocks.parameters()):
+        return contextlib.nullcontext()
+    modules = [m for m in blocks.modules() if expert_layout(m) is not None]
+    return experts_implementation(modules, "batched_mm")
+
+
 def non_block_modules_to(model: nn.Module, blocks: nn.ModuleList, device: torch.device):
     """Move everything but the blocks (embeddings, rotary tables, norms, head) to ``device``."""
     with _Swapped(blocks, lambda i: nn.Identity()):
@@ -431,6 +460,7 @@ def capture_block_inputs(
     non_block_modules_to(model, blocks, device)
     try:
         with (
+            _meta_experts(blocks),
             _Recording(blocks, device, stop_at_first=False) as recording,
             contextlib.suppress(_StopForward),
         ):

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from safe_llm.blocks import PrunableMatrix
+from safe_llm.blocks import PrunableMatrix, experts_implementation
 from safe_llm.errors import SafeLLMError
 
 _PRODUCTS = {
@@ -112,23 +112,10 @@ def expert_modules(handles: dict[str, PrunableMatrix]) -> list[nn.Module]:
     return list(modules.values())
 
 
-@contextlib.contextmanager
-def eager_experts(modules: list[nn.Module]) -> Iterator[None]:
+def eager_experts(modules: list[nn.Module]) -> contextlib.AbstractContextManager:
     """Run ``modules`` with transformers' eager experts loop (one ``F.linear`` per expert on
     its routed tokens) inside the ``with``; their configs' implementation is restored after."""
-    configs = {
-        id(m.config): m.config
-        for m in modules
-        if hasattr(getattr(m, "config", None), "_experts_implementation")
-    }
-    saved = {key: config._experts_implementation for key, config in configs.items()}
-    try:
-        for config in configs.values():
-            config._experts_implementation = "eager"
-        yield
-    finally:
-        for key, config in configs.items():
-            config._experts_implementation = saved[key]
+    return experts_implementation(modules, "eager")
 
 
 def _every_expert(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

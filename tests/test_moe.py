@@ -617,3 +617,63 @@ def test_declared_experts_whose_inputs_cannot_be_seen_stop_the_run_instead_of_a_
     pattern = SparsityPattern.parse("unstructured", 0.5)
     with pytest.raises(SafeLLMError, match="_EinsumExperts ran during calibration"):
         prune_model(model, make_windows(2, 8), build_method("wanda"), pattern, progress=False)
+
+
+def _saved_moe(arch: str, path, tokenizer):
+    model = make_moe(arch)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _prune_config(model_dir, calibration_file, output, **options):
+    from safe_llm.config import make_config
+
+    return make_config(
+        overrides={
+            "model": str(model_dir),
+            "dataset": str(calibration_file),
+            "nsamples": 4,
+            "seqlen": 16,
+            "batch_size": 2,
+            "method": "sparsegpt",
+            "output": str(output),
+            **options,
+        }
+    )
+
+
+def test_streaming_a_fused_expert_checkpoint_gives_the_fully_loaded_bits(
+    tmp_path, tiny_tokenizer, calibration_file
+):
+    from safetensors.torch import load_file
+
+    from safe_llm.checkpoint import save_checkpoint
+    from safe_llm.pipeline import run_prune
+
+    source = _saved_moe("gpt_oss", tmp_path / "moe", tiny_tokenizer)  # fused on disk too
+    results = {}
+    for name, stream in (("loaded", False), ("streamed", True)):
+        config = _prune_config(source, calibration_file, tmp_path / name, stream_from_disk=stream)
+        results[name] = run_prune(config, progress=False)
+        save_checkpoint(results[name])
+    expected = load_file(str(tmp_path / "loaded" / "model.safetensors"))
+    got = load_file(str(tmp_path / "streamed" / "model.safetensors"))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert results["streamed"].report.overall_sparsity == 0.5
+    assert results["streamed"].report.unpruned_block_weights == {"mlp.router.weight": 3 * 512}
+
+
+def test_streaming_a_per_expert_checkpoint_says_why_it_cannot(
+    tmp_path, tiny_tokenizer, calibration_file
+):
+    from safe_llm.models import ModelError
+    from safe_llm.pipeline import run_prune
+
+    source = _saved_moe("qwen3_moe", tmp_path / "moe", tiny_tokenizer)  # per-expert keys
+    config = _prune_config(source, calibration_file, tmp_path / "out", stream_from_disk=True)
+    with pytest.raises(ModelError, match="stores the experts in another layout"):
+        run_prune(config, progress=False)
