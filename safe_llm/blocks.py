@@ -157,15 +157,39 @@ def prunable_layers(block: nn.Module, ignore: tuple[str, ...] = ()) -> dict[str,
     """The block's prunable matrices by name relative to the block, minus ``ignore`` patterns.
 
     A linear layer is named like its module (``mlp.down_proj``); an expert's matrix of a
-    fused parameter by the parameter and the index (``mlp.experts.gate_up_proj[3]``).
+    fused parameter by the parameter and the index (``mlp.experts.gate_up_proj[3]``). The
+    routers of mixture-of-experts layers are not among them (:func:`_routers`).
     ``ignore`` holds fnmatch patterns matched against these names and the parameters' names.
     """
+    routers = _routers(block)
     return {
         name: handle
         for module_name, module in block.named_modules()
+        if id(module) not in routers
         for name, handle in _module_matrices(module_name, module)
         if not _ignored(name, handle.param_name, ignore)
     }
+
+
+def _routers(block: nn.Module) -> set[int]:
+    """Ids of the linear layers beside a declared experts module (children of the same parent)
+    with at most as many outputs as it has experts: its router and gates (Qwen3-Next's
+    ``shared_expert_gate``, routers stored as ``nn.Linear``), which stay dense."""
+    routers = set()
+    for parent in block.modules():
+        counts = [
+            p.shape[0]
+            for child in parent.children()
+            if expert_layout(child) is not None
+            for p in child.parameters(recurse=False)
+            if p.dim() == 3
+        ]
+        if not counts:
+            continue
+        for child in parent.children():
+            if isinstance(child, PRUNABLE_TYPES) and weight_matrix(child).shape[0] <= max(counts):
+                routers.add(id(child))
+    return routers
 
 
 def as_matrix_handle(name: str, layer: nn.Module | PrunableMatrix) -> PrunableMatrix:

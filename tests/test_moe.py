@@ -101,7 +101,7 @@ ARCHS = {
             linear_value_head_dim=16,
             layer_types=["linear_attention", "full_attention", "linear_attention"],
         ),
-        {"mlp.gate.weight", "linear_attn.conv1d.weight"},
+        {"mlp.gate.weight", "mlp.shared_expert_gate.weight", "linear_attn.conv1d.weight"},
     ),
     "granitemoehybrid": (
         "GraniteMoeHybridConfig",
