@@ -483,19 +483,7 @@ def capture_block_inputs(
     model.eval()  # dropout would make the recorded inputs random
     non_block_modules_to(model, blocks, device)
     try:
-        with (
-            _meta_experts(blocks),
-            _Recording(blocks, device, stop_at_first=False) as recording,
-            contextlib.suppress(_StopForward),
-        ):
-            model(windows[:1].to(device), use_cache=False)
-        calls = recording.calls
-        missing = [i for i in range(len(blocks)) if i not in calls]
-        if missing:
-            raise BlockDiscoveryError(
-                f"the forward of {type(model).__name__} never called block(s) {missing} of "
-                "its decoder stack"
-            )
+        calls = _record_calls(model, blocks, windows[:1].to(device), device)
         hidden = None
         with _Recording(blocks, device, stop_at_first=True) as recording:
             for part in iter_batches(windows, batch_size):
@@ -513,6 +501,26 @@ def capture_block_inputs(
         non_block_modules_to(model, blocks, host)
         model.train(was_training)
     return hidden, [calls[i] for i in range(len(blocks))]
+
+
+def _record_calls(
+    model: nn.Module, blocks: nn.ModuleList, window: torch.Tensor, device: torch.device
+) -> dict[int, BlockCall]:
+    """Each block's call (its arguments besides the hidden states) in one forward of the
+    model over ``window`` ``[1, seq]``."""
+    with (
+        _meta_experts(blocks),
+        _Recording(blocks, device, stop_at_first=False) as recording,
+        contextlib.suppress(_StopForward),
+    ):
+        model(window, use_cache=False)
+    missing = [i for i in range(len(blocks)) if i not in recording.calls]
+    if missing:
+        raise BlockDiscoveryError(
+            f"the forward of {type(model).__name__} never called block(s) {missing} of "
+            "its decoder stack"
+        )
+    return recording.calls
 
 
 def iter_batches(tensor: torch.Tensor, batch_size: int) -> Iterator[slice]:
