@@ -677,3 +677,20 @@ def test_streaming_a_per_expert_checkpoint_says_why_it_cannot(
     config = _prune_config(source, calibration_file, tmp_path / "out", stream_from_disk=True)
     with pytest.raises(ModelError, match="stores the experts in another layout"):
         run_prune(config, progress=False)
+
+
+def test_cli_moe_every_token_gives_each_expert_every_calibration_token(
+    tmp_path, tiny_tokenizer, calibration_file
+):
+    import yaml
+
+    source = _saved_moe("mixtral", tmp_path / "moe", tiny_tokenizer)
+    out = tmp_path / "out"
+    argv = ["prune", "--model", str(source), "--dataset", str(calibration_file), "--quiet"]
+    argv += ["--nsamples", "4", "--seqlen", "16", "--method", "wanda", "--moe-every-token"]
+    assert cli.main([*argv, "--output", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    for block in report["blocks"]:
+        assert block["extra"]["expert_tokens_min"] == 4 * 16
+        assert block["extra"]["experts_without_tokens"] == 0
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["moe_every_token"] is True
