@@ -94,13 +94,32 @@ class PrunableMatrix:
 
 
 def expert_layout(module: nn.Module) -> bool | None:
-    """``is_transposed`` of an experts module that declares its layout (transformers 5's
-    ``use_experts_implementation`` sets ``is_transposed`` and ``has_gate`` on each instance),
-    else None: nothing is guessed from class or parameter names."""
+    """Whether an experts module stores its fused matrices transposed (``[E, in, out]``), or
+    None for a module that is not one. The layout comes from the module's declaration
+    (transformers 5's ``use_experts_implementation`` sets ``is_transposed`` and ``has_gate``
+    on each instance) or, undeclared, from shapes where they are unambiguous
+    (:func:`_layout_from_shapes`); nothing is guessed from class or parameter names."""
     transposed = getattr(module, "is_transposed", None)
     if isinstance(transposed, bool) and isinstance(getattr(module, "has_gate", None), bool):
         return transposed
-    return None
+    return _layout_from_shapes(module)
+
+
+def _layout_from_shapes(module: nn.Module) -> bool | None:
+    """The layout of an undeclared module holding exactly two 3-D parameters with as many
+    experts, read as a gated expert MLP ``H -> 2I -> I -> H`` (gate and up fused): stored
+    ``[E, H, 2I]`` and ``[E, I, H]`` (transposed, Llama-4) or ``[E, 2I, H]`` and ``[E, H, I]``;
+    None unless exactly one reading fits."""
+    fused = [p.shape for p in module.parameters(recurse=False) if p.dim() == 3]
+    if len(fused) != 2 or fused[0][0] != fused[1][0]:
+        return None
+    fits = set()
+    for up, down in (fused, fused[::-1]):
+        if up[1] == down[2] and up[2] == 2 * down[1]:
+            fits.add(True)
+        if up[2] == down[1] and up[1] == 2 * down[2]:
+            fits.add(False)
+    return fits.pop() if len(fits) == 1 else None
 
 
 @contextlib.contextmanager

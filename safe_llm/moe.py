@@ -8,7 +8,9 @@ fused parameter, ``param[e]``, on exactly the tokens routed to expert ``e`` (and
 ``TorchFunctionMode`` that recognises such a slice by its storage and offset and hands the
 input to expert ``e``'s statistics: nothing here knows an architecture, a parameter name or an
 activation function. While statistics are gathered the experts run their eager forward
-(:func:`eager_experts`); elsewhere they keep the model's own implementation.
+(:func:`eager_experts`); elsewhere they keep the model's own implementation. An experts module
+that multiplies all experts at once (``bmm(x [E, T, in], param)``, Llama-4, whose unrouted
+tokens arrive as zero rows) gives each expert its non-zero rows.
 
 With ``every_token`` (what llm-compressor's MoE calibration does) each experts call is
 repeated with every token routed to every expert, for the statistics only: the block's output,
@@ -31,9 +33,11 @@ _PRODUCTS = {
     torch.nn.functional.linear,
     torch.matmul,
     torch.mm,
+    torch.bmm,
     torch.Tensor.__matmul__,
     torch.Tensor.matmul,
     torch.Tensor.mm,
+    torch.Tensor.bmm,
 }
 
 
@@ -60,16 +64,29 @@ class ExpertInputs(TorchFunctionMode):
     def _record(self, x, weight) -> None:
         if not isinstance(weight, torch.Tensor) or not isinstance(x, torch.Tensor):
             return
-        if weight.dim() != 2:
-            return
         param = self.params.get(weight.untyped_storage().data_ptr())
         if param is None:
+            return
+        if weight.dim() == 3 and weight.shape == param.shape and x.dim() == 3:
+            self._record_all(x.detach(), param)
+            return
+        if weight.dim() != 2:
             return
         expert = (weight.storage_offset() - param.storage_offset()) // param.stride(0)
         sink = self.sinks.get((id(param), expert))
         if sink is not None:
             self.recorded.add(id(param))
             sink(x.detach())
+
+    def _record_all(self, x: torch.Tensor, param: nn.Parameter) -> None:
+        """``bmm(x [E, T, in], param)`` over every expert at once (Llama-4 sends every token
+        to every expert, the unrouted ones scaled to zero rows): each expert's non-zero rows."""
+        self.recorded.add(id(param))
+        for expert, rows in enumerate(x):
+            sink = self.sinks.get((id(param), expert))
+            routed = rows[rows.ne(0).any(dim=-1)]
+            if sink is not None and len(routed):
+                sink(routed)
 
 
 class CheckedExperts:

@@ -4,7 +4,8 @@ Tiny random models built with transformers' own classes (3 blocks, 8 experts, to
 and Mixtral (fused ``[E, out, in]``), gpt-oss (transposed ``[E, in, out]``, interleaved
 gate/up, clamped activation, biases), DeepSeek-V3 (shared + routed experts, a dense first
 block) and two hybrids that build on CPU, Qwen3-Next (linear attention) and Granite-MoE-hybrid
-(Mamba).
+(Mamba), and Llama-4 (transposed experts with no layout declaration: read from the shapes;
+all experts multiplied at once).
 """
 
 from __future__ import annotations
@@ -119,6 +120,18 @@ ARCHS = {
         ),
         {"block_sparse_moe.router.weight", "mamba.conv1d.weight"},
     ),
+    "llama4": (  # undeclared experts, transposed: the layout read from the shapes
+        "Llama4TextConfig",
+        "Llama4ForCausalLM",
+        dict(
+            intermediate_size=32,
+            intermediate_size_mlp=128,
+            num_local_experts=8,
+            head_dim=16,
+            interleave_moe_layer_step=1,
+        ),
+        {"feed_forward.router.weight"},
+    ),
 }
 METHOD_OPTIONS = {"safe": {"epochs": 1, "train_batch_size": 4}, "safe+": {"epochs": 1}}
 
@@ -139,7 +152,16 @@ def make_windows(n: int = 8, seq: int = 32, seed: int = 1) -> torch.Tensor:
 
 
 def _experts_modules(block):
-    return [m for m in block.modules() if isinstance(getattr(m, "is_transposed", None), bool)]
+    """The modules holding fused 3-D expert parameters (two or more: a convolution's one 3-D
+    weight is not)."""
+    return [
+        m for m in block.modules() if sum(p.dim() == 3 for p in m.parameters(recurse=False)) >= 2
+    ]
+
+
+def _transposed(experts) -> bool:
+    """The declared layout, or Llama-4's (``[E, in, out]``, undeclared)."""
+    return getattr(experts, "is_transposed", True)
 
 
 def _zeros_and_total(block, skip: set[str]) -> tuple[int, int]:
@@ -183,7 +205,7 @@ def test_every_expert_matrix_is_pruned_and_the_report_counts_every_block_weight(
                 if param.dim() != 3:
                     continue
                 for e in range(EXPERTS):  # each expert's [out, in] matrix meets the pattern
-                    matrix = param[e].t() if experts.is_transposed else param[e]
+                    matrix = param[e].t() if _transposed(experts) else param[e]
                     assert counted.satisfied_by(matrix), f"block {index} {name}[{e}]"
                     assert (matrix == 0).sum() * 2 == matrix.numel(), f"block {index} {name}[{e}]"
     assert moe_blocks == (2 if arch == "deepseek_v3" else 3)
@@ -694,3 +716,33 @@ def test_cli_moe_every_token_gives_each_expert_every_calibration_token(
         assert block["extra"]["expert_tokens_min"] == 4 * 16
         assert block["extra"]["experts_without_tokens"] == 0
     assert yaml.safe_load((out / "recipe.yaml").read_text())["moe_every_token"] is True
+
+
+def test_llama4_expert_statistics_are_the_router_scaled_rows_each_expert_receives():
+    model = make_moe("llama4")
+    hidden, calls = capture_block_inputs(model, make_windows(4, 16), CPU)
+    block = find_blocks(model)[1][1]
+    layers = prunable_layers(block)
+    assert "feed_forward.router" not in layers  # an nn.Linear router stays dense
+    with torch.no_grad():
+        stats = collect_input_stats(layers, lambda: [run_block(block, hidden, calls[1])], True)
+    moe = block.feed_forward
+    seen = {}
+    handle = moe.register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        run_block(block, hidden, calls[1])
+        handle.remove()
+        x = seen["x"].reshape(-1, 64)
+        logits = x @ moe.router.weight.t()
+        top, index = logits.topk(2, dim=-1)
+        for e in range(EXPERTS):
+            chosen = (index == e).any(dim=-1)
+            score = torch.sigmoid(logits[chosen, e : e + 1])
+            inputs = x[chosen] * score
+            gate, up = (inputs @ moe.experts.gate_up_proj[e]).chunk(2, dim=-1)
+            inner = up * torch.nn.functional.silu(gate)
+            for name, rows in (("gate_up_proj", inputs), ("down_proj", inner)):
+                got = stats[f"feed_forward.experts.{name}[{e}]"]
+                assert got.tokens == int(chosen.sum()) > 0
+                torch.testing.assert_close(got.sq_sum, rows.square().sum(0), rtol=1e-4, atol=1e-6)
+                torch.testing.assert_close(got.xtx, rows.t() @ rows, rtol=1e-4, atol=1e-5)
