@@ -56,22 +56,249 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
-def prunable_layers(block: nn.Module, ignore: tuple[str, ...] = ()) -> dict[str, nn.Module]:
-    """Linear layers of a block, by name relative to the block, minus ``ignore`` patterns.
+@dataclass(frozen=True, eq=False)
+class PrunableMatrix:
+    """One ``[out, in]`` matrix the engine prunes: the weight of an ``nn.Linear`` / ``Conv1D``,
+    or one expert's matrix in a fused 3-D expert parameter (``gate_up_proj [E, out, in]``, or
+    ``[E, in, out]`` where the experts module declares ``is_transposed``).
 
-    ``ignore`` holds fnmatch patterns matched against the relative name (``mlp.down_proj``).
+    ``param_name`` is the parameter's name relative to the block (``self_attn.q_proj.weight``,
+    ``mlp.experts.gate_up_proj``); ``expert`` its index along the expert dimension (None for a
+    linear layer); ``transposed``: the stored layout is ``[in, out]``.
     """
+
+    module: nn.Module
+    attr: str
+    param_name: str
+    expert: int | None = None
+    transposed: bool = False
+
+    @property
+    def param(self) -> nn.Parameter:
+        """The whole parameter the matrix lives in (3-D for fused experts)."""
+        return getattr(self.module, self.attr)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The matrix in its stored layout: the parameter, or the expert's slice of it."""
+        param = self.param
+        return param if self.expert is None else param[self.expert]
+
+    def matrix(self, stored: torch.Tensor | None = None) -> torch.Tensor:
+        """The ``[out, in]`` view of :attr:`weight` (or of a tensor laid out like it, or like
+        the whole parameter): writing into it writes the stored tensor."""
+        value = self.weight if stored is None else stored
+        if self.expert is not None and value.dim() == self.param.dim():
+            value = value[self.expert]
+        return value.t() if self.transposed else value
+
+
+def expert_layout(module: nn.Module) -> bool | None:
+    """Whether an experts module stores its fused matrices transposed (``[E, in, out]``), or
+    None for a module that is not one. The layout comes from the module's declaration
+    (transformers 5's ``use_experts_implementation`` sets ``is_transposed`` and ``has_gate``
+    on each instance) or, undeclared, from shapes where they are unambiguous
+    (:func:`_layout_from_shapes`); nothing is guessed from class or parameter names."""
+    transposed = getattr(module, "is_transposed", None)
+    if isinstance(transposed, bool) and isinstance(getattr(module, "has_gate", None), bool):
+        return transposed
+    return _layout_from_shapes(module)
+
+
+def _layout_from_shapes(module: nn.Module) -> bool | None:
+    """The layout of an undeclared module holding exactly two 3-D parameters with as many
+    experts, read as a gated expert MLP ``H -> 2I -> I -> H`` (gate and up fused): stored
+    ``[E, H, 2I]`` and ``[E, I, H]`` (transposed, Llama-4) or ``[E, 2I, H]`` and ``[E, H, I]``;
+    None unless exactly one reading fits."""
+    fused = [p.shape for p in module.parameters(recurse=False) if p.dim() == 3]
+    if len(fused) != 2 or fused[0][0] != fused[1][0]:
+        return None
+    fits = set()
+    for up, down in (fused, fused[::-1]):
+        if up[1] == down[2] and up[2] == 2 * down[1]:
+            fits.add(True)
+        if up[2] == down[1] and up[1] == 2 * down[2]:
+            fits.add(False)
+    return fits.pop() if len(fits) == 1 else None
+
+
+@contextlib.contextmanager
+def experts_implementation(modules: list[nn.Module], name: str) -> Iterator[None]:
+    """Inside the ``with``, the experts ``modules`` run transformers' ``name`` implementation
+    (``eager``, ``batched_mm``...; their configs' ``_experts_implementation``), restored after."""
+    configs = {
+        id(m.config): m.config
+        for m in modules
+        if hasattr(getattr(m, "config", None), "_experts_implementation")
+    }
+    saved = {key: config._experts_implementation for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config._experts_implementation = name
+        yield
+    finally:
+        for key, config in configs.items():
+            config._experts_implementation = saved[key]
+
+
+def _module_matrices(name: str, module: nn.Module) -> Iterator[tuple[str, PrunableMatrix]]:
+    """The prunable matrices a module holds itself (not its children's)."""
+    prefix = f"{name}." if name else ""
+    if isinstance(module, PRUNABLE_TYPES):
+        handle = PrunableMatrix(
+            module, "weight", f"{prefix}weight", None, isinstance(module, Conv1D)
+        )
+        yield name, handle
+        return
+    transposed = expert_layout(module)
+    if transposed is None:
+        return
+    for attr, param in module.named_parameters(recurse=False):
+        if param.dim() != 3 or not param.is_floating_point():
+            continue  # biases [E, out] and anything else stay as they are
+        for expert in range(param.shape[0]):
+            handle = PrunableMatrix(module, attr, f"{prefix}{attr}", expert, transposed)
+            yield f"{prefix}{attr}[{expert}]", handle
+
+
+def _ignored(name: str, param_name: str, ignore: tuple[str, ...]) -> bool:
+    """Whether an fnmatch pattern of ``ignore`` names the matrix (``mlp.down_proj``,
+    ``mlp.experts.gate_up_proj[3]``, which is also matched literally) or its parameter
+    (``mlp.experts.down_proj``: every expert's)."""
+    owner = param_name.removesuffix(".weight")
+    return any(
+        name == pattern or fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(owner, pattern)
+        for pattern in ignore
+    )
+
+
+def prunable_layers(block: nn.Module, ignore: tuple[str, ...] = ()) -> dict[str, PrunableMatrix]:
+    """The block's prunable matrices by name relative to the block, minus ``ignore`` patterns.
+
+    A linear layer is named like its module (``mlp.down_proj``); an expert's matrix of a
+    fused parameter by the parameter and the index (``mlp.experts.gate_up_proj[3]``). The
+    routers of mixture-of-experts layers are not among them (:func:`_routers`).
+    ``ignore`` holds fnmatch patterns matched against these names and the parameters' names.
+    """
+    routers = _routers(block)
     return {
-        name: module
-        for name, module in block.named_modules()
-        if isinstance(module, PRUNABLE_TYPES)
-        and not any(fnmatch.fnmatch(name, pattern) for pattern in ignore)
+        name: handle
+        for module_name, module in block.named_modules()
+        if id(module) not in routers
+        for name, handle in _module_matrices(module_name, module)
+        if not _ignored(name, handle.param_name, ignore)
     }
 
 
-def weight_matrix(layer: nn.Module) -> torch.Tensor:
-    """The layer's weight as an ``[out, in]`` view (GPT-2's Conv1D stores ``[in, out]``)."""
+def _routers(block: nn.Module) -> set[int]:
+    """Ids of the linear layers beside a declared experts module (children of the same parent)
+    with at most as many outputs as it has experts: its router and gates (Qwen3-Next's
+    ``shared_expert_gate``, routers stored as ``nn.Linear``), which stay dense."""
+    routers = set()
+    for parent in block.modules():
+        counts = [
+            p.shape[0]
+            for child in parent.children()
+            if expert_layout(child) is not None
+            for p in child.parameters(recurse=False)
+            if p.dim() == 3
+        ]
+        if not counts:
+            continue
+        for child in parent.children():
+            if isinstance(child, PRUNABLE_TYPES) and weight_matrix(child).shape[0] <= max(counts):
+                routers.add(id(child))
+    return routers
+
+
+def as_matrix_handle(name: str, layer: nn.Module | PrunableMatrix) -> PrunableMatrix:
+    """``layer`` itself if it is a handle, else the handle of a linear layer's weight."""
+    if isinstance(layer, PrunableMatrix):
+        return layer
+    return PrunableMatrix(layer, "weight", f"{name}.weight", None, isinstance(layer, Conv1D))
+
+
+def weight_matrix(layer: nn.Module | PrunableMatrix) -> torch.Tensor:
+    """The weight as an ``[out, in]`` view (GPT-2's Conv1D stores ``[in, out]``)."""
+    if isinstance(layer, PrunableMatrix):
+        return layer.matrix()
     return layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
+
+
+UNPRUNED_LIMIT = 0.05  # of a block's parameters: a dense weight above it stops the run
+
+
+class CoverageError(SafeLLMError):
+    """A block holds a large weight the engine would leave dense."""
+
+
+def unpruned_weights(block: nn.Module, ignore: tuple[str, ...] = ()) -> dict[str, nn.Parameter]:
+    """The block's floating parameters of 2+ dimensions that no prunable matrix covers (routers,
+    convolutions, anything the engine cannot read as ``[out, in]`` matrices), by name relative
+    to the block; those named by ``ignore`` (fnmatch, the parameter or its module) are left out.
+    """
+    covered = {id(h.param) for h in prunable_layers(block).values()} | _expert_vectors(block)
+    return {
+        name: param
+        for name, param in block.named_parameters()
+        if param.dim() >= 2
+        and param.is_floating_point()
+        and id(param) not in covered
+        and not _ignored(name, name, ignore)
+    }
+
+
+def _expert_vectors(block: nn.Module) -> set[int]:
+    """Ids of the per-expert vectors of the block's declared experts modules (biases
+    ``[E, out]``): biases, not weights, though stored in two dimensions."""
+    return {
+        id(param)
+        for module in block.modules()
+        if expert_layout(module) is not None
+        for param in module.parameters(recurse=False)
+        if param.dim() == 2
+    }
+
+
+def check_coverage(blocks: nn.ModuleList, ignore: tuple[str, ...] = ()) -> None:
+    """Raise :class:`CoverageError` naming every block weight the engine would leave dense that
+    holds more than :data:`UNPRUNED_LIMIT` of its block's parameters (not named by ``ignore``):
+    a run must not report a sparsity that leaves most of a block dense."""
+    found: dict[str, float] = {}
+    for block in blocks:
+        size = sum(p.numel() for p in block.parameters())
+        for name, param in unpruned_weights(block, ignore).items():
+            if param.numel() > UNPRUNED_LIMIT * size:
+                found[name] = max(found.get(name, 0.0), param.numel() / size)
+    if found:
+        listed = ", ".join(f"{name} ({share:.0%} of its block)" for name, share in found.items())
+        raise CoverageError(
+            f"the blocks hold weights safe-llm cannot prune (it reads nn.Linear, Conv1D and "
+            f"fused experts declared by transformers' use_experts_implementation): {listed}. "
+            "They would stay dense while the report counts only what was pruned; pass them "
+            "to --ignore (e.g. --ignore " + " --ignore ".join(found) + ") to prune the rest"
+        )
+
+
+def dense_block_weights(
+    blocks: nn.ModuleList, ignore: tuple[str, ...] = ()
+) -> tuple[int, int, dict[str, int]]:
+    """``(zeros, total, {name: parameters})`` of the block weights of 2+ dimensions that are not
+    pruned (ignored layers included; experts' biases ``[E, out]`` are biases, not counted),
+    summed over the blocks; the zeros of blocks not in memory (streamed, on meta) count as
+    none."""
+    zeros = total = 0
+    names: dict[str, int] = {}
+    for block in blocks:
+        kept = {id(h.param) for h in prunable_layers(block, ignore).values()}
+        kept |= _expert_vectors(block)
+        for name, param in block.named_parameters():
+            if param.dim() < 2 or not param.is_floating_point() or id(param) in kept:
+                continue
+            names[name] = names.get(name, 0) + param.numel()
+            total += param.numel()
+            zeros += 0 if param.is_meta else int((param == 0).sum())
+    return zeros, total, names
 
 
 def _map_tensors(value: Any, fn) -> Any:
@@ -227,6 +454,16 @@ class _Swapped:
             self.blocks[i] = block
 
 
+def _meta_experts(blocks: nn.ModuleList) -> contextlib.AbstractContextManager:
+    """Blocks not loaded (streamed, on meta) run their experts as ``batched_mm`` while their
+    calls are recorded: the grouped kernel has no meta version for every dtype, the eager loop
+    needs the routing's values."""
+    if not any(p.is_meta for p in blocks.parameters()):
+        return contextlib.nullcontext()
+    modules = [m for m in blocks.modules() if expert_layout(m) is not None]
+    return experts_implementation(modules, "batched_mm")
+
+
 def non_block_modules_to(model: nn.Module, blocks: nn.ModuleList, device: torch.device):
     """Move everything but the blocks (embeddings, rotary tables, norms, head) to ``device``."""
     with _Swapped(blocks, lambda i: nn.Identity()):
@@ -265,18 +502,7 @@ def capture_block_inputs(
     model.eval()  # dropout would make the recorded inputs random
     non_block_modules_to(model, blocks, device)
     try:
-        with (
-            _Recording(blocks, device, stop_at_first=False) as recording,
-            contextlib.suppress(_StopForward),
-        ):
-            model(windows[:1].to(device), use_cache=False)
-        calls = recording.calls
-        missing = [i for i in range(len(blocks)) if i not in calls]
-        if missing:
-            raise BlockDiscoveryError(
-                f"the forward of {type(model).__name__} never called block(s) {missing} of "
-                "its decoder stack"
-            )
+        calls = _record_calls(model, blocks, windows[:1].to(device), device)
         hidden = None
         with _Recording(blocks, device, stop_at_first=True) as recording:
             for part in iter_batches(windows, batch_size):
@@ -294,6 +520,26 @@ def capture_block_inputs(
         non_block_modules_to(model, blocks, host)
         model.train(was_training)
     return hidden, [calls[i] for i in range(len(blocks))]
+
+
+def _record_calls(
+    model: nn.Module, blocks: nn.ModuleList, window: torch.Tensor, device: torch.device
+) -> dict[int, BlockCall]:
+    """Each block's call (its arguments besides the hidden states) in one forward of the
+    model over ``window`` ``[1, seq]``."""
+    with (
+        _meta_experts(blocks),
+        _Recording(blocks, device, stop_at_first=False) as recording,
+        contextlib.suppress(_StopForward),
+    ):
+        model(window, use_cache=False)
+    missing = [i for i in range(len(blocks)) if i not in recording.calls]
+    if missing:
+        raise BlockDiscoveryError(
+            f"the forward of {type(model).__name__} never called block(s) {missing} of "
+            "its decoder stack"
+        )
+    return recording.calls
 
 
 def iter_batches(tensor: torch.Tensor, batch_size: int) -> Iterator[slice]:

@@ -29,6 +29,8 @@ def sparsity_metadata(result) -> dict:
         "sparsity": result.report.sparsity,
         "ignore": list(result.config.ignore),
         "overall_sparsity": result.report.overall_sparsity,
+        "all_block_weights_sparsity": result.report.all_block_weights_sparsity,
+        "unpruned_block_weights": sorted(result.report.unpruned_block_weights),
         **(
             {"sparsity_per_block": result.report.block_sparsity}
             if result.report.sparsity_profile != "uniform"

@@ -349,6 +349,17 @@ def _config_from_args(args: argparse.Namespace) -> PruneConfig:
     return make_config(recipe, {**values, "method_options": options, "recover_options": recovery})
 
 
+def _dense_line(report: RunReport) -> str:
+    """What the blocks keep dense (routers, convolutions, --ignore), and the sparsity over
+    every block weight of 2+ dimensions."""
+    dense = sum(report.unpruned_block_weights.values())
+    return (
+        f"over every block weight of 2+ dimensions: sparsity "
+        f"{report.all_block_weights_sparsity:.4f}; left dense: {dense} parameters in "
+        + ", ".join(sorted(report.unpruned_block_weights))
+    )
+
+
 def _summary(report: RunReport, output: str | None) -> str:
     lines = [
         f"method {report.method}, pattern {report.pattern}, "
@@ -356,6 +367,8 @@ def _summary(report: RunReport, output: str | None) -> str:
         f"time {report.total_seconds:.1f}s (pruning {report.seconds:.1f}s), "
         f"peak memory {report.peak_memory_bytes / 2**30:.2f} GiB",
     ]
+    if report.unpruned_block_weights:
+        lines.insert(1, _dense_line(report))
     for source, dense in report.evaluation["dense"].items():
         pruned = report.evaluation["pruned"][source]
         lines.append(

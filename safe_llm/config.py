@@ -74,9 +74,17 @@ class PruneConfig:
     ignore: list[str] = option(
         None,
         factory=list,
-        help="module-name patterns (fnmatch, relative to a block) never pruned, "
-        "e.g. 'mlp.down_proj'",
+        help="module- or parameter-name patterns (fnmatch, relative to a block) never pruned, "
+        "e.g. 'mlp.down_proj', 'mlp.experts.down_proj' (every expert's), "
+        "'mlp.experts.gate_up_proj[3]' (one expert's); also accepts a large block weight "
+        "safe-llm cannot prune as dense",
         nargs="*",
+    )
+    moe_every_token: bool = option(
+        False,
+        "mixture-of-experts: gather each expert's calibration statistics from every token (as "
+        "llm-compressor's MoE calibration) instead of the tokens the router sends it; for "
+        "experts the router rarely picks. The block's targets keep the model's routing",
     )
     dense_targets: bool = option(
         False,

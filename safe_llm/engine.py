@@ -36,6 +36,8 @@ from safe_llm.activations import Activations, CapturedStreams
 from safe_llm.blocks import (
     BlockCall,
     capture_block_inputs,
+    check_coverage,
+    dense_block_weights,
     find_blocks,
     iter_batches,
     prunable_layers,
@@ -74,6 +76,7 @@ class EngineOptions:
     activation_budget: int | None = None
     spill_dir: str | Path | None = None
     joint: JointOptions = JointOptions()  # windows of consecutive blocks reconstructed jointly
+    moe_every_token: bool = False  # experts' statistics from every token, not the routed ones
 
 
 class BlockSource(Protocol):
@@ -114,6 +117,11 @@ class PruneReport:
     peak_memory_bytes: int
     overall_sparsity: float
     resumed_from_block: int = 0
+    # zeros over every weight of 2+ dimensions in the blocks, pruned or not
+    all_block_weights_sparsity: float = float("nan")
+    # block weights of 2+ dimensions left dense (routers, convolutions, --ignore): parameters
+    # summed over the blocks, by name relative to the block
+    unpruned_block_weights: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -263,6 +271,7 @@ def prune_model(
         torch.cuda.reset_peak_memory_stats(options.device)
     _, blocks = find_blocks(model)
     patterns = _block_patterns(blocks, pattern, block_patterns, options.ignore)
+    check_coverage(blocks, options.ignore)
     streams = 2 + options.dense_targets + 2 * options.joint.active
     with captured_inputs(model, windows, streams, options) as (
         hidden,
@@ -275,8 +284,8 @@ def prune_model(
         blocks=run.reports,
         seconds=time.perf_counter() - start,
         peak_memory_bytes=peak_memory_bytes(options.device),
-        overall_sparsity=_overall_sparsity(blocks, run.reports, options.ignore),
         resumed_from_block=run.first,
+        **_sparsity(blocks, run.reports, options.ignore),
     )
 
 
@@ -372,11 +381,13 @@ def _reconstruct_window(run: _Run, blocks: dict[int, nn.Module]) -> dict[str, fl
         calls=[run.calls[i].to(opts.device) for i in blocks],
         inputs=run.window_inputs,
         targets=run.window_targets,
-        pruned=[
-            layer.weight
-            for block in blocks.values()
-            for layer in prunable_layers(block, opts.ignore).values()
-        ],
+        pruned=list(
+            {
+                id(layer.param): layer.param
+                for block in blocks.values()
+                for layer in prunable_layers(block, opts.ignore).values()
+            }.values()
+        ),
         device=opts.device,
     )
     extra = reconstruct(window, opts.joint, opts.seed + first)
@@ -453,7 +464,7 @@ def _prune_block(
         _apply(block, run.window_targets, call, run.window_targets, opts.device, opts.batch_size)
     ctx = _context(index, block, pattern.counting_per_row(method.per_row), call, run)
     dense = {n: ctx.matrix(n).detach().clone() for n in ctx.layers} if opts.layer_errors else {}
-    extra = method.prune_block(ctx) or {}
+    extra = {**_expert_counts(ctx), **(method.prune_block(ctx) or {})}
     _check_finite(method.name, index, block)
     _positive_zeros(ctx)
     _check_pattern(method.name, ctx)
@@ -483,6 +494,7 @@ def _context(
         layers,
         lambda: forward_batches(block, run.hidden, call, target_out, opts.device, opts.batch_size),
         hessian=run.method.needs_hessian or opts.layer_errors,
+        every_token=opts.moe_every_token,
     )
     return BlockContext(
         index=index,
@@ -497,6 +509,25 @@ def _context(
         batch_size=opts.batch_size,
         seed=opts.seed + index,
     )
+
+
+def _expert_counts(ctx: BlockContext) -> dict[str, float]:
+    """For a block with experts: how many experts it has, how many received no calibration
+    token (pruned by ``|W|``, :meth:`~safe_llm.layer_stats.InputStats.fallback`) and the
+    fewest tokens an expert that did received."""
+    experts: dict[tuple[int, int], list] = {}
+    for name, layer in ctx.layers.items():
+        if layer.expert is not None:
+            experts.setdefault((id(layer.module), layer.expert), []).append(ctx.stats[name])
+    if not experts:
+        return {}
+    empty = [key for key, stats in experts.items() if all(s.is_fallback for s in stats)]
+    seen = [max(s.tokens for s in stats) for key, stats in experts.items() if key not in empty]
+    return {
+        "experts": float(len(experts)),
+        "experts_without_tokens": float(len(empty)),
+        "expert_tokens_min": float(min(seen, default=0)),
+    }
 
 
 @torch.no_grad()
@@ -525,26 +556,38 @@ def _check_pattern(method: str, ctx: BlockContext) -> None:
             raise RuntimeError(f"{method} left block {ctx.index} layer {name} off {ctx.pattern}")
 
 
+def _sparsity(blocks: nn.ModuleList, reports: list[BlockReport], ignore: tuple[str, ...]) -> dict:
+    """The report's sparsities: over the pruned matrices (``overall_sparsity``) and over every
+    block weight of 2+ dimensions, with the names of the weights left dense."""
+    zeros, total = _overall_sparsity(blocks, reports, ignore)
+    dense_zeros, dense_total, dense_names = dense_block_weights(blocks, ignore)
+    return {
+        "overall_sparsity": zeros / max(total, 1),
+        "all_block_weights_sparsity": (zeros + dense_zeros) / max(total + dense_total, 1),
+        "unpruned_block_weights": dense_names,
+    }
+
+
 def _overall_sparsity(
     blocks: nn.ModuleList, reports: list[BlockReport], ignore: tuple[str, ...]
-) -> float:
-    """:func:`model_sparsity`, with blocks not in memory (streamed) counted from their
-    reports (or as dense when they were not pruned)."""
+) -> tuple[int, int]:
+    """``(zeros, weights)`` of :func:`model_sparsity`, with blocks not in memory (streamed)
+    counted from their reports (or as dense when they were not pruned)."""
     achieved = {r.index: r.layer_sparsity for r in reports}
     zeros = total = 0
     for index, block in enumerate(blocks):
         for name, layer in prunable_layers(block, ignore).items():
             numel = layer.weight.numel()
             total += numel
-            if not layer.weight.is_meta:
+            if not layer.param.is_meta:
                 zeros += int((layer.weight == 0).sum())
             elif name in achieved.get(index, {}):
                 zeros += round(achieved[index][name] * numel)
-    return zeros / max(total, 1)
+    return zeros, total
 
 
 def model_sparsity(model: nn.Module, ignore: tuple[str, ...] = ()) -> float:
-    """Fraction of zeros over all prunable layers of all blocks."""
+    """Fraction of zeros over all prunable matrices (linear layers, experts) of all blocks."""
     _, blocks = find_blocks(model)
     zeros = total = 0
     for block in blocks:

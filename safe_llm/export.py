@@ -240,6 +240,39 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return unpack_state_dict(stored, json.loads(metadata["packed"])), json.loads(metadata["config"])
 
 
+def _needs_conversion(tensors: dict[str, torch.Tensor], config_dict: dict) -> bool:
+    """Whether the checkpoint stores some parameters in another layout than the model holds
+    them (transformers writes some fused expert parameters as per-expert keys and fuses them
+    again when it loads)."""
+    from transformers import AutoConfig
+
+    config = dict(config_dict)
+    model_type = config.pop("model_type", None)
+    if model_type is None:
+        return False
+    with torch.device("meta"):
+        names = set(_empty_model(AutoConfig.for_model(model_type, **config)).state_dict())
+    return not set(tensors) <= names
+
+
+def _load_converted(tensors: dict[str, torch.Tensor], config_dict: dict):
+    """The model through ``from_pretrained`` (which converts the stored layout), from the
+    unpacked tensors written next to the config in a temporary directory: the conversions
+    are copies, so every tensor keeps its bits."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="safe-llm-bitmask-") as tmp:
+        Path(tmp, "config.json").write_text(json.dumps(config_dict))
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()}, str(Path(tmp, "model.safetensors"))
+        )
+        model = AutoModelForCausalLM.from_pretrained(tmp, dtype="auto")
+    model.eval()
+    return model
+
+
 def _empty_model(config):
     """The model class of ``config`` with its parameters allocated but not initialised."""
     from transformers import AutoModelForCausalLM
@@ -261,6 +294,8 @@ def load(path: str | os.PathLike):
     from transformers import AutoConfig
 
     tensors, config_dict = load_state_dict(path)
+    if _needs_conversion(tensors, config_dict):
+        return _load_converted(tensors, config_dict)
     config_dict = dict(config_dict)
     model_type = config_dict.pop("model_type", None)
     if model_type is None:

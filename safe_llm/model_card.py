@@ -55,10 +55,11 @@ def _settings_table(recipe: dict, report: dict) -> list[str]:
         ),
         (
             "Pruned layers",
-            "every linear layer of the decoder blocks"
+            "every linear layer and every expert's matrix of the decoder blocks"
             + (f" except {', '.join(recipe['ignore'])}" if recipe.get("ignore") else "")
             + "; embeddings and lm_head are dense",
         ),
+        *_dense_rows(report),
         (
             "Calibration",
             f"{calibration.get('nsamples')} windows x {calibration.get('seqlen')} "
@@ -88,6 +89,23 @@ def _settings_table(recipe: dict, report: dict) -> list[str]:
             )
         )
     return ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+
+
+def _dense_rows(report: dict) -> list[tuple[str, str]]:
+    """The block weights left dense (routers, convolutions, ignored layers) and the sparsity
+    over every block weight of 2+ dimensions, when some were."""
+    dense = report.get("unpruned_block_weights") or {}
+    if not dense:
+        return []
+    names = ", ".join(f"`{name}`" for name in sorted(dense))
+    return [
+        ("Left dense in the blocks", f"{names} ({sum(dense.values())} parameters)"),
+        (
+            "Sparsity of every block weight",
+            f"{report.get('all_block_weights_sparsity', float('nan')):.4f} (2+ dimensions, "
+            "pruned or not; biases and norms excepted)",
+        ),
+    ]
 
 
 def _hidden_term(recovery: dict) -> str:

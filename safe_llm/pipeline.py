@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from safe_llm import data, distributed, precision
-from safe_llm.blocks import find_blocks, prunable_layers, weight_matrix
+from safe_llm.blocks import check_coverage, find_blocks, prunable_layers, weight_matrix
 from safe_llm.config import ConfigError, PruneConfig, make_config, parse_size
 from safe_llm.engine import EngineOptions, PruneReport, prune_model
 from safe_llm.evaluate import evaluate_perplexity
@@ -76,6 +76,7 @@ def check_prunable(model: nn.Module, pattern, ignore: tuple[str, ...] = ()) -> N
     for index, block_layers in enumerate(layers):
         for name, layer in block_layers.items():
             pattern.check_shape(tuple(weight_matrix(layer).shape), f"block {index} {name}")
+    check_coverage(blocks, ignore)
 
 
 def _open_work_area(config: PruneConfig) -> tuple[WorkArea | None, bool]:
@@ -127,6 +128,7 @@ def engine_options(config: PruneConfig, device: torch.device, progress: bool) ->
         batch_size=config.batch_size,
         ignore=tuple(config.ignore),
         dense_targets=config.dense_targets,
+        moe_every_token=config.moe_every_token,
         joint=JointOptions(
             blocks=config.joint_blocks,
             epochs=config.joint_epochs,

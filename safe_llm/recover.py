@@ -48,7 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from safe_llm import distributed, fsdp, precision
-from safe_llm.blocks import PRUNABLE_TYPES, find_blocks
+from safe_llm.blocks import find_blocks, prunable_layers
 from safe_llm.errors import SafeLLMError
 from safe_llm.options import option
 from safe_llm.resume import atomic_write, rng_state, set_rng_state
@@ -233,13 +233,16 @@ def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 def sparsity_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{parameter name: weight == 0}`` (bool, True where pruned) for every linear layer of
-    the decoder blocks."""
+    """``{parameter name: weight == 0}`` (bool, True where pruned) for every prunable parameter
+    of the decoder blocks: linear layers' weights and fused expert parameters (every expert's
+    mask at once)."""
     prefix, blocks = find_blocks(model)
     masks = {}
-    for name, module in blocks.named_modules():
-        if isinstance(module, PRUNABLE_TYPES):
-            masks[f"{prefix}.{name}.weight"] = module.weight.detach() == 0
+    for index, block in enumerate(blocks):
+        for layer in prunable_layers(block).values():
+            name = f"{prefix}.{index}.{layer.param_name}"
+            if name not in masks:
+                masks[name] = layer.param.detach() == 0
     return masks
 
 
@@ -251,7 +254,7 @@ def trainable_parameters(
     and the output head never train; everything returned has ``requires_grad`` set, the rest
     not."""
     prefix, blocks = find_blocks(model)
-    layer_names = {name.removesuffix(".weight") for name in masks}
+    layer_names = {name.rsplit(".", 1)[0] for name in masks}  # their modules (experts too)
     head = model.get_output_embeddings()
     frozen = {id(model.get_input_embeddings().weight), id(head.weight)}
     chosen: dict[str, nn.Parameter] = {}

@@ -51,6 +51,7 @@ ADDED_OPTIONS = {
     "joint_blocks": 1,
     "joint_epochs": 1.0,
     "joint_lr": 2.5e-3,
+    "moe_every_token": False,
 }
 
 

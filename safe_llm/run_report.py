@@ -39,6 +39,8 @@ class RunReport:
     peak_memory_bytes: int = 0
     overall_sparsity: float = 0.0
     resumed_from_block: int = 0
+    all_block_weights_sparsity: float = float("nan")  # every block weight of 2+ dimensions
+    unpruned_block_weights: dict = field(default_factory=dict)  # left dense: {name: params}
     stage_peak_memory_bytes: dict = field(default_factory=dict)  # per stage of the run
     total_seconds: float = 0.0
 

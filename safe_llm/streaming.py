@@ -23,7 +23,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from safe_llm.atomic import atomic_write
-from safe_llm.blocks import find_blocks
+from safe_llm.blocks import expert_layout, find_blocks
 from safe_llm.memory import return_freed_memory
 from safe_llm.models import ModelError, load_tokenizer, resolve_model_path
 from safe_llm.resume import WorkArea
@@ -144,7 +144,16 @@ class DiskBlocks:
         keys = {f"{self.prefix}.{index}.{n}": n for n in names}
         missing = [k for k in keys if k not in self.files]
         if missing:
-            raise ModelError(f"tensor {missing[0]} is not in the safetensors files")
+            raise ModelError(
+                f"tensor {missing[0]} is not in the safetensors files"
+                + (
+                    "; the checkpoint stores the experts in another layout (per-expert keys, "
+                    "which transformers fuses when it loads): --stream-from-disk reads only "
+                    "the in-memory layout, prune this model without it"
+                    if any(expert_layout(m) is not None for m in self.blocks[index].modules())
+                    else ""
+                )
+            )
         return keys
 
     def load(self, index: int) -> nn.Module:

@@ -14,7 +14,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from safe_llm.blocks import BlockCall, iter_batches, run_block, weight_matrix
+from safe_llm.blocks import (
+    BlockCall,
+    PrunableMatrix,
+    as_matrix_handle,
+    iter_batches,
+    run_block,
+)
 from safe_llm.layer_stats import InputStats
 from safe_llm.sparsity import SparsityPattern
 
@@ -25,13 +31,16 @@ class BlockContext:
 
     ``inputs`` and ``targets`` are ``[n, seq, d]`` and may live off the compute device;
     ``batches`` yields device copies. ``stats`` holds the dense block's layer-input statistics.
-    ``pattern`` is the pattern every layer of ``layers`` must meet; it counts per row when
-    the method says so (:attr:`PruningMethod.per_row`).
+    ``pattern`` is the pattern every matrix of ``layers`` must meet; it counts per row when
+    the method says so (:attr:`PruningMethod.per_row`). ``layers`` maps each prunable matrix's
+    name to its handle: a linear layer's weight (``mlp.down_proj``) or one expert's matrix of a
+    fused expert parameter (``mlp.experts.gate_up_proj[3]``); every one is pruned on its own
+    and has its own ``stats`` (an expert's: from the tokens routed to it).
     """
 
     index: int
     block: nn.Module
-    layers: dict[str, nn.Module]
+    layers: dict[str, PrunableMatrix]
     pattern: SparsityPattern
     inputs: torch.Tensor
     targets: torch.Tensor
@@ -40,6 +49,9 @@ class BlockContext:
     device: torch.device
     batch_size: int
     seed: int
+
+    def __post_init__(self):  # linear layers given as modules become their weights' handles
+        self.layers = {name: as_matrix_handle(name, layer) for name, layer in self.layers.items()}
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """The block on a device batch ``[b, seq, d]`` with the recorded arguments."""
@@ -60,12 +72,12 @@ class BlockContext:
         """Layer ``name``'s weight as an ``[out, in]`` view, whatever its storage (GPT-2's
         ``Conv1D`` stores ``[in, out]``): reading it reads the weight, writing into it
         (``ctx.matrix(name).copy_(pruned)``) writes the weight."""
-        return weight_matrix(self.layers[name])
+        return self.layers[name].matrix()
 
     def as_matrix(self, name: str, stored: torch.Tensor) -> torch.Tensor:
         """A tensor laid out like layer ``name``'s weight (a copy, a gradient, an optimiser
-        state) as an ``[out, in]`` view."""
-        return stored.t() if self._transposed(name) else stored
+        state), or like the whole fused parameter it lives in, as an ``[out, in]`` view."""
+        return self.layers[name].matrix(stored)
 
     def as_stored(self, name: str, matrix: torch.Tensor) -> torch.Tensor:
         """An ``[out, in]`` matrix laid out like layer ``name``'s weight (inverse of
@@ -74,7 +86,7 @@ class BlockContext:
 
     def _transposed(self, name: str) -> bool:
         """Whether layer ``name`` stores its weight ``[in, out]`` (the view is a transpose)."""
-        return self.matrix(name) is not self.layers[name].weight
+        return self.layers[name].transposed
 
 
 @dataclass

@@ -121,11 +121,13 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 @dataclass
 class _Split:
-    """ADMM state of one pruned matrix, in the parameter's own layout."""
+    """ADMM state of one pruned parameter, in the parameter's own layout: a linear layer's
+    weight (one matrix) or a fused expert parameter (one matrix per expert, each projected on
+    its own)."""
 
     param: torch.nn.Parameter
-    name: str  # its layer: ctx.as_matrix / ctx.as_stored turn the layout into [out, in] and back
-    importance: torch.Tensor | None
+    names: list[str]  # its matrices: ctx.as_matrix turns the layout into [out, in]
+    importance: dict[str, torch.Tensor | None]
     Z: torch.Tensor = None
     U: torch.Tensor = None
 
@@ -374,21 +376,29 @@ class SAFE(PruningMethod):
     # -- set-up -----------------------------------------------------------------------------
 
     def _splits(self, ctx: BlockContext) -> dict[str, _Split]:
-        splits = {}
+        """One split per pruned parameter (keyed by its name in the block), in the order of
+        ``ctx.layers``."""
+        splits: dict[str, _Split] = {}
         for name, layer in ctx.layers.items():
             importance = ctx.stats[name].norms if self.weighted_projection else None
-            splits[name] = _Split(layer.weight, name, importance)
+            split = splits.setdefault(layer.param_name, _Split(layer.param, [], {}))
+            split.names.append(name)
+            split.importance[name] = importance
         return splits
 
     def _project(self, ctx: BlockContext, split: _Split, value: torch.Tensor) -> torch.Tensor:
-        """``Proj(value)`` onto the pattern, ``value`` in the parameter's layout."""
-        matrix = ctx.as_matrix(split.name, value)
-        return ctx.as_stored(split.name, ctx.pattern.project(matrix, split.importance))
+        """``Proj(value)`` onto the pattern, matrix by matrix, ``value`` in the parameter's
+        layout."""
+        out = value.clone()
+        for name in split.names:
+            matrix = ctx.as_matrix(name, value)
+            ctx.as_matrix(name, out).copy_(ctx.pattern.project(matrix, split.importance[name]))
+        return out
 
     @torch.no_grad()
     def _initialise(self, ctx: BlockContext, splits: dict[str, _Split]) -> None:
         init = self.options.init
-        for name, split in splits.items():
+        for name in ctx.layers:
             if init == "sparsegpt":
                 solved = sparsegpt_prune(ctx.matrix(name), ctx.stats[name].hessian, ctx.pattern)
                 ctx.matrix(name).copy_(solved)
@@ -396,6 +406,7 @@ class SAFE(PruningMethod):
                 ctx.matrix(name).copy_(
                     ctx.pattern.project(ctx.matrix(name), ctx.stats[name].norms, per_row=True)
                 )
+        for split in splits.values():
             split.Z = self._project(ctx, split, split.param.detach())
             split.U = torch.zeros_like(split.Z)
 
