@@ -191,8 +191,9 @@ def test_only_the_norms_train_when_asked(make_tiny_llama):
     assert changed and all("norm" in n for n in changed)
 
 
-def test_a_killed_recovery_resumes_to_the_same_weights_bit_for_bit(make_tiny_llama, tmp_path):
-    options = RecoverOptions(steps=6, lr=1e-2, batch_size=3, save_every=2)
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "adam"])
+def test_a_killed_recovery_resumes_to_the_same_weights_bit_for_bit(make_tiny_llama, tmp_path, lean):
+    options = RecoverOptions(steps=6, lr=1e-2, batch_size=3, save_every=2, lean=lean)
     whole, teacher = _pruned_pair(make_tiny_llama)
     recover.recover(whole, teacher, _windows(), options, progress=False)
 
@@ -216,9 +217,15 @@ def test_a_killed_recovery_resumes_to_the_same_weights_bit_for_bit(make_tiny_lla
     report = recover.recover(
         resumed, teacher, _windows(), options, state_dir=tmp_path, progress=False
     )
-    assert report.resumed_from_step == 4
+    assert report.resumed_from_step == 4 and report.optimizer == ("lean" if lean else "adam")
     for name, param in whole.named_parameters():
         assert torch.equal(resumed.get_parameter(name), param), name
+    other, teacher = _pruned_pair(make_tiny_llama)
+    with pytest.raises(RecoveryError, match="lean"):  # a state is resumed the way it was saved
+        recover.recover(
+            other, teacher, _windows(), replace(options, lean=not lean), state_dir=tmp_path,
+            progress=False,
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize("native", [False, True])
@@ -429,3 +436,32 @@ def test_a_killed_fsdp_recovery_resumes_from_its_shards_to_the_same_weights_bit_
     names = sorted(p.name for p in tmp_path.iterdir())
     assert "recovery_weights.rank0-of-2.safetensors" in names, names
     assert "recovery_weights.rank1-of-2.safetensors" in names, names
+
+
+# -- the lean optimiser state ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+@pytest.mark.parametrize("clip", [1e-3, 0.0], ids=["clipped", "unclipped"])
+def test_the_lean_state_takes_the_same_steps_as_torch_adam(make_tiny_llama, structure, clip):
+    """Packed moments and gradients taken by hooks change memory, not math: after 8 steps the
+    weights equal torch.optim.Adam's over whole masked tensors to float tolerance (clipping
+    on, at a limit the gradients exceed, and off)."""
+    options = RecoverOptions(
+        steps=8, lr=3e-3, batch_size=3, grad_clip=clip, autocast="off", step_scale="absolute"
+    )
+    old, teacher = _pruned_pair(make_tiny_llama, structure)
+    report_old = recover.recover(
+        old, teacher, _windows(), replace(options, lean=False), progress=False
+    )
+    lean, teacher = _pruned_pair(make_tiny_llama, structure)
+    report = recover.recover(lean, teacher, _windows(), options, progress=False)
+    assert (report_old.optimizer, report.optimizer) == ("adam", "lean")
+    assert report.losses == pytest.approx(report_old.losses, rel=1e-5)
+    start, _ = _pruned_pair(make_tiny_llama, structure)
+    for name, param in old.named_parameters():
+        got = lean.get_parameter(name)
+        assert torch.allclose(got, param, rtol=1e-5, atol=1e-7), name
+        assert torch.equal(got == 0, param == 0), name
+    moved = lean.model.layers[0].mlp.up_proj.weight - start.model.layers[0].mlp.up_proj.weight
+    assert moved.abs().max() > 5e-3  # the steps were not negligible (weights' RMS: 0.02)
