@@ -570,8 +570,8 @@ def recover(
     The student's zeros (its sparsity mask) are frozen. Both models must be on ``device``;
     with ``options.fsdp`` they may be on the host: their blocks are sharded onto ``device``.
     ``seed`` orders the windows; ``state_dir`` makes the run resumable (see the module doc).
-    ``release_teacher`` (with the lean state and the teacher cache): free the teacher's blocks
-    (to the meta device) once its hidden states are cached; the teacher cannot run after.
+    ``release_teacher`` (with the lean state and the teacher cache): free the teacher's tensors
+    but the shared ones once its hidden states are cached; the teacher cannot run after.
     Raises :class:`RecoveryError` on a non-finite loss, gradient or weight, or a moved mask.
     """
     start = time.perf_counter()
@@ -588,9 +588,9 @@ def recover(
         fsdp.sharded_blocks(teacher, torch.device(device), on=options.fsdp, keep=False),
     ):
         training = _training(student, options, masks, (steps, batch_size, seed), state_path, bf16)
-        cache = _teacher_cache(
-            teacher, windows, options, batch_size, device, bf16, release_teacher, progress
-        )
+        release = student if release_teacher else None
+        cache = _teacher_cache(teacher, windows, options, batch_size, device, bf16, release,
+                               progress)  # fmt: skip
         _train(student, teacher, windows, training, options, device, cache, state_path, progress)
         names = set(training.params)
     params = {n: p for n, p in student.named_parameters() if n in names}
@@ -617,13 +617,14 @@ def recover(
 def _teacher_cache(teacher, windows, options, batch_size, device, bf16, release, progress):
     """The teacher's final hidden states ``[n, seq, d]`` of every window, or None where the
     teacher runs at every step (``--no-recover-teacher-cache``, or the hidden-state term).
-    With ``release`` and the lean state the teacher's blocks are freed once they are cached."""
+    ``release``: the student, whose tensors the teacher keeps, the rest of the teacher freed
+    once its states are cached (with the lean state), or None."""
     if not options.teacher_cache or options.hidden_weight > 0:
         return None
     with precision.bf16_autocast(device, bf16):
         cache = teacher_hidden_states(teacher, windows, batch_size, device, progress)
-    if release and _lean(options):
-        _release_blocks(teacher)
+    if release is not None and _lean(options):
+        _release_teacher(teacher, release)
     return cache
 
 
@@ -666,10 +667,19 @@ def _masks(student: nn.Module, lean: bool) -> dict:
     }
 
 
-def _release_blocks(model: nn.Module) -> None:
-    """Free the decoder blocks' tensors of ``model`` (moved to the meta device)."""
-    _, blocks = find_blocks(model)
-    blocks.to("meta")
+@torch.no_grad()
+def _release_teacher(teacher: nn.Module, student: nn.Module) -> None:
+    """Free every tensor of ``teacher`` that is not one of ``student``'s (its blocks and final
+    norm; the shared embeddings and head stay): each is replaced by a meta tensor. A model
+    loaded from safetensors is memory-mapped, and the file's pages stay resident until every
+    tensor read from it is gone."""
+    keep = {id(t) for t in (*student.parameters(), *student.buffers())}
+    for module in teacher.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None and id(tensor) not in keep:
+                    meta = tensor.to("meta")
+                    table[name] = nn.Parameter(meta, False) if name in module._parameters else meta
     return_freed_memory()
 
 
