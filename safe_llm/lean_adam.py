@@ -8,8 +8,10 @@ decay, one group per tensor) on a masked gradient, but
   entries only (half the entries at 50% or 2:4), allocated at the first step;
 * takes each gradient as autograd finishes it (``register_post_accumulate_grad_hook``), keeps
   its kept entries (packed, in fp32) and frees the whole ``.grad`` at once, so no whole-model
-  gradient is ever held: only the packed one, which the step needs since the global-norm
-  clipping and the sum over data-parallel ranks need every gradient before any step;
+  gradient is ever held. The packed gradient must wait for the step (the global-norm clipping
+  and the sum over data-parallel ranks need every gradient before any step); a pruned layer's
+  waits in the weight's own pruned entries, exact, where they are at least as many as the
+  kept ones (50% and 2:4), so it takes no memory; others (norms, biases) are held;
 * holds the masks as bits (1/8 byte per entry), unpacked one tensor at a time.
 
 Pruned entries are never written: they stay exactly (+)0.0.
@@ -48,14 +50,21 @@ class BitMask:
 
 
 class _Slot:
-    """One tensor's state: its pruned mask (None: every entry trains), moments, packed grad."""
+    """One tensor's state: its pruned mask (None: every entry trains), its moments, and its
+    gradient since the last step (kept entries only)."""
 
     def __init__(self, param: nn.Parameter, pruned: BitMask | None):
         self.param, self.pruned = param, pruned
         self.exp_avg: torch.Tensor | None = None
         self.exp_avg_sq: torch.Tensor | None = None
-        self.grad: torch.Tensor | None = None
         self.step = 0
+        self._grad: torch.Tensor | None = None
+        self.has_grad = False
+        # the kept entries' gradient fits in the pruned entries of the weight itself (at 50%
+        # sparsity and above): it waits there, exact in float32, until the step
+        self.zeros = 0 if pruned is None else pruned.count()
+        fits = pruned is not None and param.numel() - self.zeros <= self.zeros
+        self.stash = fits and param.dtype == torch.float32
 
     def kept(self) -> torch.Tensor | None:
         return None if self.pruned is None else ~self.pruned.unpack()
@@ -66,12 +75,41 @@ class _Slot:
         kept = self.kept()
         return whole.detach() if kept is None else whole.detach().masked_select(kept)
 
+    def put(self, grad: torch.Tensor) -> None:
+        """Hold ``grad`` (packed, float32) until the step."""
+        self.has_grad = True
+        if not self.stash:
+            self._grad = grad
+            return
+        room = torch.zeros(self.zeros, dtype=grad.dtype, device=grad.device)
+        room[: grad.numel()] = grad
+        self.param.masked_scatter_(self.pruned.unpack(), room)
+
+    def get(self) -> torch.Tensor:
+        """The gradient held (packed, float32; zeros when none came)."""
+        if not self.has_grad:
+            return self.pack(torch.zeros_like(self.param, dtype=torch.float32))
+        if not self.stash:
+            return self._grad
+        kept = self.param.numel() - self.zeros
+        return self.param.detach().masked_select(self.pruned.unpack())[:kept]
+
+    def clear(self) -> None:
+        """Drop the gradient held (a stashed one: the pruned entries are zero again)."""
+        if self.stash and self.has_grad:
+            self.param.detach().masked_fill_(self.pruned.unpack(), 0.0)
+        self._grad, self.has_grad = None, False
+
 
 class MaskedAdam:
     """Adam (``betas``, ``eps``, no weight decay) over ``groups`` (``[{"params": [p],
     "scale": s}]``, one tensor each, like :func:`torch.optim.Adam`'s groups; their ``lr`` is
     set before each step), with ``pruned[i]`` the :class:`BitMask` of group ``i``'s frozen
-    zeros or None. Gradients are taken by hooks (:meth:`attach`, :meth:`detach`)."""
+    zeros or None. Gradients are taken by hooks (:meth:`attach`, :meth:`close`).
+
+    A pruned layer's packed gradient waits for the step in the weight's own pruned entries
+    (where they are at least half of it, in float32): no memory at all. Between the backward
+    and the step those entries hold it; :meth:`close` (after an error too) zeroes them."""
 
     def __init__(self, groups: list[dict], pruned: list, lr: float, betas=(0.9, 0.95), eps=1e-8):
         self.param_groups = [{**g, "lr": lr} for g in groups]
@@ -79,6 +117,7 @@ class MaskedAdam:
         self.slots = [_Slot(g["params"][0], m) for g, m in zip(groups, pruned, strict=True)]
         self._by_param = {id(s.param): s for s in self.slots}
         self._handles: list = []
+        self._factor: torch.Tensor | None = None
         with torch.no_grad():
             for slot in self.slots:
                 if slot.pruned is not None:  # exact +0.0 (a product by 0 may leave -0.0)
@@ -86,51 +125,57 @@ class MaskedAdam:
 
     def attach(self) -> None:
         """Take each gradient as it is accumulated: pack it, free ``.grad``."""
-        self.detach()
+        self.close()
         self._handles = [s.param.register_post_accumulate_grad_hook(self._take) for s in self.slots]
 
-    def detach(self) -> None:
+    def close(self) -> None:
+        """Remove the hooks and drop any gradient held."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.zero_grad()
 
     @torch.no_grad()
     def _take(self, param: nn.Parameter) -> None:
         slot = self._by_param[id(param)]
         packed = slot.pack(param.grad).float()
         param.grad = None
-        slot.grad = packed if slot.grad is None else slot.grad.add_(packed)
+        if slot.has_grad:
+            packed = packed.add(slot.get())
+        slot.put(packed)
 
-    def grads(self) -> list[torch.Tensor]:
-        """The packed gradients taken since the last step (created as zeros where none)."""
+    @torch.no_grad()
+    def all_reduce_(self, reduce) -> None:
+        """Apply ``reduce`` (a sum over ranks, in place, of a list of tensors) to every
+        gradient held, one tensor at a time."""
         for slot in self.slots:
-            if slot.grad is None:
-                slot.grad = slot.pack(torch.zeros_like(slot.param, dtype=torch.float32))
-        return [s.grad for s in self.slots]
+            grad = slot.get().clone()
+            reduce([grad])
+            slot.put(grad)
 
     @torch.no_grad()
     def clip_grad_norm_(self, limit: float) -> torch.Tensor:
-        """Scale the packed gradients to global 2-norm ``limit`` at most, like
+        """Scale the gradients to global 2-norm ``limit`` at most (at the step), like
         :func:`torch.nn.utils.clip_grad_norm_`; returns the norm before clipping."""
-        grads = self.grads()
-        norms = torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads])
+        norms = torch.stack([torch.linalg.vector_norm(s.get(), 2.0) for s in self.slots])
         total = torch.linalg.vector_norm(norms, 2.0)
-        factor = torch.clamp(limit / (total + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(factor)
+        self._factor = torch.clamp(limit / (total + 1e-6), max=1.0)
         return total
 
     @torch.no_grad()
     def step(self) -> None:
-        """One Adam step of every tensor from its packed gradient (then dropped)."""
+        """One Adam step of every tensor from its gradient (then dropped)."""
         for group, slot in zip(self.param_groups, self.slots, strict=True):
-            self._step_one(slot, group["lr"])
-            slot.grad = None
+            grad = slot.get().clone()
+            if self._factor is not None:
+                grad.mul_(self._factor)
+            slot.clear()
+            self._step_one(slot, grad, group["lr"])
+        self._factor = None
 
-    def _step_one(self, slot: _Slot, lr: float) -> None:
+    def _step_one(self, slot: _Slot, grad: torch.Tensor, lr: float) -> None:
         """``torch.optim.Adam``'s single-tensor update, on the kept entries."""
         beta1, beta2 = self.betas
-        grad = slot.grad
         if slot.exp_avg is None:
             slot.exp_avg, slot.exp_avg_sq = torch.zeros_like(grad), torch.zeros_like(grad)
         slot.step += 1
@@ -146,10 +191,12 @@ class MaskedAdam:
         values.addcdiv_(slot.exp_avg, denom, value=-step_size)
         slot.param.masked_scatter_(kept, values.to(slot.param.dtype))
 
+    @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
         for slot in self.slots:
-            slot.grad = None
+            slot.clear()
             slot.param.grad = None
+        self._factor = None
 
     def state_dict(self) -> dict:
         """``{"lean": True, "state": {i: {step, exp_avg, exp_avg_sq}}}`` (moments packed)."""
@@ -165,11 +212,3 @@ class MaskedAdam:
             slot = self.slots[int(index)]
             slot.step = int(values["step"])
             slot.exp_avg, slot.exp_avg_sq = values["exp_avg"], values["exp_avg_sq"]
-
-    def state_bytes(self) -> int:
-        """Bytes of the moments and masks held now."""
-        total = 0
-        for slot in self.slots:
-            for t in (slot.exp_avg, slot.exp_avg_sq, slot.pruned and slot.pruned.bits):
-                total += 0 if t is None else t.numel() * t.element_size()
-        return total

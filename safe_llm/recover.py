@@ -778,7 +778,7 @@ def _train(
     finally:
         bar.close()
         if lean:
-            optimizer.detach()
+            optimizer.close()  # hooks removed, pruned entries zero again after an error
         student.train(was_training)
         if options.gradient_checkpointing:
             _checkpointing(student, False)
@@ -842,9 +842,9 @@ def _finish_step(optimizer, params, masked, options, step, loss) -> None:
 
 def _finish_lean_step(optimizer: MaskedAdam, options, step, loss) -> None:
     """The lean state's :func:`_finish_step`: its packed gradients summed over ranks, clipped
-    to the global norm, checked, then the step (pruned entries are never written)."""
-    grads = optimizer.grads()
-    distributed.all_reduce_sum_(grads)
+    to the global norm, checked, then the step (pruned entries end exactly zero)."""
+    if distributed.active():
+        optimizer.all_reduce_(distributed.all_reduce_sum_)
     norm = optimizer.clip_grad_norm_(options.grad_clip if options.grad_clip > 0 else math.inf)
     _check_finite_step(step, loss, norm)
     optimizer.step()
@@ -920,6 +920,7 @@ def run_recovery(
     options = recover_options(config.recover_options)
     serve_large_buffers_from_mmap()  # freed gradients and temporaries go back to the OS
     windows, drawn = recovery_windows(tokenizer, config, options)
+    return_freed_memory()  # the text and its encodings
     log.info(
         "recovery: %d windows x %d tokens from %s; teacher %s",
         *windows.shape,

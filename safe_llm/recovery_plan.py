@@ -42,6 +42,8 @@ class ModelCounts:
     block_parameters: int  # the decoder blocks'
     prunable: int  # entries of the blocks' linear weights
     kept: int  # of those, non-zero
+    held: int  # kept entries whose gradient cannot wait in the pruned ones (under 50% sparse)
+    largest: int  # entries of the largest linear weight (its whole gradient exists a moment)
     other_trainable: int  # norms and biases of the blocks, the final norm
     shared: int  # embeddings and lm_head (the teacher's point at the student's)
     itemsize: int
@@ -55,13 +57,16 @@ class ModelCounts:
     def of(cls, model: nn.Module) -> ModelCounts:
         prefix, blocks = find_blocks(model)
         unique = {id(p): (n, p) for n, p in model.named_parameters()}.values()
-        prunable = kept = 0
-        widest = 0
+        prunable = kept = held = largest = widest = 0
         for module in blocks.modules():
             if isinstance(module, PRUNABLE_TYPES):
-                prunable += module.weight.numel()
-                kept += int(torch.count_nonzero(module.weight))
-                widest = max(widest, *module.weight.shape)
+                weight = module.weight
+                nonzero = int(torch.count_nonzero(weight))
+                prunable, kept = prunable + weight.numel(), kept + nonzero
+                if 2 * nonzero > weight.numel() or weight.dtype != torch.float32:
+                    held += nonzero
+                largest = max(largest, weight.numel())
+                widest = max(widest, *weight.shape)
         in_blocks = sum(p.numel() for n, p in unique if n.startswith(prefix + "."))
         head = model.get_output_embeddings().weight
         embed = model.get_input_embeddings().weight
@@ -73,6 +78,8 @@ class ModelCounts:
             block_parameters=in_blocks,
             prunable=prunable,
             kept=kept,
+            held=held,
+            largest=largest,
             other_trainable=total - shared - prunable,
             shared=shared,
             itemsize=head.element_size(),
@@ -154,7 +161,8 @@ def estimate(counts: ModelCounts, options, windows: int, seqlen: int, nwindows: 
     trainable = counts.prunable + counts.other_trainable
     kept = counts.kept + counts.other_trainable
     if lean:
-        state = {"masks": counts.prunable // 8, "gradients": kept * 4, "moments": kept * 8}
+        held = (counts.held + counts.other_trainable + 3 * counts.largest) * 4
+        state = {"masks": counts.prunable // 8, "gradients": held, "moments": kept * 8}
     else:
         state = {
             "masks": 2 * counts.prunable,

@@ -16,20 +16,20 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from safe_llm import cli, recover
+from safe_llm import cli, lean_adam, recover
 from safe_llm.recover import RecoverOptions, RecoveryError, sparsity_masks
 
 
-def _pruned_pair(make_tiny_llama, structure: str = "unstructured"):
-    """(student, teacher): a tiny Llama pruned by magnitude per matrix (50% or 2:4), and a
-    dense copy with sharpened logits so the KL is far from zero."""
+def _pruned_pair(make_tiny_llama, structure: str = "unstructured", sparsity: float = 0.5):
+    """(student, teacher): a tiny Llama pruned by magnitude per matrix (``sparsity`` or 2:4),
+    and a dense copy with sharpened logits so the KL is far from zero."""
     from safe_llm.sparsity import SparsityPattern
 
     teacher = make_tiny_llama(seed=0)
     with torch.no_grad():
         teacher.lm_head.weight.mul_(8.0)
     student = copy.deepcopy(teacher)
-    pattern = SparsityPattern.parse(structure, 0.5 if structure == "unstructured" else None)
+    pattern = SparsityPattern.parse(structure, sparsity if structure == "unstructured" else None)
     with torch.no_grad():
         for module in student.model.layers.modules():
             if isinstance(module, torch.nn.Linear):
@@ -441,24 +441,39 @@ def test_a_killed_fsdp_recovery_resumes_from_its_shards_to_the_same_weights_bit_
 # -- the lean optimiser state ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+@pytest.mark.parametrize(
+    "structure, sparsity", [("unstructured", 0.5), ("2:4", None), ("unstructured", 0.3)]
+)
 @pytest.mark.parametrize("clip", [1e-3, 0.0], ids=["clipped", "unclipped"])
-def test_the_lean_state_takes_the_same_steps_as_torch_adam(make_tiny_llama, structure, clip):
+def test_the_lean_state_takes_the_same_steps_as_torch_adam(
+    make_tiny_llama, structure, sparsity, clip
+):
     """Packed moments and gradients taken by hooks change memory, not math: after 8 steps the
     weights equal torch.optim.Adam's over whole masked tensors to float tolerance (clipping
-    on, at a limit the gradients exceed, and off)."""
+    on, at a limit the gradients exceed, and off; at 50% and 2:4 the gradients wait in the
+    pruned entries, at 30% in buffers of their own)."""
     options = RecoverOptions(
         steps=8, lr=3e-3, batch_size=3, grad_clip=clip, autocast="off", step_scale="absolute"
     )
-    old, teacher = _pruned_pair(make_tiny_llama, structure)
+    old, teacher = _pruned_pair(make_tiny_llama, structure, sparsity)
     report_old = recover.recover(
         old, teacher, _windows(), replace(options, lean=False), progress=False
     )
-    lean, teacher = _pruned_pair(make_tiny_llama, structure)
-    report = recover.recover(lean, teacher, _windows(), options, progress=False)
+    lean, teacher = _pruned_pair(make_tiny_llama, structure, sparsity)
+    stashed = []
+    real_put = lean_adam._Slot.put
+
+    def put(slot, grad):
+        stashed.append(slot.stash)
+        return real_put(slot, grad)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lean_adam._Slot, "put", put)
+        report = recover.recover(lean, teacher, _windows(), options, progress=False)
     assert (report_old.optimizer, report.optimizer) == ("adam", "lean")
+    assert stashed.count(True) == (0 if sparsity == 0.3 else 8 * 14)  # 14 pruned layers
     assert report.losses == pytest.approx(report_old.losses, rel=1e-5)
-    start, _ = _pruned_pair(make_tiny_llama, structure)
+    start, _ = _pruned_pair(make_tiny_llama, structure, sparsity)
     for name, param in old.named_parameters():
         got = lean.get_parameter(name)
         assert torch.allclose(got, param, rtol=1e-5, atol=1e-7), name
