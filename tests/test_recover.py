@@ -480,3 +480,12 @@ def test_the_lean_state_takes_the_same_steps_as_torch_adam(
         assert torch.equal(got == 0, param == 0), name
     moved = lean.model.layers[0].mlp.up_proj.weight - start.model.layers[0].mlp.up_proj.weight
     assert moved.abs().max() > 5e-3  # the steps were not negligible (weights' RMS: 0.02)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (8, 8), (1,), (7, 3, 11)])
+def test_a_bit_mask_unpacks_to_the_mask_it_packed(shape):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) < 0.5
+    bits = lean_adam.BitMask(mask)
+    assert torch.equal(bits.unpack(), mask)
+    assert bits.count() == int(mask.sum())
+    assert bits.bits.numel() == -(-mask.numel() // 8)  # one byte per 8 entries
