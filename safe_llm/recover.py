@@ -11,9 +11,10 @@ next-token distribution matches the dense *teacher*'s:
 plus, with ``hidden_weight`` > 0, that weight times the sum over blocks of each token's block
 output error ``||s - t||^2 / ||t||^2`` (measured on SmolLM2: it did not help; off by default).
 
-* The sparsity mask is frozen: the gradient is masked before each optimiser step (Adam's
-  moments of pruned entries stay zero) and the mask is re-applied after it, so every exact
-  zero stays exactly zero; the mask is checked again before anything is saved.
+* The sparsity mask is frozen: with the lean state (default, :mod:`safe_llm.lean_adam`) only
+  the kept entries have a gradient and Adam moments, and the pruned ones end every step at
+  exactly +0.0; with ``lean`` off the gradient is masked before each ``torch.optim.Adam`` step
+  and the mask re-applied after it. The mask is checked again before anything is saved.
 * The teacher's logits are computed on the fly without gradients. Neither model's full
   ``[batch, seq, vocab]`` logits are ever held: the student's last hidden state is cut from the
   graph, the KL is computed and back-propagated chunk by chunk of tokens, and the gradient
@@ -133,8 +134,8 @@ class RecoverOptions:
         "memory-lean optimiser state, same steps: Adam moments of the kept weights only, each "
         "gradient packed to its kept entries as autograd finishes it, masks as bits, no "
         "cached bf16 weight copies under checkpointing, and (in safe-llm prune/recover) the "
-        "teacher's blocks freed once its hidden states are cached. Off: torch.optim.Adam over "
-        "whole tensors (--recover-fsdp always uses it)",
+        "teacher's unshared tensors freed once its hidden states are cached. Off: "
+        "torch.optim.Adam over whole tensors (--recover-fsdp always uses it)",
     )
     memory_check: bool = option(
         True,
@@ -644,7 +645,7 @@ def _training(student, options, masks, schedule, state_path, bf16) -> _Training:
     if _lean(options):
         pruned = [masks.get(name) for name in params]
         optimizer = MaskedAdam(groups, pruned, lr=options.lr, betas=(0.9, 0.95))
-        masked = []  # MaskedAdam never writes a pruned entry
+        masked = []  # MaskedAdam leaves every pruned entry at +0.0 after each step
     else:
         optimizer = torch.optim.Adam(groups, lr=options.lr, betas=(0.9, 0.95))
         masked = [(params[n], m) for n, m in masks.items() if n in params]
