@@ -60,30 +60,35 @@ class _Slot:
         self.step = 0
         self._grad: torch.Tensor | None = None
         self.has_grad = False
+        self.norm = torch.zeros(())  # the 2-norm of the gradient held
         # the kept entries' gradient fits in the pruned entries of the weight itself (at 50%
         # sparsity and above): it waits there, exact in float32, until the step
         self.zeros = 0 if pruned is None else pruned.count()
         fits = pruned is not None and param.numel() - self.zeros <= self.zeros
         self.stash = fits and param.dtype == torch.float32
 
-    def kept(self) -> torch.Tensor | None:
-        return None if self.pruned is None else ~self.pruned.unpack()
+    def index(self, pruned: bool = False) -> torch.Tensor:
+        """Flat positions of the kept (or the pruned) entries, ascending (transient: the
+        compaction costs about as much as a masked_select, the gathers after it far less)."""
+        mask = self.pruned.unpack().view(-1)
+        return (mask if pruned else ~mask).nonzero().squeeze(1)
 
     def pack(self, whole: torch.Tensor) -> torch.Tensor:
         """``whole``'s entries where this tensor trains: 1-D (a copy) when it is masked,
         else ``whole`` itself."""
-        kept = self.kept()
-        return whole.detach() if kept is None else whole.detach().masked_select(kept)
+        if self.pruned is None:
+            return whole.detach()
+        return whole.detach().reshape(-1).index_select(0, self.index())
 
     def put(self, grad: torch.Tensor) -> None:
-        """Hold ``grad`` (packed, float32) until the step."""
+        """Hold ``grad`` (packed, float32) until the step; its norm is kept beside it."""
         self.has_grad = True
+        self.norm = torch.linalg.vector_norm(grad, 2.0)
         if not self.stash:
             self._grad = grad
             return
-        room = torch.zeros(self.zeros, dtype=grad.dtype, device=grad.device)
-        room[: grad.numel()] = grad
-        self.param.masked_scatter_(self.pruned.unpack(), room)
+        where = self.index(pruned=True)[: grad.numel()]
+        self.param.detach().view(-1).index_copy_(0, where, grad)
 
     def get(self) -> torch.Tensor:
         """The gradient held (packed, float32; zeros when none came)."""
@@ -91,14 +96,14 @@ class _Slot:
             return self.pack(torch.zeros_like(self.param, dtype=torch.float32))
         if not self.stash:
             return self._grad
-        kept = self.param.numel() - self.zeros
-        return self.param.detach().masked_select(self.pruned.unpack())[:kept]
+        where = self.index(pruned=True)[: self.param.numel() - self.zeros]
+        return self.param.detach().view(-1).index_select(0, where)
 
     def clear(self) -> None:
         """Drop the gradient held (a stashed one: the pruned entries are zero again)."""
         if self.stash and self.has_grad:
             self.param.detach().masked_fill_(self.pruned.unpack(), 0.0)
-        self._grad, self.has_grad = None, False
+        self._grad, self.has_grad, self.norm = None, False, torch.zeros(())
 
 
 class MaskedAdam:
@@ -157,7 +162,7 @@ class MaskedAdam:
     def clip_grad_norm_(self, limit: float) -> torch.Tensor:
         """Scale the gradients to global 2-norm ``limit`` at most (at the step), like
         :func:`torch.nn.utils.clip_grad_norm_`; returns the norm before clipping."""
-        norms = torch.stack([torch.linalg.vector_norm(s.get(), 2.0) for s in self.slots])
+        norms = torch.stack([s.norm.to(self.slots[0].param.device) for s in self.slots])
         total = torch.linalg.vector_norm(norms, 2.0)
         self._factor = torch.clamp(limit / (total + 1e-6), max=1.0)
         return total
@@ -166,7 +171,7 @@ class MaskedAdam:
     def step(self) -> None:
         """One Adam step of every tensor from its gradient (then dropped)."""
         for group, slot in zip(self.param_groups, self.slots, strict=True):
-            grad = slot.get().clone()
+            grad = slot.get()
             if self._factor is not None:
                 grad.mul_(self._factor)
             slot.clear()
@@ -183,13 +188,13 @@ class MaskedAdam:
         slot.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         step_size = lr / (1 - beta1**slot.step)
         denom = (slot.exp_avg_sq.sqrt() / math.sqrt(1 - beta2**slot.step)).add_(self.eps)
-        kept = slot.kept()
-        if kept is None:
+        if slot.pruned is None:
             slot.param.addcdiv_(slot.exp_avg.to(slot.param.dtype), denom, value=-step_size)
             return
-        values = slot.param.masked_select(kept).float()
+        kept, flat = slot.index(), slot.param.detach().view(-1)
+        values = flat.index_select(0, kept).float()
         values.addcdiv_(slot.exp_avg, denom, value=-step_size)
-        slot.param.masked_scatter_(kept, values.to(slot.param.dtype))
+        flat.index_copy_(0, kept, values.to(slot.param.dtype))
 
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
