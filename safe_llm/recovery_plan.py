@@ -52,6 +52,7 @@ class ModelCounts:
     intermediate: int
     layers: int
     heads: int
+    eager_attention: bool = False  # attention weights materialised (not SDPA / flash)
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelCounts:
@@ -88,6 +89,7 @@ class ModelCounts:
             intermediate=getattr(config, "intermediate_size", None) or widest,
             layers=len(blocks),
             heads=getattr(config, "num_attention_heads", 1) or 1,
+            eager_attention=getattr(config, "_attn_implementation", None) == "eager",
         )
 
 
@@ -140,12 +142,16 @@ class RecoveryPlan:
         return f"{self.summary()}: it will not fit. What would fit: {fixes}"
 
 
-def _activations(counts: ModelCounts, windows: int, seqlen: int, checkpointing: bool) -> int:
-    """Bytes of the student's activations in one step (float32)."""
+def _activations(
+    counts: ModelCounts, windows: int, seqlen: int, checkpointing: bool, bf16: bool
+) -> int:
+    """Bytes of the student's activations in one step: each block's (bf16 under autocast),
+    one at a time under checkpointing, which keeps each block's input (float32)."""
     tokens = windows * seqlen
     block = tokens * (BLOCK_ACTIVATIONS * counts.hidden + MLP_ACTIVATIONS * counts.intermediate)
-    block += 2 * windows * counts.heads * seqlen * seqlen  # attention weights and gradient
-    block *= 4
+    if counts.eager_attention:
+        block += 2 * windows * counts.heads * seqlen * seqlen  # attention weights, gradient
+    block *= 2 if bf16 else 4
     inputs = counts.layers * tokens * counts.hidden * 4  # each block's saved input
     return inputs + block if checkpointing else counts.layers * block
 
@@ -184,7 +190,7 @@ def estimate(counts: ModelCounts, options, windows: int, seqlen: int, nwindows: 
         "autocast copies": trainable * 2 // shard if copies else 0,
         "teacher": (teacher_blocks + counts.hidden * size) if keeps_teacher else 0,
         "teacher cache": cache,
-        "activations": _activations(counts, windows, seqlen, options.gradient_checkpointing),
+        "activations": _activations(counts, windows, seqlen, options.gradient_checkpointing, bf16),
         "kl chunk": kl,
     }
     teacher_phase = RUNTIME + student + state["masks"] + cache + teacher_blocks
