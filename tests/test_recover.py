@@ -489,3 +489,29 @@ def test_a_bit_mask_unpacks_to_the_mask_it_packed(shape):
     assert torch.equal(bits.unpack(), mask)
     assert bits.count() == int(mask.sum())
     assert bits.bits.numel() == -(-mask.numel() // 8)  # one byte per 8 entries
+
+
+def test_the_lean_state_holds_no_whole_gradient_and_frees_the_teacher(make_tiny_llama):
+    """Between the backward and the step no trainable tensor has a ``.grad`` (each was packed
+    by its hook and freed); with ``release_teacher`` every teacher tensor not shared with the
+    student is freed once its hidden states are cached, and the shared ones are intact."""
+    student, teacher = _pruned_pair(make_tiny_llama)
+    embedding = student.model.embed_tokens.weight.detach().clone()
+    seen = []
+    real_step = recover._finish_step
+
+    def finish(optimizer, params, *args):
+        seen.append([name for name, p in params.items() if p.grad is not None])
+        return real_step(optimizer, params, *args)
+
+    options = RecoverOptions(steps=2, lr=1e-2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(recover, "_finish_step", finish)
+        report = recover.recover(
+            student, teacher, _windows(), options, progress=False, release_teacher=True
+        )
+    assert seen == [[], []] and report.optimizer == "lean"
+    assert teacher.model.layers[0].mlp.up_proj.weight.device.type == "meta"
+    assert teacher.model.norm.weight.device.type == "meta"
+    assert teacher.lm_head.weight is student.lm_head.weight
+    assert torch.equal(student.model.embed_tokens.weight, embedding)
