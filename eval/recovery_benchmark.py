@@ -127,6 +127,8 @@ def recover(name: str, source: str, steps: int, args) -> dict:
     command += ["--recover-hidden-weight", str(args.recover_hidden_weight)]
     if not args.checkpointing:
         command += ["--no-recover-gradient-checkpointing"]
+    if args.recover_state == "adam":
+        command += ["--no-recover-lean"]
     return timed(command, out.with_suffix(".log"))
 
 
@@ -170,6 +172,9 @@ def recovery_variant(args) -> tuple[str, str]:
         weight = f"{args.recover_hidden_weight:g}"
         name += f"h{weight.replace('.', 'p')}"  # no dot: log and time files add suffixes
         label += f", hidden-state weight {weight}"
+    if args.recover_state == "adam":
+        name += "adam"
+        label += ", torch.optim.Adam state (--no-recover-lean)"
     return name, label
 
 
@@ -296,6 +301,13 @@ def main() -> None:
         help="weight of the hidden-state term (0: KL only)",
     )
     parser.add_argument("--recover-warmup", type=int, default=4, help="warm-up steps")
+    parser.add_argument(
+        "--recover-state",
+        default="lean",
+        choices=["lean", "adam"],
+        help="optimiser state: the lean default, or torch.optim.Adam over whole tensors (the "
+        "table's rows before issue 22)",
+    )
     parser.add_argument(
         "--recover-nsamples", type=int, default=128, help="recovery windows (builtin-c4, seed 0)"
     )

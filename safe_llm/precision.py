@@ -73,12 +73,15 @@ def reduced_precision(choice: str, device: torch.device, what: str) -> bool:
     return True
 
 
-def bf16_autocast(device: torch.device | str, on: bool):
+def bf16_autocast(device: torch.device | str, on: bool, cache: bool = True):
     """bf16 autocast on ``device`` when ``on`` (parameters stay in their dtype), else none.
-    Enter it around one step: its cache of bf16 weight copies lives until it exits."""
+    Enter it around one step: its cache of bf16 weight copies (``cache``) lives until it
+    exits. Without the cache each use casts again (the same values): under activation
+    checkpointing no bf16 copy of the whole model is held."""
     if not on:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    device_type = torch.device(device).type
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
 @functools.cache

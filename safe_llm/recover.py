@@ -11,9 +11,10 @@ next-token distribution matches the dense *teacher*'s:
 plus, with ``hidden_weight`` > 0, that weight times the sum over blocks of each token's block
 output error ``||s - t||^2 / ||t||^2`` (measured on SmolLM2: it did not help; off by default).
 
-* The sparsity mask is frozen: the gradient is masked before each optimiser step (Adam's
-  moments of pruned entries stay zero) and the mask is re-applied after it, so every exact
-  zero stays exactly zero; the mask is checked again before anything is saved.
+* The sparsity mask is frozen: with the lean state (default, :mod:`safe_llm.lean_adam`) only
+  the kept entries have a gradient and Adam moments, and the pruned ones end every step at
+  exactly +0.0; with ``lean`` off the gradient is masked before each ``torch.optim.Adam`` step
+  and the mask re-applied after it. The mask is checked again before anything is saved.
 * The teacher's logits are computed on the fly without gradients. Neither model's full
   ``[batch, seq, vocab]`` logits are ever held: the student's last hidden state is cut from the
   graph, the KL is computed and back-propagated chunk by chunk of tokens, and the gradient
@@ -50,7 +51,10 @@ from tqdm.auto import tqdm
 from safe_llm import distributed, fsdp, precision
 from safe_llm.blocks import find_blocks, prunable_layers
 from safe_llm.errors import SafeLLMError
+from safe_llm.lean_adam import BitMask, MaskedAdam
+from safe_llm.memory import StagePeaks, return_freed_memory, serve_large_buffers_from_mmap
 from safe_llm.options import option
+from safe_llm.recovery_plan import RecoveryPlan, plan_recovery
 from safe_llm.resume import atomic_write, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -100,7 +104,11 @@ class RecoverOptions:
         nargs="+",
     )
     grad_clip: float = option(1.0, "clip the gradient's global norm to this (0: no clipping)")
-    kl_chunk: int = option(512, "tokens per chunk of the vocabulary-sized KL (memory bound)")
+    kl_chunk: int = option(
+        128,
+        "tokens per chunk of the vocabulary-sized KL (memory bound: about 6 x chunk x vocab x 4 "
+        "bytes; 512 before issue 22, 0.58 GiB on SmolLM2's 49k vocabulary)",
+    )
     gradient_checkpointing: bool = option(True, "recompute block activations in the backward")
     autocast: str = option(
         "auto",
@@ -121,6 +129,19 @@ class RecoverOptions:
         "every step (its block outputs are not cached)",
     )
     save_every: int = option(25, "with an output: save the training state every N steps")
+    lean: bool = option(
+        True,
+        "memory-lean optimiser state, same steps: Adam moments of the kept weights only, each "
+        "gradient packed to its kept entries as autograd finishes it, masks as bits, no "
+        "cached bf16 weight copies under checkpointing, and (in safe-llm prune/recover) the "
+        "teacher's unshared tensors freed once its hidden states are cached. Off: "
+        "torch.optim.Adam over whole tensors (--recover-fsdp always uses it)",
+    )
+    memory_check: bool = option(
+        True,
+        "estimate recovery's peak memory before loading the teacher and stop at once, with "
+        "what would fit, when it exceeds the device's free memory",
+    )
     fsdp: bool = option(
         False,
         "under torchrun: shard the decoder blocks' weights, gradients and Adam state over the "
@@ -232,17 +253,19 @@ def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return body, head
 
 
-def sparsity_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+def sparsity_masks(model: nn.Module, wrap=None) -> dict:
     """``{parameter name: weight == 0}`` (bool, True where pruned) for every prunable parameter
     of the decoder blocks: linear layers' weights and fused expert parameters (every expert's
-    mask at once)."""
+    mask at once). ``wrap`` turns each mask into what the caller keeps (e.g. a
+    :class:`BitMask`)."""
     prefix, blocks = find_blocks(model)
     masks = {}
     for index, block in enumerate(blocks):
         for layer in prunable_layers(block).values():
             name = f"{prefix}.{index}.{layer.param_name}"
             if name not in masks:
-                masks[name] = layer.param.detach() == 0
+                mask = layer.param.detach() == 0
+                masks[name] = mask if wrap is None else wrap(mask)
     return masks
 
 
@@ -296,6 +319,7 @@ def check_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Raise :class:`RecoveryError` if a pruned entry is no longer exactly zero."""
     params = dict(model.named_parameters())
     for name, pruned in masks.items():
+        pruned = pruned.unpack() if isinstance(pruned, BitMask) else pruned
         if torch.count_nonzero(params[name].masked_select(pruned)):
             raise RecoveryError(
                 f"{name}: pruned entries are non-zero after recovery (the mask moved); "
@@ -334,6 +358,7 @@ class RecoveryReport:
     hidden_weight: float
     fsdp: bool
     autocast_bf16: bool
+    optimizer: str
     trainable_parameters: int
     shared_with_teacher: list[str]
     losses: list[float]
@@ -424,6 +449,12 @@ def _load_state(state_dir, params, optimizer) -> tuple[int, list[float]]:
         for name, param in params.items():
             fsdp.local(param).copy_(tensors[name])
     state = torch.load(optim, weights_only=True)
+    if bool(state.get("lean")) != isinstance(optimizer, MaskedAdam):
+        raise RecoveryError(
+            f"the recovery state in {state_dir} was saved "
+            f"{'with' if state.get('lean') else 'without'} the lean optimiser state; resume "
+            "it with the same --recover-lean / --no-recover-lean"
+        )
     ordered = list(params.values())  # the optimiser's parameter order (one group each)
     for index, values in state["state"].items():
         param = ordered[index]
@@ -542,17 +573,20 @@ def recover(
     seed: int = 0,
     state_dir: str | Path | None = None,
     progress: bool = True,
+    release_teacher: bool = False,
 ) -> RecoveryReport:
     """Distil ``teacher`` into the pruned ``student`` on ``windows`` ``[n, seqlen]``, in place.
 
     The student's zeros (its sparsity mask) are frozen. Both models must be on ``device``;
     with ``options.fsdp`` they may be on the host: their blocks are sharded onto ``device``.
     ``seed`` orders the windows; ``state_dir`` makes the run resumable (see the module doc).
+    ``release_teacher`` (with the lean state and the teacher cache): free the teacher's tensors
+    but the shared ones once its hidden states are cached; the teacher cannot run after.
     Raises :class:`RecoveryError` on a non-finite loss, gradient or weight, or a moved mask.
     """
     start = time.perf_counter()
     options.validate()
-    masks = sparsity_masks(student)
+    masks = _masks(student, _lean(options))
     teacher.requires_grad_(False).eval()
     shared = share_frozen_tensors(student, teacher)
     steps = total_steps(options, windows.shape[0], windows.shape[1])
@@ -563,14 +597,15 @@ def recover(
         fsdp.sharded_blocks(student, torch.device(device), on=options.fsdp),
         fsdp.sharded_blocks(teacher, torch.device(device), on=options.fsdp, keep=False),
     ):
-        training = _training(student, options, steps, batch_size, seed, state_path, bf16)
-        cache = _teacher_cache(teacher, windows, options, batch_size, device, bf16, progress)
+        training = _training(student, options, masks, (steps, batch_size, seed), state_path, bf16)
+        release = student if release_teacher else None
+        cache = _teacher_cache(teacher, windows, options, batch_size, device, bf16, release,
+                               progress)  # fmt: skip
         _train(student, teacher, windows, training, options, device, cache, state_path, progress)
         names = set(training.params)
     params = {n: p for n, p in student.named_parameters() if n in names}
     check_finite_parameters(params, steps)
     check_masks(student, masks)
-    first, losses = training.first, training.losses
     return RecoveryReport(
         method="distill",
         dataset=dataset,
@@ -583,32 +618,72 @@ def recover(
         autocast_bf16=bf16,
         trainable_parameters=sum(p.numel() for p in params.values()),
         shared_with_teacher=shared,
-        losses=losses,
+        losses=training.losses,
         seconds=time.perf_counter() - start,
-        resumed_from_step=first,
+        resumed_from_step=training.first,
     )
 
 
-def _teacher_cache(teacher, windows, options, batch_size, device, bf16, progress):
+def _teacher_cache(teacher, windows, options, batch_size, device, bf16, release, progress):
     """The teacher's final hidden states ``[n, seq, d]`` of every window, or None where the
-    teacher runs at every step (``--no-recover-teacher-cache``, or the hidden-state term)."""
+    teacher runs at every step (``--no-recover-teacher-cache``, or the hidden-state term).
+    ``release``: the student, whose tensors the teacher keeps, the rest of the teacher freed
+    once its states are cached (with the lean state), or None."""
     if not options.teacher_cache or options.hidden_weight > 0:
         return None
     with precision.bf16_autocast(device, bf16):
-        return teacher_hidden_states(teacher, windows, batch_size, device, progress)
+        cache = teacher_hidden_states(teacher, windows, batch_size, device, progress)
+    if release is not None and _lean(options):
+        _release_teacher(teacher, release)
+    return cache
 
 
-def _training(student, options, steps, batch_size, seed, state_path, bf16) -> _Training:
+def _training(student, options, masks, schedule, state_path, bf16) -> _Training:
     """The trainable parameters (shards of them under FSDP), their optimiser and masks, and
-    the step to start from (from the saved state when there is one)."""
-    masks = sparsity_masks(student)
+    the step to start from (from the saved state when there is one). ``masks``: the
+    student's (:func:`_masks`); ``schedule``: ``(steps, batch size, seed)``."""
+    steps, batch_size, seed = schedule
+    if options.fsdp:  # the blocks were replaced by sharded copies: their masks, sharded
+        masks = sparsity_masks(student)
     params = trainable_parameters(student, masks, options.train)
-    optimizer = torch.optim.Adam(
-        _param_groups(params, options.step_scale), lr=options.lr, betas=(0.9, 0.95)
-    )
+    groups = _param_groups(params, options.step_scale)
+    if _lean(options):
+        pruned = [masks.get(name) for name in params]
+        optimizer = MaskedAdam(groups, pruned, lr=options.lr, betas=(0.9, 0.95))
+        masked = []  # MaskedAdam leaves every pruned entry at +0.0 after each step
+    else:
+        optimizer = torch.optim.Adam(groups, lr=options.lr, betas=(0.9, 0.95))
+        masked = [(params[n], m) for n, m in masks.items() if n in params]
     first, losses = _resume_point(state_path, params, optimizer, steps)
-    masked = [(params[n], m) for n, m in masks.items() if n in params]
     return _Training(params, optimizer, masked, first, steps, batch_size, seed, losses, bf16)
+
+
+def _lean(options: RecoverOptions) -> bool:
+    """Whether the lean state is used: ``--recover-lean`` (default) without FSDP (sharded
+    runs keep torch.optim.Adam over their shards)."""
+    return options.lean and not options.fsdp
+
+
+def _masks(student: nn.Module, lean: bool) -> dict:
+    """The student's pruned masks: bool tensors, or :class:`BitMask` with the lean state (one
+    tensor unpacked at a time)."""
+    return sparsity_masks(student, BitMask if lean else None)
+
+
+@torch.no_grad()
+def _release_teacher(teacher: nn.Module, student: nn.Module) -> None:
+    """Free every tensor of ``teacher`` that is not one of ``student``'s (its blocks and final
+    norm; the shared embeddings and head stay): each is replaced by a meta tensor. A model
+    loaded from safetensors is memory-mapped, and the file's pages stay resident until every
+    tensor read from it is gone."""
+    keep = {id(t) for t in (*student.parameters(), *student.buffers())}
+    for module in teacher.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None and id(tensor) not in keep:
+                    meta = tensor.to("meta")
+                    table[name] = nn.Parameter(meta, False) if name in module._parameters else meta
+    return_freed_memory()
 
 
 def _param_groups(params: dict[str, nn.Parameter], step_scale: str) -> list[dict]:
@@ -642,6 +717,7 @@ def _settings(options: RecoverOptions, batch_size: int) -> dict:
         "train": list(options.train),
         "hidden_weight": options.hidden_weight,
         "fsdp": options.fsdp,
+        "optimizer": "lean" if _lean(options) else "adam",
     }
 
 
@@ -663,7 +739,7 @@ class _Training:
 
 
 def _train(
-    student, teacher, windows, training: _Training, options, device, cache, state_path, progress
+    student, teacher, windows, training: _Training, options, device, hidden, state_path, progress
 ) -> None:
     """The recovery's step loop; the state is saved every ``options.save_every`` steps."""
     params, optimizer, masked = training.params, training.optimizer, training.masked
@@ -678,6 +754,11 @@ def _train(
     if options.gradient_checkpointing:
         _checkpointing(student, True)
     student.train()
+    lean = isinstance(optimizer, MaskedAdam)
+    if lean:
+        optimizer.attach()
+    # the lean state under checkpointing: no bf16 copy of every weight for the whole step
+    cache = not (lean and options.gradient_checkpointing)
     bar = tqdm(range(first, steps), desc="recovery", unit="step", disable=not progress)
     try:
         for step in bar:
@@ -686,8 +767,8 @@ def _train(
                 group["lr"] = options.lr * factor * group["scale"]
             batch = _batch_indices(step, windows.shape[0], batch_size, seed)
             # autocast per step: its cache of bf16 weight copies must not outlive the update
-            with precision.bf16_autocast(device, training.bf16):
-                loss = _step_loss(student, teacher, windows, batch, options, device, cache)
+            with precision.bf16_autocast(device, training.bf16, cache):
+                loss = _step_loss(student, teacher, windows, batch, options, device, hidden)
             _finish_step(optimizer, params, masked, options, step, loss)
             losses.append(_global_loss(loss, device))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -695,6 +776,8 @@ def _train(
                 _save_state(state_path, step + 1, params, optimizer, losses)
     finally:
         bar.close()
+        if lean:
+            optimizer.close()  # hooks removed, pruned entries zero again after an error
         student.train(was_training)
         if options.gradient_checkpointing:
             _checkpointing(student, False)
@@ -734,6 +817,9 @@ def _global_loss(loss: float, device) -> float:
 def _finish_step(optimizer, params, masked, options, step, loss) -> None:
     """Sum gradients over ranks (FSDP has summed the sharded ones), mask them, check them,
     step, re-apply the mask."""
+    if isinstance(optimizer, MaskedAdam):
+        _finish_lean_step(optimizer, options, step, loss)
+        return
     grads = [p.grad for p in params.values() if p.grad is not None]
     distributed.all_reduce_sum_([g for g in grads if not fsdp.is_sharded(g)])
     with torch.no_grad():
@@ -745,16 +831,30 @@ def _finish_step(optimizer, params, masked, options, step, loss) -> None:
             norm = _clip_sharded(grads, limit)
         else:
             norm = torch.nn.utils.clip_grad_norm_(list(params.values()), limit)
-    if not math.isfinite(loss) or not torch.isfinite(norm):
-        raise RecoveryError(
-            f"recovery step {step}: the loss ({loss}) or gradient norm ({float(norm)}) is not "
-            "finite; nothing was saved. Lower --recover-lr, or check the teacher and windows"
-        )
+    _check_finite_step(step, loss, norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
         for param, pruned in masked:
             param.masked_fill_(pruned, 0.0)  # +0.0, never -0.0
+
+
+def _finish_lean_step(optimizer: MaskedAdam, options, step, loss) -> None:
+    """The lean state's :func:`_finish_step`: its packed gradients summed over ranks, clipped
+    to the global norm, checked, then the step (pruned entries end exactly zero)."""
+    if distributed.active():
+        optimizer.all_reduce_(distributed.all_reduce_sum_)
+    norm = optimizer.clip_grad_norm_(options.grad_clip if options.grad_clip > 0 else math.inf)
+    _check_finite_step(step, loss, norm)
+    optimizer.step()
+
+
+def _check_finite_step(step: int, loss: float, norm: torch.Tensor) -> None:
+    if not math.isfinite(loss) or not torch.isfinite(norm):
+        raise RecoveryError(
+            f"recovery step {step}: the loss ({loss}) or gradient norm ({float(norm)}) is not "
+            "finite; nothing was saved. Lower --recover-lr, or check the teacher and windows"
+        )
 
 
 @torch.no_grad()
@@ -817,13 +917,16 @@ def run_recovery(
     from safe_llm.models import load_model
 
     options = recover_options(config.recover_options)
+    serve_large_buffers_from_mmap()  # freed gradients and temporaries go back to the OS
     windows, drawn = recovery_windows(tokenizer, config, options)
+    return_freed_memory()  # the text and its encodings
     log.info(
         "recovery: %d windows x %d tokens from %s; teacher %s",
         *windows.shape,
         drawn["dataset"],
         config.model,
     )
+    plan = _memory_plan(model, options, windows, device)
     dtype = next(model.parameters()).dtype
     teacher, _, _ = load_model(config.model, dtype, config.trust_remote_code)
     home = next(model.parameters()).device
@@ -841,6 +944,7 @@ def run_recovery(
             seed=drawn["seed"],
             state_dir=state_dir,
             progress=progress,
+            release_teacher=True,
         )
     finally:
         model.to(home)
@@ -853,7 +957,22 @@ def run_recovery(
         report.losses[-1] if report.losses else float("nan"),
         report.seconds,
     )
-    return report.to_dict()
+    return {**report.to_dict(), "memory_plan": plan.to_dict()}
+
+
+def _memory_plan(model, options: RecoverOptions, windows: torch.Tensor, device) -> RecoveryPlan:
+    """Recovery's estimated peak memory (logged); a :class:`RecoveryError` in one line, with
+    what would fit, when it exceeds the device's free memory (unless ``memory_check`` is off)."""
+    bf16 = precision.reduced_precision(options.autocast, torch.device(device), "recovery autocast")
+    batch = min(options.batch_size, windows.shape[0])
+    plan = plan_recovery(
+        model, options, batch, windows.shape[1], windows.shape[0], torch.device(device), bf16,
+        distributed.world_size(),
+    )  # fmt: skip
+    log.info("recovery: %s", plan.summary())
+    if options.memory_check and not plan.fits:
+        raise RecoveryError(plan.refusal() + " (--no-recover-memory-check runs it anyway)")
+    return plan
 
 
 def _load_pruned(checkpoint: Path, dtype: str | None, trust_remote_code: bool):
@@ -893,6 +1012,12 @@ def _read_checkpoint_record(checkpoint: Path) -> tuple[dict, dict]:
     return yaml.safe_load(recipe_file.read_text()) or {}, json.loads(report_file.read_text())
 
 
+def _with_peaks(report, peaks: StagePeaks):
+    """``report`` with ``peaks``' stages added to its per-stage peak memory."""
+    report.stage_peak_memory_bytes = {**(report.stage_peak_memory_bytes or {}), **peaks.bytes}
+    return report
+
+
 def _recovery_state_dir(output: str, resume: bool) -> Path:
     """The recovery state's directory in ``output``'s work area, emptied unless resuming
     (by the writing rank, before any rank reads it)."""
@@ -929,9 +1054,8 @@ def recover_checkpoint(
     from safe_llm.pipeline import PruneResult
     from safe_llm.run_report import RunReport  # (imported here: they import this module)
 
-    start = time.perf_counter()
+    start, checkpoint = time.perf_counter(), Path(checkpoint).expanduser()
     distributed.init_from_env()
-    checkpoint = Path(checkpoint).expanduser()
     if Path(output).expanduser().resolve() == checkpoint.resolve():
         raise RecoveryError("--output is the input checkpoint; choose another directory")
     recipe, previous = _read_checkpoint_record(checkpoint)
@@ -952,10 +1076,11 @@ def recover_checkpoint(
     model, tokenizer = _load_pruned(checkpoint, previous.get("dtype"), config.trust_remote_code)
     state_dir = _recovery_state_dir(config.output, resume)
     progress = progress and distributed.is_writer()
-    recovery = run_recovery(
-        model, tokenizer, config, target, state_dir=state_dir, progress=progress
-    )
-    report = RunReport.from_dict(previous)
+    peaks = StagePeaks(target)
+    with peaks.stage("recovery"):
+        recovery = run_recovery(model, tokenizer, config, target, state_dir=state_dir,
+                                progress=progress)  # fmt: skip
+    report = _with_peaks(RunReport.from_dict(previous), peaks)
     report.evaluation = _evaluation_after_recovery(
         model, tokenizer, config, target, previous, progress
     )

@@ -597,7 +597,8 @@ def test_an_moe_run_stopped_after_a_block_resumes_to_the_same_bits(tmp_path):
         assert torch.equal(expected[name], got[name]), name
 
 
-def test_recovery_trains_the_experts_and_keeps_every_experts_zeros(tmp_path):
+@pytest.mark.parametrize("lean", [True, False], ids=["lean-state", "torch-adam"])
+def test_recovery_trains_the_experts_and_keeps_every_experts_zeros(tmp_path, lean):
     import copy
 
     from safe_llm import recover
@@ -609,7 +610,7 @@ def test_recovery_trains_the_experts_and_keeps_every_experts_zeros(tmp_path):
     prune_model(student, make_windows(4, 16), build_method("wanda"), pattern, progress=False)
     before = sparsity_masks(student)
     weights = {n: p.detach().clone() for n, p in student.named_parameters()}
-    options = RecoverOptions(steps=4, lr=3e-3, batch_size=8)
+    options = RecoverOptions(steps=4, lr=3e-3, batch_size=8, lean=lean)
     recover.recover(student, teacher, make_windows(), options, progress=False)
     for layer in range(3):
         name = f"model.layers.{layer}.mlp.experts.gate_up_proj"

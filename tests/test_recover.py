@@ -16,20 +16,20 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from safe_llm import cli, recover
+from safe_llm import cli, lean_adam, recover
 from safe_llm.recover import RecoverOptions, RecoveryError, sparsity_masks
 
 
-def _pruned_pair(make_tiny_llama, structure: str = "unstructured"):
-    """(student, teacher): a tiny Llama pruned by magnitude per matrix (50% or 2:4), and a
-    dense copy with sharpened logits so the KL is far from zero."""
+def _pruned_pair(make_tiny_llama, structure: str = "unstructured", sparsity: float = 0.5):
+    """(student, teacher): a tiny Llama pruned by magnitude per matrix (``sparsity`` or 2:4),
+    and a dense copy with sharpened logits so the KL is far from zero."""
     from safe_llm.sparsity import SparsityPattern
 
     teacher = make_tiny_llama(seed=0)
     with torch.no_grad():
         teacher.lm_head.weight.mul_(8.0)
     student = copy.deepcopy(teacher)
-    pattern = SparsityPattern.parse(structure, 0.5 if structure == "unstructured" else None)
+    pattern = SparsityPattern.parse(structure, sparsity if structure == "unstructured" else None)
     with torch.no_grad():
         for module in student.model.layers.modules():
             if isinstance(module, torch.nn.Linear):
@@ -191,8 +191,9 @@ def test_only_the_norms_train_when_asked(make_tiny_llama):
     assert changed and all("norm" in n for n in changed)
 
 
-def test_a_killed_recovery_resumes_to_the_same_weights_bit_for_bit(make_tiny_llama, tmp_path):
-    options = RecoverOptions(steps=6, lr=1e-2, batch_size=3, save_every=2)
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "adam"])
+def test_a_killed_recovery_resumes_to_the_same_weights_bit_for_bit(make_tiny_llama, tmp_path, lean):
+    options = RecoverOptions(steps=6, lr=1e-2, batch_size=3, save_every=2, lean=lean)
     whole, teacher = _pruned_pair(make_tiny_llama)
     recover.recover(whole, teacher, _windows(), options, progress=False)
 
@@ -216,9 +217,15 @@ def test_a_killed_recovery_resumes_to_the_same_weights_bit_for_bit(make_tiny_lla
     report = recover.recover(
         resumed, teacher, _windows(), options, state_dir=tmp_path, progress=False
     )
-    assert report.resumed_from_step == 4
+    assert report.resumed_from_step == 4 and report.optimizer == ("lean" if lean else "adam")
     for name, param in whole.named_parameters():
         assert torch.equal(resumed.get_parameter(name), param), name
+    other, teacher = _pruned_pair(make_tiny_llama)
+    with pytest.raises(RecoveryError, match="lean"):  # a state is resumed the way it was saved
+        recover.recover(
+            other, teacher, _windows(), replace(options, lean=not lean), state_dir=tmp_path,
+            progress=False,
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize("native", [False, True])
@@ -429,3 +436,82 @@ def test_a_killed_fsdp_recovery_resumes_from_its_shards_to_the_same_weights_bit_
     names = sorted(p.name for p in tmp_path.iterdir())
     assert "recovery_weights.rank0-of-2.safetensors" in names, names
     assert "recovery_weights.rank1-of-2.safetensors" in names, names
+
+
+# -- the lean optimiser state ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "structure, sparsity", [("unstructured", 0.5), ("2:4", None), ("unstructured", 0.3)]
+)
+@pytest.mark.parametrize("clip", [1e-3, 0.0], ids=["clipped", "unclipped"])
+def test_the_lean_state_takes_the_same_steps_as_torch_adam(
+    make_tiny_llama, structure, sparsity, clip
+):
+    """Packed moments and gradients taken by hooks change memory, not math: after 8 steps the
+    weights equal torch.optim.Adam's over whole masked tensors to float tolerance (clipping
+    on, at a limit the gradients exceed, and off; at 50% and 2:4 the gradients wait in the
+    pruned entries, at 30% in buffers of their own)."""
+    options = RecoverOptions(
+        steps=8, lr=3e-3, batch_size=3, grad_clip=clip, autocast="off", step_scale="absolute"
+    )
+    old, teacher = _pruned_pair(make_tiny_llama, structure, sparsity)
+    report_old = recover.recover(
+        old, teacher, _windows(), replace(options, lean=False), progress=False
+    )
+    lean, teacher = _pruned_pair(make_tiny_llama, structure, sparsity)
+    stashed = []
+    real_put = lean_adam._Slot.put
+
+    def put(slot, grad):
+        stashed.append(slot.stash)
+        return real_put(slot, grad)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lean_adam._Slot, "put", put)
+        report = recover.recover(lean, teacher, _windows(), options, progress=False)
+    assert (report_old.optimizer, report.optimizer) == ("adam", "lean")
+    assert stashed.count(True) == (0 if sparsity == 0.3 else 8 * 14)  # 14 pruned layers
+    assert report.losses == pytest.approx(report_old.losses, rel=1e-5)
+    start, _ = _pruned_pair(make_tiny_llama, structure, sparsity)
+    for name, param in old.named_parameters():
+        got = lean.get_parameter(name)
+        assert torch.allclose(got, param, rtol=1e-5, atol=1e-7), name
+        assert torch.equal(got == 0, param == 0), name
+    moved = lean.model.layers[0].mlp.up_proj.weight - start.model.layers[0].mlp.up_proj.weight
+    assert moved.abs().max() > 5e-3  # the steps were not negligible (weights' RMS: 0.02)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (8, 8), (1,), (7, 3, 11)])
+def test_a_bit_mask_unpacks_to_the_mask_it_packed(shape):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) < 0.5
+    bits = lean_adam.BitMask(mask)
+    assert torch.equal(bits.unpack(), mask)
+    assert bits.count() == int(mask.sum())
+    assert bits.bits.numel() == -(-mask.numel() // 8)  # one byte per 8 entries
+
+
+def test_the_lean_state_holds_no_whole_gradient_and_frees_the_teacher(make_tiny_llama):
+    """Between the backward and the step no trainable tensor has a ``.grad`` (each was packed
+    by its hook and freed); with ``release_teacher`` every teacher tensor not shared with the
+    student is freed once its hidden states are cached, and the shared ones are intact."""
+    student, teacher = _pruned_pair(make_tiny_llama)
+    embedding = student.model.embed_tokens.weight.detach().clone()
+    seen = []
+    real_step = recover._finish_step
+
+    def finish(optimizer, params, *args):
+        seen.append([name for name, p in params.items() if p.grad is not None])
+        return real_step(optimizer, params, *args)
+
+    options = RecoverOptions(steps=2, lr=1e-2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(recover, "_finish_step", finish)
+        report = recover.recover(
+            student, teacher, _windows(), options, progress=False, release_teacher=True
+        )
+    assert seen == [[], []] and report.optimizer == "lean"
+    assert teacher.model.layers[0].mlp.up_proj.weight.device.type == "meta"
+    assert teacher.model.norm.weight.device.type == "meta"
+    assert teacher.lm_head.weight is student.lm_head.weight
+    assert torch.equal(student.model.embed_tokens.weight, embedding)
