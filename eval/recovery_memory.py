@@ -22,35 +22,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recovery_benchmark import timed  # noqa: E402
+
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE = 2048, 22, 32, 4, 5632
 
 
 def peak_rss(command: list[str], log: Path) -> tuple[int, float]:
     """``(peak RSS in bytes, wall seconds)`` of ``command`` under ``/usr/bin/time -v``."""
-    time_file = log.with_suffix(".time")
-    with log.open("w") as out:
-        subprocess.run(
-            ["/usr/bin/time", "-v", "-o", str(time_file), *command],
-            check=True,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    text = time_file.read_text()
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) * 1024
-    wall = re.search(r"Elapsed \(wall clock\) time.*: (\S+)", text).group(1)
-    seconds = 0.0
-    for part in wall.split(":"):
-        seconds = seconds * 60 + float(part)
-    return rss, seconds
+    run = timed(command, log)
+    return round(run["peak_rss_gib"] * 2**30), run["wall_s"]
 
 
 def random_llama(work: Path, tokenizer_from: str) -> Path:
