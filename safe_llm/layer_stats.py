@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from safe_llm import moe
 from safe_llm.blocks import PrunableMatrix, as_matrix_handle
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,6 @@ def _expert_capture(
     experts: dict[str, PrunableMatrix], stats: dict, hessian: bool, every_token: bool
 ) -> contextlib.AbstractContextManager:
     """The context that feeds each expert matrix's inputs into ``stats[name]``."""
-    from safe_llm import moe
-
     if not experts:
         return contextlib.nullcontext()
     sinks = {}
