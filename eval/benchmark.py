@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from safe_llm.data import builtin_data_dir, evaluation_windows
-from safe_llm.models import resolve_model_path
-from safe_llm.perplexity import perplexity
+from safe_llm.evaluation.perplexity import perplexity
+from safe_llm.io.data import builtin_data_dir, evaluation_windows
+from safe_llm.io.models import resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import safe_llm
-from safe_llm.export import BITMASK_FILE, export_bitmask
+from safe_llm.io.export import BITMASK_FILE, export_bitmask
 
 SETTINGS = [
     ("unstructured", 0.5, "float32"),

@@ -4,7 +4,7 @@ The paper's cost table (SAFE.md section 4: first block of LLaMA-2-7B at 50%, 128
 2048 tokens) timed on this toolkit's engine. The model is built from a config (hidden 4096,
 intermediate 11008, 32 heads, one block) with random weights in bf16, and the calibration
 windows are random token ids: the time does not depend on the values. Each run restores the
-block's initial weights and prunes it through :func:`safe_llm.engine.prune_model` (capture,
+block's initial weights and prunes it through :func:`safe_llm.stages.prune.engine.prune_model` (capture,
 statistics pass, the method, the pruned forward pass), so the seconds are the engine's per-block
 seconds. The paper-setting SAFE (30 epochs, two passes a step) runs for ``--paper-epochs`` and
 its full 30-epoch time is also projected from the measured seconds per step.
@@ -23,9 +23,9 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from safe_llm.engine import prune_model
+from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.methods import build_method
-from safe_llm.sparsity import SparsityPattern
+from safe_llm.stages.prune.engine import prune_model
 
 ABSOLUTE = dict(step_scale="absolute", holdout=0.0)  # the steps the READMEs' figures used
 PAPER = dict(lr=2e-4, epochs=30, train_batch_size=8, lam=1e-3, rho=2e-4, interval=32,

@@ -1,7 +1,7 @@
 """How much of the mask survives a function-preserving rescaling, for SparseGPT and SAFE+.
 
 Prunes the first ``--blocks`` blocks of SmolLM2 and of its rescaled copy
-(:func:`safe_llm.rescale.rescale_norms`, norm gains x c, the linear layers reading them / c)
+(:func:`rescale.rescale_norms`, norm gains x c, the linear layers reading them / c)
 on the same calibration windows and prints the share of identical mask entries. SparseGPT's
 solution is scale-invariant in exact arithmetic, so its agreement measures what floating-point
 rounding alone flips; a scale-free solver should agree as well as it does.
@@ -20,13 +20,13 @@ import sys
 from pathlib import Path
 
 import torch
+from rescale import rescale_norms
 
-from safe_llm import data
-from safe_llm.engine import prune_model
+from safe_llm.core.sparsity import SparsityPattern
+from safe_llm.io import data
+from safe_llm.io.models import load_model
 from safe_llm.methods import build_method
-from safe_llm.models import load_model
-from safe_llm.rescale import rescale_norms
-from safe_llm.sparsity import SparsityPattern
+from safe_llm.stages.prune.engine import prune_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale_benchmark import keep_masks  # noqa: E402

@@ -5,7 +5,7 @@ expert width 512; one decoder layer) with random weights; the calibration window
 text (``c4.utf8`` of the built-in calibration data, as UTF-8 bytes, vocabulary 256) through
 the model's (random) embedding, so the router sees the uneven token mix of real text rather
 than uniform noise. Each run restores the block's initial weights and prunes it through
-:func:`safe_llm.engine.prune_model`; the seconds and the relative reconstruction error
+:func:`safe_llm.stages.prune.engine.prune_model`; the seconds and the relative reconstruction error
 ``||block(X) - Y||^2 / ||Y||^2`` are the engine's own per-block figures, plus how many experts
 received no calibration token and the fewest tokens one did.
 
@@ -26,10 +26,10 @@ import time
 import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from safe_llm.data import builtin_data_dir
-from safe_llm.engine import prune_model
+from safe_llm.core.sparsity import SparsityPattern
+from safe_llm.io.data import builtin_data_dir
 from safe_llm.methods import build_method
-from safe_llm.sparsity import SparsityPattern
+from safe_llm.stages.prune.engine import prune_model
 
 RUNS = [  # (label, method, structure, method options, statistics from every token)
     ("magnitude", "magnitude", "unstructured", None, False),

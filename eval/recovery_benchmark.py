@@ -45,9 +45,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from safe_llm.data import calibration_windows, load_text
-from safe_llm.models import resolve_model_path
-from safe_llm.perplexity import perplexity
+from safe_llm.evaluation.perplexity import perplexity
+from safe_llm.io.data import calibration_windows, load_text
+from safe_llm.io.models import resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "eval"))

@@ -44,7 +44,7 @@ def random_llama(work: Path, tokenizer_from: str) -> Path:
     """A randomly initialised LLaMA-shaped ~1B model pruned to 50% by magnitude (cached)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from safe_llm.models import resolve_model_path
+    from safe_llm.io.models import resolve_model_path
 
     dense, pruned = work / "llama-1b-dense", work / "llama-1b-magnitude-50"
     if not (dense / "config.json").is_file():

@@ -1,6 +1,6 @@
 """Benchmark: does SAFE+ hold on a model whose weights live on another scale?
 
-SmolLM2-135M and its function-preserving rescaled copies (:func:`safe_llm.rescale.rescale_norms`:
+SmolLM2-135M and its function-preserving rescaled copies (:func:`rescale.rescale_norms`:
 every block norm's gain x c, the linear layers reading it / c; same function, other weights),
 pruned with SparseGPT and SAFE+ (options of ``recipes/smollm2-135m-safe+-<50|2-4>.yaml``) on
 the reference protocol: 32 x 512 builtin-c4 calibration windows, seed 0; perplexity on the
@@ -26,16 +26,16 @@ import time
 from pathlib import Path
 
 import torch
+from rescale import rescale_norms
 
-from safe_llm.blocks import find_blocks, prunable_layers, weight_matrix
 from safe_llm.config import load_recipe
-from safe_llm.data import calibration_windows
-from safe_llm.engine import prune_model
+from safe_llm.core.blocks import find_blocks, prunable_layers, weight_matrix
+from safe_llm.core.sparsity import SparsityPattern
+from safe_llm.evaluation.perplexity import perplexity
+from safe_llm.io.data import calibration_windows
+from safe_llm.io.models import load_model
 from safe_llm.methods import build_method
-from safe_llm.models import load_model
-from safe_llm.perplexity import perplexity
-from safe_llm.rescale import rescale_norms
-from safe_llm.sparsity import SparsityPattern
+from safe_llm.stages.prune.engine import prune_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "eval"))

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from safe_llm import prune
-from safe_llm.models import load_tokenizer, resolve_model_path
-from safe_llm.perplexity import perplexity
+from safe_llm.evaluation.perplexity import perplexity
+from safe_llm.io.models import load_tokenizer, resolve_model_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import reference_windows  # noqa: E402

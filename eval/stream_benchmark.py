@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from safe_llm.models import resolve_model_path
+from safe_llm.io.models import resolve_model_path
 
 CHILD = (
     "import resource, sys\n"

@@ -15,15 +15,15 @@ import json
 import time
 
 import torch
+from rescale import rescale_norms
 
-from safe_llm.data import builtin_data_dir, calibration_windows, evaluation_windows
-from safe_llm.engine import prune_model
-from safe_llm.joint import JointOptions
+from safe_llm.core.sparsity import SparsityPattern
+from safe_llm.evaluation.perplexity import perplexity
+from safe_llm.io.data import builtin_data_dir, calibration_windows, evaluation_windows
+from safe_llm.io.models import load_model
 from safe_llm.methods import build_method
-from safe_llm.models import load_model
-from safe_llm.perplexity import perplexity
-from safe_llm.rescale import rescale_norms
-from safe_llm.sparsity import SparsityPattern
+from safe_llm.stages.prune.engine import prune_model
+from safe_llm.stages.prune.joint import JointOptions
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from safe_llm.methods import METHODS, available_methods
 from safe_llm.version import __version__
 
 if TYPE_CHECKING:
-    from safe_llm.run_report import RunReport
+    from safe_llm.report import RunReport
 
 log = logging.getLogger("safe_llm")
 RECOVER_PREFIX = "recover_"
@@ -83,8 +83,8 @@ def _add_field(
 
 
 def _recover_option_group(parser: argparse.ArgumentParser, title: str) -> None:
-    """The ``--recover-<name>`` flags of :class:`~safe_llm.recover.RecoverOptions`."""
-    from safe_llm.recover import RecoverOptions
+    """The ``--recover-<name>`` flags of :class:`~safe_llm.stages.recover.recover.RecoverOptions`."""
+    from safe_llm.stages.recover.recover import RecoverOptions
 
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(RecoverOptions):
@@ -93,7 +93,7 @@ def _recover_option_group(parser: argparse.ArgumentParser, title: str) -> None:
 
 def _pop_recover_options(values: dict) -> dict:
     """Move the ``recover_<name>`` flags out of ``values`` into ``{name: value}``."""
-    from safe_llm.recover import RecoverOptions
+    from safe_llm.stages.recover.recover import RecoverOptions
 
     names = {RECOVER_PREFIX + f.name for f in dataclasses.fields(RecoverOptions)}
     return {k.removeprefix(RECOVER_PREFIX): values.pop(k) for k in list(values) if k in names}
@@ -418,7 +418,7 @@ def _command_line(argv: list[str] | None) -> str:
 
 
 def _run_prune(args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    from safe_llm import distributed
+    from safe_llm.core import distributed
     from safe_llm.pipeline import finish_run, run_prune
 
     config = dataclasses.replace(_config_from_args(args), command_line=_command_line(argv))
@@ -434,8 +434,8 @@ def _run_prune(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
 
 def _run_recover(args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    from safe_llm import distributed
-    from safe_llm.recover import recover_checkpoint
+    from safe_llm.core import distributed
+    from safe_llm.stages.recover.recover import recover_checkpoint
 
     options = _pop_recover_options(dict(vars(args)))
     try:
@@ -469,7 +469,7 @@ def _run_recover(args: argparse.Namespace, argv: list[str] | None = None) -> int
 
 
 def _run_push(args: argparse.Namespace) -> int:
-    from safe_llm.hub import push_checkpoint
+    from safe_llm.io.hub import push_checkpoint
 
     url = push_checkpoint(
         args.checkpoint,
@@ -483,7 +483,7 @@ def _run_push(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from safe_llm.export import export_bitmask
+    from safe_llm.io.export import export_bitmask
 
     sizes = export_bitmask(args.checkpoint, args.output, overwrite=args.overwrite)
     print(
@@ -505,7 +505,7 @@ def _resume_hint(exc, argv: list[str] | None) -> str:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from safe_llm.evaluate import evaluate, format_perplexity, write_json
+    from safe_llm.evaluation.evaluate import evaluate, format_perplexity, write_json
 
     document = evaluate(
         args.model,
@@ -528,7 +528,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     for source, result in document["perplexity"].items():
         print(format_perplexity(source, result))
     if "zeroshot" in document:
-        from safe_llm.zeroshot import format_tasks
+        from safe_llm.evaluation.zeroshot import format_tasks
 
         print("\n".join(format_tasks(document["zeroshot"])))
     if args.json_path:
@@ -537,7 +537,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from safe_llm.report import write_report
+    from safe_llm.evaluation.compare import write_report
 
     for path in write_report(args.runs, args.output, plots=not args.no_plots):
         print(f"wrote {path}")
@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _install_log_handler(getattr(args, "quiet", False))
     _quiet_libraries()
-    from safe_llm.resume import Interrupted
+    from safe_llm.io.work_area import Interrupted
 
     commands = {
         "prune": lambda: _run_prune(args, argv),

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import yaml
 
+from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.errors import SafeLLMError
 from safe_llm.methods import build_method, method_options
 from safe_llm.options import option
-from safe_llm.recover import RECOVERY_METHODS
-from safe_llm.sparsity import SparsityPattern
+from safe_llm.stages.recover.recover import RECOVERY_METHODS
 
 
 class ConfigError(SafeLLMError):
@@ -251,7 +251,7 @@ def make_config(recipe: dict | None = None, overrides: dict | None = None) -> Pr
     for name, value in values.items():
         values[name] = _check_type(name, value, fields[name])
     if values.get("eval"):
-        from safe_llm.evaluate import parse_list
+        from safe_llm.evaluation.evaluate import parse_list
 
         values["eval"] = parse_list(values["eval"])  # "wikitext2,c4" -> ["wikitext2", "c4"]
     if not isinstance(recovery, dict):
@@ -268,7 +268,7 @@ def make_config(recipe: dict | None = None, overrides: dict | None = None) -> Pr
 
 def _check_recover_options(values: dict) -> dict:
     """``recover_options`` with each value checked against :class:`RecoverOptions`'s fields."""
-    from safe_llm.recover import RecoverOptions, recover_options
+    from safe_llm.stages.recover.recover import RecoverOptions, recover_options
 
     fields = {f.name: f for f in dataclasses.fields(RecoverOptions)}
     checked = {n: _check_type(n, v, fields[n]) if n in fields else v for n, v in values.items()}
@@ -351,7 +351,7 @@ def validate(config: PruneConfig) -> None:
 
 def _check_joint(config: PruneConfig) -> None:
     """Joint windows need a window size of at least 1, epochs > 0 and a finite lr >= 0."""
-    from safe_llm.joint import JointOptions
+    from safe_llm.stages.prune.joint import JointOptions
 
     try:
         JointOptions(config.joint_blocks, config.joint_epochs, config.joint_lr)
@@ -361,7 +361,7 @@ def _check_joint(config: PruneConfig) -> None:
 
 def _check_profile(config: PruneConfig) -> None:
     """A non-uniform profile needs unstructured sparsity and sane OWL parameters."""
-    from safe_llm.owl import PROFILES, check_block_sparsities
+    from safe_llm.stages.profiles import PROFILES, check_block_sparsities
 
     if config.sparsity_profile not in PROFILES:
         raise ConfigError(
@@ -398,7 +398,7 @@ def _check_recovery(config: PruneConfig) -> None:
     if config.recover_options.get("dataset"):
         _check_source(config.recover_options["dataset"])
     if config.recover_options.get("fsdp") and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        from safe_llm.fsdp import NEEDS_RANKS
+        from safe_llm.stages.recover.fsdp import NEEDS_RANKS
 
         raise ConfigError(NEEDS_RANKS)  # checked before any pruning; recover() checks again
 
@@ -432,7 +432,7 @@ def parse_size(text: str, flag: str = "size") -> int:
 
 def _check_source(source: str) -> None:
     """A text source that is plainly a local file must exist (checked before any loading)."""
-    from safe_llm import data
+    from safe_llm.io import data
 
     suffixes = data.TEXT_SUFFIXES + data.JSON_SUFFIXES + data.PARQUET_SUFFIXES
     if source in ("c4", "wikitext2") or source in data.BUILTIN_SOURCES:
@@ -454,7 +454,7 @@ def _check_output(output: Path, model: str, overwrite: bool, resume: bool = Fals
             )
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output {output} exists and is not a directory")
-    from safe_llm.resume import WORK_DIR
+    from safe_llm.io.work_area import WORK_DIR
 
     contents = {p.name for p in output.iterdir()} if output.is_dir() else set()
     if contents and not overwrite:

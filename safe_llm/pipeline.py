@@ -11,19 +11,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from safe_llm import data, distributed, precision
-from safe_llm.blocks import check_coverage, find_blocks, prunable_layers, weight_matrix
 from safe_llm.config import ConfigError, PruneConfig, make_config, parse_size
-from safe_llm.engine import EngineOptions, PruneReport, prune_model
-from safe_llm.evaluate import evaluate_perplexity
-from safe_llm.joint import JointOptions
-from safe_llm.memory import StagePeaks, return_freed_memory, serve_large_buffers_from_mmap
+from safe_llm.core import distributed, precision
+from safe_llm.core.blocks import check_coverage, find_blocks, prunable_layers, weight_matrix
+from safe_llm.core.memory import StagePeaks, return_freed_memory, serve_large_buffers_from_mmap
+from safe_llm.core.sparsity import SparsityPattern
+from safe_llm.evaluation.evaluate import evaluate_perplexity
+from safe_llm.io import data
+from safe_llm.io.models import load_model, resolve_device, resolve_dtype
+from safe_llm.io.work_area import EngineState, Interrupted, WorkArea, work_dir
 from safe_llm.methods import build_method
-from safe_llm.models import load_model, resolve_device, resolve_dtype
-from safe_llm.owl import block_sizes, block_sparsities, weighted_sparsity
-from safe_llm.resume import EngineState, Interrupted, WorkArea, work_dir
-from safe_llm.run_report import RunReport
-from safe_llm.sparsity import SparsityPattern
+from safe_llm.report import RunReport
+from safe_llm.stages.profiles import block_sizes, block_sparsities, weighted_sparsity
+from safe_llm.stages.prune.engine import EngineOptions, PruneReport, prune_model
+from safe_llm.stages.prune.joint import JointOptions
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class PruneResult:
 
 def evaluate_sources(model, tokenizer, config: PruneConfig, device, progress: bool) -> dict:
     """``{source: result}`` on each ``config.eval`` source (comma lists allowed), with the
-    harness of :mod:`safe_llm.evaluate` (token perplexity, SparseGPT/Wanda protocol)."""
+    harness of :mod:`safe_llm.evaluation.evaluate` (token perplexity, SparseGPT/Wanda protocol)."""
     return evaluate_perplexity(
         model,
         tokenizer,
@@ -150,7 +151,7 @@ def _load(config: PruneConfig, dtype: torch.dtype):
     if not config.stream_from_disk:
         model, tokenizer, _ = load_model(config.model, dtype, config.trust_remote_code)
         return model, tokenizer, None, None
-    from safe_llm.streaming import DiskBlocks, load_skeleton, write_weights
+    from safe_llm.io.streaming import DiskBlocks, load_skeleton, write_weights
 
     model, tokenizer, files = load_skeleton(config.model, dtype, config.trust_remote_code)
 
@@ -180,9 +181,9 @@ def run_prune(
     """Load, calibrate, prune block by block and (optionally) evaluate.
 
     With ``config.output`` each finished block's state is saved in the output's work area
-    (:mod:`safe_llm.resume`), and ``config.resume`` continues from it; nothing else is written
+    (:mod:`safe_llm.io.work_area`), and ``config.resume`` continues from it; nothing else is written
     (:func:`finish_run` writes the checkpoint). ``should_stop`` is polled after each block's
-    save: a signal number there raises :class:`~safe_llm.resume.Interrupted`. Every check that
+    save: a signal number there raises :class:`~safe_llm.io.work_area.Interrupted`. Every check that
     does not need the model runs before it is loaded, and every check that needs it (pattern
     shapes, finite weights, enough calibration text) before any pruning.
     """
@@ -240,7 +241,7 @@ def _recover(model, tokenizer, config: PruneConfig, device, work, peaks, progres
     the writing rank saves it, or under FSDP every rank its own shards)."""
     if not config.recover:
         return None
-    from safe_llm.recover import run_recovery
+    from safe_llm.stages.recover.recover import run_recovery
 
     state_dir = work.path / "recovery" if work is not None else None
     with peaks.stage("recovery"):
@@ -332,7 +333,7 @@ def finish_run(result: PruneResult) -> str | None:
     or the only process) saves the checkpoint when ``config.output`` is set, the process group
     is released, then the writing rank uploads the checkpoint with ``config.push_to_hub``.
     Returns the Hub commit URL when it pushed, else None."""
-    from safe_llm.checkpoint import save_checkpoint
+    from safe_llm.io.checkpoint import save_checkpoint
 
     config = result.config
     writer = distributed.is_writer()
@@ -343,7 +344,7 @@ def finish_run(result: PruneResult) -> str | None:
         distributed.shutdown()
     if not (writer and config.push_to_hub):
         return None
-    from safe_llm.hub import push_checkpoint
+    from safe_llm.io.hub import push_checkpoint
 
     url = push_checkpoint(
         config.output, config.hub_repo_id, private=config.hub_private, revision=config.hub_revision
@@ -359,7 +360,7 @@ def prune(model: str, **options) -> tuple[nn.Module, RunReport]:
     dataset="builtin-c4", nsamples=32, seqlen=512)``. Writes a checkpoint when ``output``
     is given (and uploads it with ``push_to_hub``; under ``torchrun`` rank 0 alone writes);
     ``progress=True`` shows progress bars. Returns the pruned model (on the host) and the
-    run report (:class:`~safe_llm.run_report.RunReport`; ``report["key"]`` reads the
+    run report (:class:`~safe_llm.report.RunReport`; ``report["key"]`` reads the
     ``report.json`` view).
     """
     progress = bool(options.pop("progress", False))

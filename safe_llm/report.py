@@ -1,347 +1,74 @@
-"""``safe-llm report``: compare pruning runs in a Markdown table and PNG plots.
-
-Each run directory is a checkpoint written by :func:`safe_llm.checkpoint.save_checkpoint`: its
-``report.json`` (method, pattern, per-block reconstruction error and per-matrix sparsity, time,
-peak memory, ``evaluation`` = ``{"dense": {source: {...}}, "pruned": {...}}``) and
-``recipe.yaml`` (the options of the run). Written into ``--output``:
-
-* ``report.md`` -- one row per run, the perplexity protocols underneath;
-* ``reconstruction_error.png`` -- each block's relative output error, per run;
-* ``layer_sparsity.png`` -- the sparsity of every matrix of every block, per run;
-* ``perplexity.png`` -- dense and pruned perplexity per source and run (runs with ``--eval``).
-
-The plots need matplotlib (``pip install 'safe-llm[eval]'``); ``plots=False`` writes only the
-Markdown. Every file is written to a temporary name and renamed into place.
-"""
+"""The report of one pruning run: a typed object, written as ``report.json``."""
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import shutil
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
 
-import yaml
-
-from safe_llm.atomic import umask
-from safe_llm.errors import SafeLLMError
-
-INSTALL_HINT = "pip install 'safe-llm[eval]'"
-PLOTS = ("reconstruction_error.png", "layer_sparsity.png", "perplexity.png")
-
-
-class ReportError(SafeLLMError):
-    """A run directory that cannot be reported, or plots without matplotlib."""
+from safe_llm.stages.prune.engine import BlockReport, PruneReport
 
 
 @dataclass
-class Run:
-    """One pruning run: its directory, ``report.json`` and ``recipe.yaml`` (may be empty)."""
+class RunReport:
+    """What a run did and measured.
 
-    path: Path
-    report: dict
-    recipe: dict
-    label: str = ""
-
-    @property
-    def evaluation(self) -> dict:
-        return self.report.get("evaluation") or {"dense": {}, "pruned": {}}
-
-
-def load_run(path: str | os.PathLike) -> Run:
-    """Read a run directory; raise :class:`ReportError` if it has no readable ``report.json``."""
-    path = Path(path).expanduser()
-    report_file = path / "report.json"
-    if not report_file.is_file():
-        raise ReportError(f"{path} is not a safe-llm run directory: it has no report.json")
-    try:
-        report = json.loads(report_file.read_text())
-        recipe_file = path / "recipe.yaml"
-        recipe = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else {}
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ReportError(f"{path}: cannot read the run files: {exc}") from exc
-    if not isinstance(report, dict) or "method" not in report:
-        raise ReportError(f"{report_file} is not a safe-llm run report")
-    return Run(path, report, recipe or {})
-
-
-def _base_label(run: Run) -> str:
-    report = run.report
-    sparsity = report.get("sparsity")
-    pattern = report.get("pattern", "?")
-    if pattern == "unstructured" and isinstance(sparsity, (int, float)):
-        return f"{report['method']} {sparsity:.0%}"
-    return f"{report['method']} {pattern}"
-
-
-def load_runs(paths: list[str | os.PathLike]) -> list[Run]:
-    """Load every run and give each a short unique label (``wanda 50%``, ``safe+ 2:4``...)."""
-    if not paths:
-        raise ReportError("no run directories given")
-    runs = [load_run(p) for p in paths]
-    bases = [_base_label(r) for r in runs]
-    for run, base in zip(runs, bases, strict=True):
-        run.label = base if bases.count(base) == 1 else f"{base} ({run.path.name})"
-    return runs
-
-
-# --------------------------------------------------------------------------------------------
-# Markdown
-# --------------------------------------------------------------------------------------------
-
-
-def _fmt(value, spec: str = ".3f") -> str:
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        return "-"
-    return format(value, spec)
-
-
-def _sources(runs: list[Run]) -> list[str]:
-    """Every evaluated source, in first-seen order."""
-    seen: dict[str, None] = {}
-    for run in runs:
-        for stage in ("dense", "pruned"):
-            seen.update(dict.fromkeys(run.evaluation.get(stage, {})))
-    return list(seen)
-
-
-def _ppl(run: Run, stage: str, source: str):
-    return run.evaluation.get(stage, {}).get(source, {}).get("perplexity")
-
-
-def _row(run: Run, sources: list[str]) -> list[str]:
-    report, recipe = run.report, run.recipe
-    cells = [
-        run.label,
-        f"`{report.get('model') or recipe.get('model', '?')}`",
-        report["method"],
-        str(report.get("pattern", "?")),
-        _fmt(report.get("overall_sparsity"), ".4f"),
-    ]
-    for source in sources:
-        dense, pruned = _ppl(run, "dense", source), _ppl(run, "pruned", source)
-        cells.append(f"{_fmt(dense)} → {_fmt(pruned)}" if dense or pruned else "-")
-    memory = report.get("peak_memory_bytes")
-    cells += [
-        _fmt(report.get("seconds"), ".1f"),
-        _fmt(report.get("total_seconds"), ".1f"),
-        _fmt(memory / 2**30 if isinstance(memory, (int, float)) else None, ".2f"),
-    ]
-    return cells
-
-
-def _protocols(runs: list[Run], sources: list[str]) -> list[str]:
-    lines = []
-    for source in sources:
-        labels = {
-            r.evaluation[stage][source].get("protocol")
-            or f"seqlen {r.evaluation[stage][source]['seqlen']}"
-            for r in runs
-            for stage in ("dense", "pruned")
-            if source in r.evaluation.get(stage, {})
-        }
-        lines += [f"- **{source}**: {label}" for label in sorted(labels)]
-    return lines
-
-
-def markdown(runs: list[Run], plots: list[str] = ()) -> str:
-    """The report: a table with one row per run, the protocols, the plots."""
-    sources = _sources(runs)
-    header = ["run", "model", "method", "structure", "sparsity"]
-    header += [f"{s} ppl (dense → pruned)" for s in sources]
-    header += ["pruning time (s)", "total time (s)", "peak memory (GiB)"]
-    lines = ["# safe-llm runs", ""]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_row(run, sources)) + " |" for run in runs]
-    lines += ["", "Sparsity: the achieved fraction of zeros over all pruned matrices."]
-    if sources:
-        lines += ["", "## Perplexity protocols", "", *_protocols(runs, sources)]
-    else:
-        lines += ["", "No run was evaluated (prune with `--eval wikitext2,c4` to compare)."]
-    lines += ["", "## Runs", ""]
-    lines += [f"- **{r.label}**: `{r.path}`" + _calibration(r) for r in runs]
-    if plots:
-        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
-    return "\n".join(lines) + "\n"
-
-
-def _calibration(run: Run) -> str:
-    cal = run.report.get("calibration") or {}
-    if not cal:
-        return ""
-    return (
-        f" (calibration: {cal.get('nsamples')} x {cal.get('seqlen')} tokens of "
-        f"{cal.get('dataset')}, seed {cal.get('seed')})"
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# plots
-# --------------------------------------------------------------------------------------------
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise ReportError(
-            f"the report's plots need matplotlib: {INSTALL_HINT} (or pass --no-plots)"
-        ) from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_reconstruction_error(plt, runs: list[Run], path: Path) -> None:
-    """Each block's relative output error ``||Y_pruned - Y_dense|| / ||Y_dense||``, per run."""
-    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
-    for run in runs:
-        blocks = run.report.get("blocks", [])
-        ax.plot(
-            [b["index"] for b in blocks],
-            [b["reconstruction_error"] for b in blocks],
-            marker="o",
-            markersize=3,
-            label=run.label,
-        )
-    ax.set_yscale("log")
-    ax.set_xlabel("block")
-    ax.set_ylabel("relative output error (log)")
-    ax.set_title("Per-block reconstruction error")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _sparsity_matrix(run: Run) -> tuple[list[str], list[int], list[list[float]]]:
-    """``(matrix names, block indices, [names][blocks] sparsity)`` (NaN where absent)."""
-    blocks = run.report.get("blocks", [])
-    names = list(dict.fromkeys(n for b in blocks for n in b.get("layer_sparsity", {})))
-    values = [[b.get("layer_sparsity", {}).get(n, math.nan) for b in blocks] for n in names]
-    return names, [b["index"] for b in blocks], values
-
-
-def _sparsity_range(runs: list[Run]) -> tuple[float, float]:
-    """Colour range: the data's range padded to at least 0.1, so small differences show."""
-    values = [
-        v for r in runs for row in _sparsity_matrix(r)[2] for v in row if math.isfinite(v)
-    ] or [0.0, 1.0]
-    low, high = min(values), max(values)
-    pad = max(0.0, 0.1 - (high - low)) / 2
-    return max(0.0, low - pad), min(1.0, high + pad)
-
-
-def _annotate(ax, values: list[list[float]]) -> None:
-    for i, row in enumerate(values):
-        for j, value in enumerate(row):
-            if math.isfinite(value):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="w")
-
-
-def plot_layer_sparsity(plt, runs: list[Run], path: Path) -> None:
-    """A heatmap per run: rows are matrices, columns blocks, colour the fraction of zeros
-    (cells carry their value when there are few enough of them to read)."""
-    height = sum(0.7 + 0.2 * max(1, len(_sparsity_matrix(r)[0])) for r in runs)
-    fig, axes = plt.subplots(
-        len(runs), 1, figsize=(9, height + 0.6), squeeze=False, layout="constrained"
-    )
-    vmin, vmax = _sparsity_range(runs)
-    image = None
-    for ax, run in zip(axes[:, 0], runs, strict=True):
-        names, blocks, values = _sparsity_matrix(run)
-        if not names:
-            ax.set_axis_off()
-            ax.set_title(f"{run.label}: no per-matrix sparsity recorded", fontsize="small")
-            continue
-        image = ax.imshow(values, aspect="auto", vmin=vmin, vmax=vmax, cmap="viridis")
-        if len(names) * len(blocks) <= 320:
-            _annotate(ax, values)
-        ax.set_yticks(range(len(names)), names, fontsize="x-small")
-        step = max(1, len(blocks) // 16)
-        ax.set_xticks(range(0, len(blocks), step), blocks[::step], fontsize="x-small")
-        ax.set_title(run.label, fontsize="small")
-    axes[-1, 0].set_xlabel("block")
-    if image is not None:
-        fig.colorbar(image, ax=axes[:, 0].tolist(), label="sparsity (fraction of zeros)")
-    fig.suptitle("Per-matrix sparsity")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_perplexity(plt, runs: list[Run], path: Path) -> None:
-    """One panel per source, one row per run: dense (hollow) -> pruned (filled) perplexity."""
-    sources = _sources(runs)
-    fig, axes = plt.subplots(
-        1,
-        len(sources),
-        figsize=(2.0 + 3.6 * len(sources), 1.4 + 0.45 * len(runs)),
-        squeeze=False,
-        layout="constrained",
-    )
-    rows = range(len(runs))[::-1]  # first run on top
-    for ax, source in zip(axes[0], sources, strict=True):
-        dense = [_ppl(r, "dense", source) or math.nan for r in runs]
-        pruned = [_ppl(r, "pruned", source) or math.nan for r in runs]
-        ax.hlines(rows, dense, pruned, color="0.6", linewidth=1.5, zorder=1)
-        ax.scatter(dense, rows, facecolors="white", edgecolors="C0", label="dense", zorder=2)
-        ax.scatter(pruned, rows, color="C3", label="pruned", zorder=3)
-        for y, value in zip(rows, pruned, strict=True):
-            if math.isfinite(value):
-                ax.annotate(f" {value:.2f}", (value, y), va="center", fontsize="x-small")
-        finite = [v for v in dense + pruned if math.isfinite(v)]
-        if finite and max(finite) / min(finite) > 20:
-            ax.set_xscale("log")
-        ax.margins(x=0.18, y=0.3)
-        ax.set_yticks(list(rows), [r.label for r in runs])
-        ax.set_title(source)
-        ax.set_xlabel("token perplexity (lower is better)")
-        ax.grid(True, axis="x", alpha=0.3)
-    axes[0, 0].legend(fontsize="x-small", loc="best")
-    fig.suptitle("Perplexity by method: dense → pruned")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _write_plots(runs: list[Run], directory: Path) -> list[str]:
-    plt = _pyplot()
-    plot_reconstruction_error(plt, runs, directory / PLOTS[0])
-    plot_layer_sparsity(plt, runs, directory / PLOTS[1])
-    written = [PLOTS[0], PLOTS[1]]
-    if _sources(runs):
-        plot_perplexity(plt, runs, directory / PLOTS[2])
-        written.append(PLOTS[2])
-    return written
-
-
-def write_report(
-    run_dirs: list[str | os.PathLike], output: str | os.PathLike, plots: bool = True
-) -> list[Path]:
-    """Write ``report.md`` (and the PNG plots) for ``run_dirs`` into ``output``.
-
-    Everything is rendered into a temporary directory inside ``output`` first and then renamed
-    file by file, so an error leaves no partial report. Returns the written paths.
+    ``pattern`` is ``"unstructured"`` or ``"N:M"``; ``sparsity`` the target over all pruned
+    weights; ``block_sparsity`` each block's target (``sparsity_profile``: uniform, owl or
+    explicit; ``owl_outlier_ratios`` with owl); ``evaluation`` ``{"dense": {source: result},
+    "pruned": {...}}`` (see :func:`safe_llm.evaluation.evaluate.source_perplexity`); ``blocks`` the
+    engine's per-block reports; times in seconds, memory in bytes.
     """
-    runs = load_runs(list(run_dirs))
-    if plots:
-        _pyplot()  # a missing matplotlib fails before anything is written
-    output = Path(output).expanduser()
-    if output.exists() and not output.is_dir():
-        raise ReportError(f"--output {output} exists and is not a directory")
-    output.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".report.tmp-", dir=output))
-    try:
-        names = _write_plots(runs, tmp) if plots else []
-        (tmp / "report.md").write_text(markdown(runs, names), encoding="utf-8")
-        names.append("report.md")
-        mask = umask()
-        for name in names:
-            (tmp / name).chmod(0o666 & ~mask)
-            os.replace(tmp / name, output / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return [output / name for name in names]
+
+    model: str
+    command: str | None
+    method: str
+    pattern: str
+    sparsity: float
+    sparsity_profile: str
+    block_sparsity: list[float]
+    owl_outlier_ratios: list[float] | None
+    data_parallel_ranks: int
+    device: str
+    dtype: str
+    precision: dict = field(default_factory=dict)  # bf16 support and what the run computed in
+    calibration: dict = field(default_factory=dict)
+    evaluation: dict = field(default_factory=dict)
+    recovery: dict | None = None  # what --recover did (data, steps, tokens, losses)
+    finished: str = ""
+    blocks: list[BlockReport] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    overall_sparsity: float = 0.0
+    resumed_from_block: int = 0
+    all_block_weights_sparsity: float = float("nan")  # every block weight of 2+ dimensions
+    unpruned_block_weights: dict = field(default_factory=dict)  # left dense: {name: params}
+    stage_peak_memory_bytes: dict = field(default_factory=dict)  # per stage of the run
+    total_seconds: float = 0.0
+
+    @classmethod
+    def from_engine(cls, engine: PruneReport, **fields) -> RunReport:
+        """The run's report from the engine's and the run's own ``fields``."""
+        return cls(**vars(engine), **fields)
+
+    @classmethod
+    def from_dict(cls, document: dict) -> RunReport:
+        """The report of a ``report.json`` document (keys this version does not know, from an
+        older or newer writer, are dropped)."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in document.items() if k in names}
+        values["blocks"] = [BlockReport(**b) for b in document.get("blocks", [])]
+        values.setdefault("owl_outlier_ratios", None)
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        """The ``report.json`` document (``owl_outlier_ratios`` only with OWL, ``recovery``
+        only after a recovery)."""
+        document = asdict(self)
+        for optional in ("owl_outlier_ratios", "recovery"):
+            if document[optional] is None:
+                del document[optional]
+        return document
+
+    def __getitem__(self, key: str):
+        """``report["method"]``: the ``report.json`` view, for code written against the dict
+        that :func:`safe_llm.prune` returned before 0.2."""
+        return self.to_dict()[key]

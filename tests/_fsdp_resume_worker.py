@@ -11,9 +11,10 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from safe_llm import distributed, recover
-from safe_llm.recover import RecoverOptions
-from safe_llm.sparsity import SparsityPattern
+from safe_llm.core import distributed
+from safe_llm.core.sparsity import SparsityPattern
+from safe_llm.stages.recover import recover
+from safe_llm.stages.recover.recover import RecoverOptions
 
 
 def pruned_pair():

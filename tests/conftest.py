@@ -86,7 +86,7 @@ def calibration_file(tmp_path):
 @pytest.fixture(autouse=True)
 def _private_perplexity_cache(tmp_path_factory, monkeypatch):
     """Every test gets an empty perplexity cache of its own (never the user's)."""
-    from safe_llm import result_cache
+    from safe_llm.evaluation import cache as result_cache
 
     directory = tmp_path_factory.mktemp("ppl_cache")
     monkeypatch.setattr(result_cache, "cache_dir", lambda: directory)

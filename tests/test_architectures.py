@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from safe_llm.blocks import (
+from safe_llm.core.blocks import (
     BlockDiscoveryError,
     capture_block_inputs,
     find_blocks,
@@ -16,9 +16,9 @@ from safe_llm.blocks import (
     run_block,
     weight_matrix,
 )
-from safe_llm.engine import prune_model
+from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.methods import build_method
-from safe_llm.sparsity import SparsityPattern
+from safe_llm.stages.prune.engine import prune_model
 
 CPU = torch.device("cpu")
 SEQ = 24

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from safe_llm.blocks import find_blocks, prunable_layers, weight_matrix
-from safe_llm.engine import prune_model
-from safe_llm.layer_stats import collect_input_stats
+from safe_llm.core.blocks import find_blocks, prunable_layers, weight_matrix
+from safe_llm.core.layer_stats import collect_input_stats
+from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.methods import build_method
 from safe_llm.methods.sparsegpt import inverse_hessian_factor, sparsegpt_prune
-from safe_llm.sparsity import SparsityPattern
+from safe_llm.stages.prune.engine import prune_model
 
 CPU = torch.device("cpu")
 PATTERNS = {

@@ -443,7 +443,7 @@ def test_output_that_is_a_file_is_refused(base_args, tmp_path, capsys, forbid):
 
 
 def test_multi_line_library_error_is_printed_on_one_line(base_args, monkeypatch, capsys):
-    from safe_llm.models import ModelError
+    from safe_llm.io.models import ModelError
 
     def fail(*args, **kwargs):
         raise ModelError("cannot load:\nfirst reason\n\n  second reason")

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from safe_llm.blocks import find_blocks, prunable_layers, weight_matrix
-from safe_llm.engine import model_sparsity, prune_model
+from safe_llm.core.blocks import find_blocks, prunable_layers, weight_matrix
+from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.methods import build_method
-from safe_llm.sparsity import SparsityPattern
+from safe_llm.stages.prune.engine import model_sparsity, prune_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

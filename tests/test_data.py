@@ -1,4 +1,4 @@
-"""Tests for safe_llm.data: sources, calibration windows and evaluation windows (all offline)."""
+"""Tests for safe_llm.io.data: sources, calibration windows and evaluation windows (all offline)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from safe_llm import data
-from safe_llm.data import DataError, calibration_windows, evaluation_windows, load_text
+from safe_llm.io import data
+from safe_llm.io.data import DataError, calibration_windows, evaluation_windows, load_text
 
 HAS_EXLLAMAV3 = importlib.util.find_spec("exllamav3") is not None
 needs_exllamav3 = pytest.mark.skipif(not HAS_EXLLAMAV3, reason="exllamav3 is not installed")

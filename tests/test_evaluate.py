@@ -1,4 +1,4 @@
-"""The evaluation harness (safe_llm.evaluate) and ``safe-llm eval`` / ``prune --eval``, offline."""
+"""The evaluation harness (safe_llm.evaluation.evaluate) and ``safe-llm eval`` / ``prune --eval``, offline."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from safe_llm import cli, data
-from safe_llm.evaluate import evaluate_perplexity, parse_list, source_perplexity
-from safe_llm.perplexity import SeqlenError
+from safe_llm import cli
+from safe_llm.evaluation.evaluate import evaluate_perplexity, parse_list, source_perplexity
+from safe_llm.evaluation.perplexity import SeqlenError
+from safe_llm.io import data
 
 SEQLEN = 16
 WIKITEXT_README = """---
@@ -85,7 +86,7 @@ def _direct_perplexity(model, tokenizer, text: str, seqlen: int, max_windows=Non
 
 
 def _load(model_dir):
-    from safe_llm.models import load_model
+    from safe_llm.io.models import load_model
 
     model, tokenizer, _ = load_model(str(model_dir))
     return model, tokenizer
@@ -220,7 +221,9 @@ def test_eval_cli_writes_json_with_a_protocol_label_for_every_number(
 def test_python_evaluate_gives_the_document_safe_llm_eval_writes(model_dir, text_file, tmp_path):
     import safe_llm
 
-    document = safe_llm.evaluate(str(model_dir), str(text_file), seqlen=SEQLEN, batch_size=2)
+    document = safe_llm.evaluation.evaluate(
+        str(model_dir), str(text_file), seqlen=SEQLEN, batch_size=2
+    )
     out = tmp_path / "eval.json"
     assert cli.main(_eval(model_dir, "--datasets", str(text_file), "--json", str(out))) == 0
     written = json.loads(out.read_text())
@@ -278,7 +281,7 @@ def test_eval_cli_bad_options_are_one_error_line_exit_2(model_dir, extra, needle
 def test_eval_cli_tasks_without_lm_eval_ask_for_the_extra(model_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
     monkeypatch.setattr(
-        "safe_llm.models.load_model", lambda *a, **k: pytest.fail("model loaded first")
+        "safe_llm.io.models.load_model", lambda *a, **k: pytest.fail("model loaded first")
     )
     assert cli.main([*_eval(model_dir), "--tasks", "boolq"]) == 2
     err = capsys.readouterr().err

@@ -28,9 +28,10 @@ SEQLEN, WINDOWS = 256, 2
 
 
 def test_eval_cli_on_smollm2_matches_perplexity_on_the_same_windows(smollm2_cache, tmp_path):
-    from safe_llm import cli, data
-    from safe_llm.models import load_model
-    from safe_llm.perplexity import perplexity
+    from safe_llm import cli
+    from safe_llm.evaluation.perplexity import perplexity
+    from safe_llm.io import data
+    from safe_llm.io.models import load_model
 
     out = tmp_path / "eval.json"
     args = ["eval", "--model", "smollm2-135m", "--datasets", "builtin-wiki", "--quiet"]

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 import safe_llm
 from safe_llm import cli
-from safe_llm.export import (
+from safe_llm.core.sparsity import SparsityPattern
+from safe_llm.io.export import (
     BITMASK_FILE,
     ExportError,
     export_bitmask,
@@ -24,7 +25,6 @@ from safe_llm.export import (
     unpack_state_dict,
     unpack_tensor,
 )
-from safe_llm.sparsity import SparsityPattern
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -204,7 +204,7 @@ def test_sharded_checkpoint_is_read_whole(tmp_path):
     save_file({"b": torch.randn(8, 8)}, str(source / "model-00002-of-00002.safetensors"))
     output = tmp_path / "one.safetensors"
     export_bitmask(source, output)
-    from safe_llm.export import load_state_dict
+    from safe_llm.io.export import load_state_dict
 
     tensors, config = load_state_dict(output)
     assert set(tensors) == {"a", "b"} and torch.equal(tensors["a"], first)

@@ -18,10 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from safe_llm import atomic, cli, engine, resume
+from safe_llm import cli
+from safe_llm.core import atomic
+from safe_llm.io import work_area as resume
+from safe_llm.io.work_area import WORK_DIR, WorkArea
 from safe_llm.methods import METHODS, register
 from safe_llm.methods.base import PruningMethod
-from safe_llm.resume import WORK_DIR, WorkArea
+from safe_llm.stages.prune import engine
 
 
 @pytest.fixture

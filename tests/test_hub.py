@@ -216,7 +216,7 @@ def test_python_prune_on_a_rank_that_does_not_write_leaves_output_and_hub_alone(
     hub, save_tiny_model, calibration_file, tmp_path, monkeypatch
 ):
     import safe_llm
-    from safe_llm import distributed
+    from safe_llm.core import distributed
 
     monkeypatch.setattr(distributed, "is_writer", lambda: False)
     out = tmp_path / "pruned"

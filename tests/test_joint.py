@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from safe_llm import engine
-from safe_llm.blocks import find_blocks, prunable_layers
 from safe_llm.config import ConfigError, make_config
-from safe_llm.joint import JointOptions, NonFiniteJointLossError
+from safe_llm.core.blocks import find_blocks, prunable_layers
+from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.methods.magnitude import Magnitude
-from safe_llm.sparsity import SparsityPattern
+from safe_llm.stages.prune import engine
+from safe_llm.stages.prune.joint import JointOptions, NonFiniteJointLossError
 
 PATTERNS = {
     "unstructured": SparsityPattern.parse("unstructured", 0.5),

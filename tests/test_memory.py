@@ -8,14 +8,14 @@ import sys
 import pytest
 import torch
 
-from safe_llm import memory
+from safe_llm.core import memory
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="VmHWM is Linux's")
 def test_a_process_started_by_a_large_parent_reports_its_own_peak():
     ballast = torch.ones(2**27)  # 0.5 GiB resident in this (parent) process
     assert memory.process_peak_bytes() > ballast.nbytes
-    code = "from safe_llm.memory import process_peak_bytes as p; print(p())"
+    code = "from safe_llm.core.memory import process_peak_bytes as p; print(p())"
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     # ru_maxrss would report the parent's resident memory at fork time: above 0.5 GiB
     assert int(child.stdout) < ballast.nbytes

@@ -21,12 +21,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from safe_llm.blocks import find_blocks, prunable_layers, weight_matrix
 from safe_llm.config import make_config
+from safe_llm.core.blocks import find_blocks, prunable_layers, weight_matrix
+from safe_llm.io.work_area import Interrupted
 from safe_llm.methods import METHODS, available_methods, get_method_class
 from safe_llm.methods.base import BlockContext, PruningMethod
 from safe_llm.pipeline import finish_run, run_prune
-from safe_llm.resume import Interrupted
 
 IGNORED = ("mlp.down_proj", "self_attn.o_proj")
 # quick options for methods whose defaults are sized for real models (still the same code path)

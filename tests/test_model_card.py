@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from safe_llm import cli
-from safe_llm.model_card import base_model_id, render_model_card
+from safe_llm.io.model_card import base_model_id, render_model_card
 
 
 def _front_matter(card: str) -> dict:

@@ -18,19 +18,19 @@ import transformers
 from safetensors import safe_open
 
 from safe_llm import cli
-from safe_llm.blocks import (
+from safe_llm.core.blocks import (
     CoverageError,
     capture_block_inputs,
     find_blocks,
     prunable_layers,
     run_block,
 )
-from safe_llm.engine import prune_model
-from safe_llm.layer_stats import collect_input_stats
+from safe_llm.core.layer_stats import collect_input_stats
+from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.methods import build_method, get_method_class
 from safe_llm.pipeline import check_prunable
-from safe_llm.recover import sparsity_masks, trainable_parameters
-from safe_llm.sparsity import SparsityPattern
+from safe_llm.stages.prune.engine import prune_model
+from safe_llm.stages.recover.recover import sparsity_masks, trainable_parameters
 
 CPU = torch.device("cpu")
 EXPERTS = 8
@@ -474,7 +474,7 @@ def test_safe_trains_the_experts_and_joint_windows_keep_their_masks():
     for e in range(EXPERTS):
         assert pattern.satisfied_by(mine[e].t())
 
-    from safe_llm.joint import JointOptions
+    from safe_llm.stages.prune.joint import JointOptions
 
     joint = make_moe("qwen3_moe")
     report = prune_model(
@@ -543,7 +543,7 @@ def test_cli_prunes_a_saved_moe_model_and_its_report_says_what_stayed_dense(
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
 def test_bitmask_export_packs_the_experts_and_loads_back_bit_for_bit(arch, tmp_path):
-    from safe_llm.export import export_bitmask, load
+    from safe_llm.io.export import export_bitmask, load
 
     model = make_moe(arch)
     pattern = SparsityPattern.parse("2:4")
@@ -560,7 +560,7 @@ def test_bitmask_export_packs_the_experts_and_loads_back_bit_for_bit(arch, tmp_p
 
 
 def test_an_moe_run_stopped_after_a_block_resumes_to_the_same_bits(tmp_path):
-    from safe_llm.resume import EngineState, WorkArea
+    from safe_llm.io.work_area import EngineState, WorkArea
 
     pattern = SparsityPattern.parse("2:4")
     windows = make_windows(4, 16)
@@ -601,8 +601,8 @@ def test_an_moe_run_stopped_after_a_block_resumes_to_the_same_bits(tmp_path):
 def test_recovery_trains_the_experts_and_keeps_every_experts_zeros(tmp_path, lean):
     import copy
 
-    from safe_llm import recover
-    from safe_llm.recover import RecoverOptions
+    from safe_llm.stages.recover import recover
+    from safe_llm.stages.recover.recover import RecoverOptions
 
     teacher = make_moe("qwen3_moe")
     student = copy.deepcopy(teacher)
@@ -672,7 +672,7 @@ def test_streaming_a_fused_expert_checkpoint_gives_the_fully_loaded_bits(
 ):
     from safetensors.torch import load_file
 
-    from safe_llm.checkpoint import save_checkpoint
+    from safe_llm.io.checkpoint import save_checkpoint
     from safe_llm.pipeline import run_prune
 
     source = _saved_moe("gpt_oss", tmp_path / "moe", tiny_tokenizer)  # fused on disk too
@@ -693,7 +693,7 @@ def test_streaming_a_fused_expert_checkpoint_gives_the_fully_loaded_bits(
 def test_streaming_a_per_expert_checkpoint_says_why_it_cannot(
     tmp_path, tiny_tokenizer, calibration_file
 ):
-    from safe_llm.models import ModelError
+    from safe_llm.io.models import ModelError
     from safe_llm.pipeline import run_prune
 
     source = _saved_moe("qwen3_moe", tmp_path / "moe", tiny_tokenizer)  # per-expert keys

@@ -1,4 +1,4 @@
-"""Tests for safe_llm.perplexity against an independent direct computation."""
+"""Tests for safe_llm.evaluation.perplexity against an independent direct computation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from safe_llm.perplexity import perplexity
+from safe_llm.evaluation.perplexity import perplexity
 
 NWINDOWS, SEQLEN, VOCAB = 7, 24, 128
 
@@ -124,7 +124,7 @@ def test_perplexity_shows_a_progress_bar_when_asked(make_tiny_llama, capsys):
 
 def _full_logit_perplexity(model, windows: torch.Tensor, batch_size: int) -> float:
     """The path before chunking: whole-batch logits, one cross-entropy over them."""
-    from safe_llm.perplexity import window_nlls
+    from safe_llm.evaluation.perplexity import window_nlls
 
     with torch.no_grad():
         nlls = [window_nlls(model, w, split=None) for w in windows.split(batch_size)]
@@ -135,7 +135,7 @@ def _full_logit_perplexity(model, windows: torch.Tensor, batch_size: int) -> flo
 def test_chunked_cross_entropy_gives_the_full_logit_perplexity_to_1e6(
     make_tiny_llama, monkeypatch, chunk_elements
 ):
-    from safe_llm import perplexity as module
+    from safe_llm.evaluation import perplexity as module
 
     model = make_tiny_llama(seed=5)
     windows = _windows(seed=5)
@@ -146,7 +146,7 @@ def test_chunked_cross_entropy_gives_the_full_logit_perplexity_to_1e6(
 
 
 def test_chunked_cross_entropy_never_builds_the_whole_batch_logits(make_tiny_llama, monkeypatch):
-    from safe_llm import perplexity as module
+    from safe_llm.evaluation import perplexity as module
 
     model = make_tiny_llama(seed=6)
     windows = _windows(seed=6)
@@ -159,7 +159,7 @@ def test_chunked_cross_entropy_never_builds_the_whole_batch_logits(make_tiny_lla
 
 
 def test_a_model_that_rescales_its_logits_is_scored_from_its_full_logits(make_tiny_llama):
-    from safe_llm.perplexity import head_split
+    from safe_llm.evaluation.perplexity import head_split
 
     model = make_tiny_llama(seed=7)
     original = type(model).forward

@@ -10,9 +10,9 @@ import warnings
 import pytest
 import torch
 
-from safe_llm import precision
+from safe_llm.core import precision
+from safe_llm.io.models import resolve_dtype
 from safe_llm.methods import build_method
-from safe_llm.models import resolve_dtype
 
 CPU = torch.device("cpu")
 

@@ -16,14 +16,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from safe_llm import cli, lean_adam, recover
-from safe_llm.recover import RecoverOptions, RecoveryError, sparsity_masks
+from safe_llm import cli
+from safe_llm.stages.recover import recover
+from safe_llm.stages.recover.recover import RecoverOptions, RecoveryError, sparsity_masks
+from safe_llm.train import masked_adam as lean_adam
 
 
 def _pruned_pair(make_tiny_llama, structure: str = "unstructured", sparsity: float = 0.5):
     """(student, teacher): a tiny Llama pruned by magnitude per matrix (``sparsity`` or 2:4),
     and a dense copy with sharpened logits so the KL is far from zero."""
-    from safe_llm.sparsity import SparsityPattern
+    from safe_llm.core.sparsity import SparsityPattern
 
     teacher = make_tiny_llama(seed=0)
     with torch.no_grad():
@@ -247,7 +249,7 @@ def test_auto_autocast_is_bf16_exactly_where_the_device_computes_it_natively(
 
 def _recovered_pair(make_tiny_llama, scale: float, step_scale: str):
     """(recovered student, recovered copy of it rescaled by ``scale`` before recovery)."""
-    from safe_llm.rescale import rescale_norms
+    from rescale import rescale_norms
 
     options = RecoverOptions(
         steps=4, lr=3e-2, batch_size=8, step_scale=step_scale, grad_clip=0.0, autocast="off"

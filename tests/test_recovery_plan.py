@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from safe_llm import cli, recovery_plan
+from safe_llm import cli
+from safe_llm.stages.recover import plan as recovery_plan
 
 SHAPE = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
              num_attention_heads=8, num_key_value_heads=4)  # fmt: skip  # 41M parameters
@@ -67,8 +68,8 @@ def test_the_planned_peak_is_within_a_quarter_of_the_measured_one(
 def test_a_recovery_that_will_not_fit_stops_in_one_line_before_the_teacher_is_loaded(
     save_tiny_model, calibration_file, tmp_path, monkeypatch, capsys
 ):
-    from safe_llm import models
-    from safe_llm.recover import RecoverOptions
+    from safe_llm.io import models
+    from safe_llm.stages.recover.recover import RecoverOptions
 
     pruned = _pruned_checkpoint(save_tiny_model, calibration_file, tmp_path, **SHAPE)
     student, _, _ = models.load_model(str(pruned))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from safe_llm import cli
-from safe_llm.report import PLOTS, load_runs, markdown
+from safe_llm.evaluation.compare import PLOTS, load_runs, markdown
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -113,7 +113,7 @@ def test_identical_run_labels_are_told_apart_by_directory(runs, tmp_path):
 
 
 def test_per_matrix_sparsity_in_the_plot_data_shows_dense_matrices(runs):
-    from safe_llm.report import _sparsity_matrix
+    from safe_llm.evaluation.compare import _sparsity_matrix
 
     _, magnitude, _ = runs
     names, blocks, values = _sparsity_matrix(load_runs([magnitude])[0])

@@ -6,17 +6,17 @@ import importlib
 
 import torch
 
-from safe_llm import result_cache
-from safe_llm.evaluate import source_perplexity
-from safe_llm.perplexity import perplexity
+from safe_llm.evaluation import cache as result_cache
+from safe_llm.evaluation.evaluate import source_perplexity
+from safe_llm.evaluation.perplexity import perplexity
 
 SEQLEN = 16
 
 
 def _counting(monkeypatch):
     calls = []
-    # the module (``safe_llm.evaluate`` is the function that the package exports)
-    evaluate = importlib.import_module("safe_llm.evaluate")
+    # the module (``safe_llm.evaluation.evaluate`` is the function that the package exports)
+    evaluate = importlib.import_module("safe_llm.evaluation.evaluate")
 
     def counted(*args, **kwargs):
         calls.append(1)
@@ -74,7 +74,7 @@ def test_weights_of_a_model_not_in_memory_have_no_fingerprint(make_tiny_llama):
 def test_large_buffers_are_served_by_mmap_on_glibc(monkeypatch):
     import sys
 
-    from safe_llm import memory
+    from safe_llm.core import memory
 
     if sys.platform == "linux":  # glibc: the setting is there to make
         assert memory._mallopt() is not None

@@ -15,18 +15,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from safe_llm import cli, engine
-from safe_llm.blocks import find_blocks
-from safe_llm.joint import JointOptions
-from safe_llm.methods import METHODS, register
-from safe_llm.methods.base import PruningMethod
-from safe_llm.resume import (
+from safe_llm import cli
+from safe_llm.core.blocks import find_blocks
+from safe_llm.core.sparsity import SparsityPattern
+from safe_llm.io.work_area import (
     WORK_DIR,
     EngineState,
     WorkArea,
     config_differences,
 )
-from safe_llm.sparsity import SparsityPattern
+from safe_llm.methods import METHODS, register
+from safe_llm.methods.base import PruningMethod
+from safe_llm.stages.prune import engine
+from safe_llm.stages.prune.joint import JointOptions
 
 BLOCKS = 4
 CORPUS = [
@@ -40,7 +41,9 @@ CORPUS = [
 # file is complete and before it is renamed into place (a kill mid-save).
 RUNNER = """
 import os, signal, sys
-from safe_llm import cli, engine, resume
+from safe_llm import cli
+from safe_llm.stages.prune import engine
+from safe_llm.io import work_area as resume
 
 sig = getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL"))
 kill_block = os.environ.get("KILL_IN_BLOCK")

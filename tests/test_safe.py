@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from safe_llm.blocks import BlockCall, find_blocks, prunable_layers, weight_matrix
-from safe_llm.engine import prune_model
-from safe_llm.layer_stats import InputStats
+from safe_llm.core.blocks import BlockCall, find_blocks, prunable_layers, weight_matrix
+from safe_llm.core.layer_stats import InputStats
+from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.methods import build_method
 from safe_llm.methods.base import BlockContext
 from safe_llm.methods.safe import NonFiniteLossError
-from safe_llm.sparsity import SparsityPattern
+from safe_llm.stages.prune.engine import prune_model
 
 CPU = torch.device("cpu")
 HALF = SparsityPattern.parse("unstructured", 0.5)

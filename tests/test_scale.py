@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from safe_llm.checkpoint import save_checkpoint
 from safe_llm.config import ConfigError, make_config
-from safe_llm.owl import owl_sparsities, weighted_sparsity
+from safe_llm.core.sparsity import PatternError
+from safe_llm.io.checkpoint import save_checkpoint
 from safe_llm.pipeline import run_prune
-from safe_llm.sparsity import PatternError
+from safe_llm.stages.profiles import owl_sparsities, weighted_sparsity
 
 BLOCKS = 4
 
@@ -177,7 +177,7 @@ def test_streamed_run_writes_the_same_checkpoint_as_the_fully_loaded_engine(
 
 
 def test_streamed_run_holds_one_block_at_a_time(save_tiny_model, calibration_file, tmp_path):
-    from safe_llm import streaming
+    from safe_llm.io import streaming
 
     seen = []
     original = streaming.DiskBlocks.load
@@ -199,7 +199,7 @@ def test_each_released_block_hands_its_freed_heap_back_to_the_os(
 ):
     import sys
 
-    from safe_llm import memory
+    from safe_llm.core import memory
 
     if sys.platform == "linux":  # glibc: the trim is there to call
         assert memory._malloc_trim() is not None
@@ -211,7 +211,7 @@ def test_each_released_block_hands_its_freed_heap_back_to_the_os(
 
 
 def test_streamed_run_resumes_from_its_work_area(save_tiny_model, calibration_file, tmp_path):
-    from safe_llm.resume import Interrupted
+    from safe_llm.io.work_area import Interrupted
 
     model_dir = save_tiny_model(num_hidden_layers=BLOCKS)
     _prune(model_dir, calibration_file, tmp_path / "whole", stream_from_disk=True)
@@ -288,7 +288,7 @@ def test_two_process_safe_equals_the_single_process_run(
 
 
 def test_streams_over_the_activation_budget_are_memory_mapped_files(tmp_path):
-    from safe_llm.activations import activations_for as _activations
+    from safe_llm.core.activations import activations_for as _activations
 
     space = _activations(torch.device("cpu"), 4000, 1000, tmp_path)
     stream = space.copy(torch.arange(12.0).reshape(2, 3, 2))
@@ -303,9 +303,9 @@ def test_streams_over_the_activation_budget_are_memory_mapped_files(tmp_path):
 def test_over_the_budget_the_first_block_inputs_are_captured_into_the_mapped_file(
     make_tiny_llama, tmp_path, monkeypatch
 ):
-    from safe_llm import engine
+    from safe_llm.core.sparsity import SparsityPattern
     from safe_llm.methods.magnitude import Magnitude
-    from safe_llm.sparsity import SparsityPattern
+    from safe_llm.stages.prune import engine
 
     class Spy(Magnitude):
         def prune_block(self, ctx):
@@ -332,7 +332,7 @@ def test_over_the_budget_the_first_block_inputs_are_captured_into_the_mapped_fil
 
 
 def test_a_work_area_from_before_the_profile_options_still_resumes():
-    from safe_llm.resume import config_differences
+    from safe_llm.io.work_area import config_differences
 
     current = make_config(overrides={"model": "m", "dataset": "builtin-c4"}).to_dict()
     saved = {k: v for k, v in current.items() if k not in ("sparsity_profile", "owl_m")}

@@ -8,13 +8,13 @@ import importlib.util
 
 import pytest
 import torch
+from rescale import norm_consumers, rescale_norms
 
-from safe_llm.blocks import find_blocks, prunable_layers, weight_matrix
-from safe_llm.engine import prune_model
+from safe_llm.core.blocks import find_blocks, prunable_layers, weight_matrix
+from safe_llm.core.sparsity import SparsityPattern
+from safe_llm.evaluation.perplexity import perplexity
 from safe_llm.methods import build_method
-from safe_llm.perplexity import perplexity
-from safe_llm.rescale import norm_consumers, rescale_norms
-from safe_llm.sparsity import SparsityPattern
+from safe_llm.stages.prune.engine import prune_model
 
 CPU = torch.device("cpu")
 HALF = SparsityPattern.parse("unstructured", 0.5)
@@ -115,8 +115,8 @@ def test_safe_plus_defaults_prune_rescaled_smollm2_to_the_same_mask_and_perplexi
     Deeper, rounding flips a few masks near the threshold and the flips feed the next blocks'
     inputs: over 6 blocks in fp32 SAFE+ agrees on 99.10% (c = 0.1) and 98.80% (c = 10), exact
     SparseGPT on 99.08% and 98.76% (``eval/mask_agreement.py``); 99.96% and 99.85% over 2."""
-    from safe_llm import data
-    from safe_llm.models import load_model
+    from safe_llm.io import data
+    from safe_llm.io.models import load_model
 
     model, tokenizer, _ = load_model("smollm2-135m")
     windows = data.calibration_windows(tokenizer, "builtin-c4", 16, 256, 0)

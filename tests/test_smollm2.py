@@ -41,9 +41,9 @@ BATCH = 8
 @pytest.fixture(scope="session")
 def smollm2(smollm2_cache):
     """The dense model (converted once), tokenizer, calibration and evaluation windows."""
-    from safe_llm import data
-    from safe_llm.models import load_model
-    from safe_llm.perplexity import perplexity
+    from safe_llm.evaluation.perplexity import perplexity
+    from safe_llm.io import data
+    from safe_llm.io.models import load_model
 
     model, tokenizer, path = load_model(MODEL)
     assert path.startswith(str(smollm2_cache))
@@ -64,10 +64,10 @@ def smollm2(smollm2_cache):
 @pytest.fixture(scope="session")
 def pruned(smollm2):
     """pruned(method) -> (model, report, perplexity), pruning a deep copy once per method."""
-    from safe_llm.engine import prune_model
+    from safe_llm.core.sparsity import SparsityPattern
+    from safe_llm.evaluation.perplexity import perplexity
     from safe_llm.methods import build_method
-    from safe_llm.perplexity import perplexity
-    from safe_llm.sparsity import SparsityPattern
+    from safe_llm.stages.prune.engine import prune_model
 
     results = {}
 
@@ -111,7 +111,7 @@ def test_sparsegpt_mean_layer_reconstruction_error_is_below_wandas(pruned):
 def test_every_block_linear_is_exactly_half_zero_and_embeddings_lm_head_untouched(
     method, smollm2, pruned
 ):
-    from safe_llm.blocks import find_blocks, prunable_layers
+    from safe_llm.core.blocks import find_blocks, prunable_layers
 
     model, report, _ = pruned(method)
     dense = smollm2["model"]
@@ -185,9 +185,9 @@ def test_safe_plus_cpu_recipe_reconstructs_the_first_blocks_better_than_sparsegp
     block may end a hair above SparseGPT on all windows (2:4 block 2: 0.005704 vs 0.005682),
     never far above."""
     from safe_llm.config import load_recipe
-    from safe_llm.engine import prune_model
+    from safe_llm.core.sparsity import SparsityPattern
     from safe_llm.methods import build_method
-    from safe_llm.sparsity import SparsityPattern
+    from safe_llm.stages.prune.engine import prune_model
 
     tag = "50" if structure == "unstructured" else "2-4"
     recipe = load_recipe(RECIPES / f"smollm2-135m-safe+-{tag}.yaml")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from safe_llm.sparsity import PatternError, SparsityPattern, achieved_sparsity
+from safe_llm.core.sparsity import PatternError, SparsityPattern, achieved_sparsity
 
 
 def _scores(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -72,7 +72,7 @@ def test_unstructured_selection_keeps_the_same_entries_as_a_full_topk(sparsity):
 @pytest.mark.parametrize("k", [1, 5, 48, 95])
 @pytest.mark.parametrize("tied", [False, True])
 def test_both_threshold_selections_give_the_same_value(k, tied):
-    from safe_llm.sparsity import _kth_largest
+    from safe_llm.core.sparsity import _kth_largest
 
     flat = _scores(8, 12, seed=k).abs().flatten()
     if tied:

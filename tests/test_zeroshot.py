@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from safe_llm import cli
-from safe_llm.zeroshot import STANDARD_TASKS, ZeroShotError, evaluate_tasks
+from safe_llm.evaluation.zeroshot import STANDARD_TASKS, ZeroShotError, evaluate_tasks
 
 TASK_YAML = """task: {name}
 dataset_path: json
@@ -134,7 +134,7 @@ def test_limit_evaluates_fewer_examples_and_says_the_mean_is_not_comparable(tiny
 
 def test_the_standard_seven_tasks_are_known_to_the_installed_harness():
     pytest.importorskip("lm_eval")
-    from safe_llm.zeroshot import task_manager
+    from safe_llm.evaluation.zeroshot import task_manager
 
     assert set(STANDARD_TASKS) <= set(task_manager().all_tasks)
 
@@ -158,7 +158,7 @@ def test_missing_lm_eval_asks_for_the_eval_extra(tiny, monkeypatch):
 def test_eval_cli_tasks_write_accuracies_and_mean_to_json(
     save_tiny_model, tiny_tokenizer, task_dir, tmp_path, capsys
 ):
-    from safe_llm.models import load_model
+    from safe_llm.io.models import load_model
 
     directory, tasks = task_dir
     model_dir = save_tiny_model()

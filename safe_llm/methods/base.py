@@ -14,15 +14,15 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from safe_llm.blocks import (
+from safe_llm.core.blocks import (
     BlockCall,
     PrunableMatrix,
     as_matrix_handle,
     iter_batches,
     run_block,
 )
-from safe_llm.layer_stats import InputStats
-from safe_llm.sparsity import SparsityPattern
+from safe_llm.core.layer_stats import InputStats
+from safe_llm.core.sparsity import SparsityPattern
 
 
 @dataclass

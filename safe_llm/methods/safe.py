@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from safe_llm import distributed, precision
+from safe_llm.core import distributed, precision
 from safe_llm.errors import SafeLLMError
 from safe_llm.methods import register
 from safe_llm.methods.base import BlockContext, PruningMethod
@@ -420,7 +420,7 @@ class SAFE(PruningMethod):
         """Mean squared error summed over micro-batches, with each micro-batch's targets.
 
         Data-parallel: each rank takes its share of every micro-batch and the sums are
-        all-reduced (:mod:`safe_llm.distributed`; a no-op in one process)."""
+        all-reduced (:mod:`safe_llm.core.distributed`; a no-op in one process)."""
         total_loss = torch.zeros((), device=ctx.device)
         grads = None
         for micro in batch.chunk(self.options.grad_accum):

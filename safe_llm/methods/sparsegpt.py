@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.methods import register
 from safe_llm.methods.base import BlockContext, PruningMethod
-from safe_llm.sparsity import SparsityPattern
 
 log = logging.getLogger(__name__)
 

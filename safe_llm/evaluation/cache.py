@@ -5,7 +5,7 @@ every ``safe-llm prune --eval`` of the same model would recompute it. The key is
 model's weights (every tensor's name, dtype, shape and bytes), the evaluation windows' token
 ids, the batch size, the device type and dtype, and the torch version, so a hit is exactly the
 number a fresh computation gives on that machine's software. Entries are small JSON files in
-``$SAFE_LLM_CACHE/perplexity`` (see :func:`safe_llm.models.cache_dir`).
+``$SAFE_LLM_CACHE/perplexity`` (see :func:`safe_llm.io.models.cache_dir`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from safe_llm.atomic import atomic_write
-from safe_llm.models import cache_dir
+from safe_llm.core.atomic import atomic_write
+from safe_llm.io.models import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -132,7 +132,7 @@ def evaluate_tasks(
     {"acc", "acc_norm"?, "metric", "value", "samples"}}, "mean", "protocol"}``; ``limit`` (at
     most this many examples per task) makes the numbers incomparable with published ones.
     """
-    from safe_llm.evaluate import parse_list
+    from safe_llm.evaluation.evaluate import parse_list
 
     if metric not in METRICS:
         raise ZeroShotError(f"unknown metric {metric!r}; choose {' or '.join(METRICS)}")

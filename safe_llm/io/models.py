@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from safe_llm import precision
-from safe_llm.atomic import atomic_directory
+from safe_llm.core import precision
+from safe_llm.core.atomic import atomic_directory
 from safe_llm.errors import SafeLLMError
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def resolve_device(device: str) -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto`` -> bfloat16 on CUDA, float32 elsewhere (on a CPU the weights are the fp32
     master copy; compute may still use bf16 autocast where it is native). An explicit
-    ``bfloat16`` on a CPU that only emulates it warns (:mod:`safe_llm.precision`)."""
+    ``bfloat16`` on a CPU that only emulates it warns (:mod:`safe_llm.core.precision`)."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:

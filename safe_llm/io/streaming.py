@@ -4,7 +4,7 @@ The skeleton is built on the meta device (accelerate's ``init_empty_weights``); 
 outside the decoder blocks (embeddings, final norm, head) is read into memory. The engine asks
 :class:`DiskBlocks` for block ``i``: its tensors are read from the shards with ``safe_open``
 and dropped again when the engine gives the block back, after the work area
-(:meth:`safe_llm.resume.WorkArea.save`) has written the pruned block. :func:`write_weights`
+(:meth:`safe_llm.io.work_area.WorkArea.save`) has written the pruned block. :func:`write_weights`
 then assembles the checkpoint's shards from the work area, a few blocks at a time. Peak host
 memory is one block + the calibration activations + the non-block modules, whatever the depth.
 """
@@ -22,11 +22,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from safe_llm.atomic import atomic_write
-from safe_llm.blocks import expert_layout, find_blocks
-from safe_llm.memory import return_freed_memory
-from safe_llm.models import ModelError, load_tokenizer, resolve_model_path
-from safe_llm.resume import WorkArea
+from safe_llm.core.atomic import atomic_write
+from safe_llm.core.blocks import expert_layout, find_blocks
+from safe_llm.core.memory import return_freed_memory
+from safe_llm.io.models import ModelError, load_tokenizer, resolve_model_path
+from safe_llm.io.work_area import WorkArea
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def load_skeleton(
 
 
 class DiskBlocks:
-    """A :class:`safe_llm.engine.BlockSource` that reads each block of a skeleton from disk."""
+    """A :class:`safe_llm.stages.prune.engine.BlockSource` that reads each block of a skeleton from disk."""
 
     def __init__(self, model: nn.Module, files: CheckpointFiles):
         self.prefix, self.blocks = find_blocks(model)

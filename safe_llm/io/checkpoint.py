@@ -7,10 +7,10 @@ from pathlib import Path
 
 import yaml
 
-from safe_llm.atomic import atomic_directory
+from safe_llm.core.atomic import atomic_directory
 from safe_llm.errors import SafeLLMError
-from safe_llm.model_card import render_model_card
-from safe_llm.resume import work_dir
+from safe_llm.io.model_card import render_model_card
+from safe_llm.io.work_area import work_dir
 from safe_llm.version import __version__
 
 CONFIG_KEY = "safe_llm_sparsity"
@@ -55,7 +55,7 @@ def save_checkpoint(result) -> Path:
     ``README.md`` into ``config.output``.
 
     Everything goes to a temporary sibling directory first and is renamed into place
-    (:func:`~safe_llm.atomic.atomic_directory`), so a crash never leaves a half-written
+    (:func:`~safe_llm.core.atomic.atomic_directory`), so a crash never leaves a half-written
     checkpoint (nor the temporary directory, nor parent directories created for it); an
     existing output (``--overwrite``, or a run's work area) is replaced only after the new one
     is complete, and is put back if the final rename fails. A write error (disk full, no

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from safe_llm.blocks import PRUNABLE_TYPES, find_blocks
+from safe_llm.core.blocks import PRUNABLE_TYPES, find_blocks
 from safe_llm.errors import SafeLLMError
 
 

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from safe_llm import data
-from safe_llm.atomic import atomic_write
+from safe_llm.core.atomic import atomic_write
+from safe_llm.core.memory import return_freed_memory, serve_large_buffers_from_mmap
 from safe_llm.errors import SafeLLMError
-from safe_llm.memory import return_freed_memory, serve_large_buffers_from_mmap
-from safe_llm.perplexity import check_seqlen, perplexity
-from safe_llm.result_cache import cached_perplexity
+from safe_llm.evaluation.cache import cached_perplexity
+from safe_llm.evaluation.perplexity import check_seqlen, perplexity
+from safe_llm.io import data
 from safe_llm.version import __version__
 
 FORMULA = "exp(mean over windows of the window's mean next-token NLL)"
@@ -87,11 +87,11 @@ def source_perplexity(
     """Perplexity of ``model`` on ``source`` with ``seqlen``-token windows, as a result dict.
 
     Keys: ``perplexity``, ``cached`` (taken from the disk cache of
-    :mod:`safe_llm.result_cache`, exact for these weights and windows; ``cache=False`` always
+    :mod:`safe_llm.evaluation.cache`, exact for these weights and windows; ``cache=False`` always
     computes), ``nll`` (mean token NLL, nats), ``seqlen``, ``windows`` (evaluated),
     ``total_windows`` (the source has), ``tokens`` (``windows * seqlen``), ``protocol`` (a
     label, see :func:`protocol_label`) and ``seconds``. Raises
-    :class:`~safe_llm.perplexity.SeqlenError` before loading any text if ``seqlen`` exceeds the
+    :class:`~safe_llm.evaluation.perplexity.SeqlenError` before loading any text if ``seqlen`` exceeds the
     model's maximum length.
     """
     check_seqlen(model, seqlen)
@@ -127,7 +127,7 @@ _WINDOWS: dict[tuple, torch.Tensor] = {}
 
 
 def _source_windows(tokenizer, source: str, seqlen: int, text_column: str) -> torch.Tensor:
-    """:func:`safe_llm.data.evaluation_windows`, tokenized once per process (the dense and the
+    """:func:`safe_llm.io.data.evaluation_windows`, tokenized once per process (the dense and the
     pruned evaluation of a run share them); the tokenizer's freed buffers (about 0.3 GB for a
     2 MB text) go back to the operating system."""
     path = Path(source).expanduser()
@@ -208,7 +208,7 @@ def check_request(
     if num_fewshot < 0:
         raise EvalError(f"--num-fewshot must be at least 0, got {num_fewshot}")
     if task_names:
-        from safe_llm.zeroshot import _lm_eval
+        from safe_llm.evaluation.zeroshot import _lm_eval
 
         _lm_eval()  # a missing extra fails before the model is loaded
     return sources, task_names
@@ -238,7 +238,7 @@ def evaluate(
     harness). Returns the results document (the JSON ``safe-llm eval --json`` writes), with
     ``perplexity`` ``{source: result}`` and, with tasks, ``zeroshot``. ``cache=False``
     recomputes perplexities found in the disk cache."""
-    from safe_llm.models import load_model, resolve_device, resolve_dtype
+    from safe_llm.io.models import load_model, resolve_device, resolve_dtype
 
     sizes = {"seqlen": seqlen, "batch_size": batch_size, "max_windows": max_windows}
     sources, task_names = check_request(datasets, tasks, {**sizes, "limit": limit}, num_fewshot)
@@ -254,7 +254,7 @@ def evaluate(
     )
     zeroshot = None
     if task_names:
-        from safe_llm.zeroshot import evaluate_tasks
+        from safe_llm.evaluation.zeroshot import evaluate_tasks
 
         shots = {"num_fewshot": num_fewshot, "limit": limit, "include_path": include_path}
         zeroshot = evaluate_tasks(

@@ -17,9 +17,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from safe_llm.blocks import find_blocks, prunable_layers, weight_matrix
 from safe_llm.config import ConfigError, PruneConfig
-from safe_llm.engine import (
+from safe_llm.core.blocks import find_blocks, prunable_layers, weight_matrix
+from safe_llm.core.layer_stats import InputStats, collect_input_stats
+from safe_llm.core.sparsity import PatternError
+from safe_llm.stages.prune.engine import (
     BlockSource,
     EngineOptions,
     ResidentBlocks,
@@ -27,8 +29,6 @@ from safe_llm.engine import (
     captured_inputs,
     forward_batches,
 )
-from safe_llm.layer_stats import InputStats, collect_input_stats
-from safe_llm.sparsity import PatternError
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from safe_llm.atomic import atomic_write
+from safe_llm.core.atomic import atomic_write
 from safe_llm.errors import SafeLLMError
 
 log = logging.getLogger(__name__)

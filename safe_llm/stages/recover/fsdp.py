@@ -22,8 +22,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from safe_llm import distributed
-from safe_llm.blocks import find_blocks, non_block_modules_to
+from safe_llm.core import distributed
+from safe_llm.core.blocks import find_blocks, non_block_modules_to
 from safe_llm.errors import SafeLLMError
 
 NEEDS_RANKS = (

@@ -11,11 +11,11 @@ For block ``b`` with calibration inputs ``X_b`` ``[n, seq, d]``:
 6. move the block back to where it was.
 
 With ``joint.blocks = k > 1`` the blocks go in windows of ``k``: each is pruned as above, then
-the window is reconstructed jointly, its masks frozen (:mod:`safe_llm.joint`), against the
+the window is reconstructed jointly, its masks frozen (:mod:`safe_llm.stages.prune.joint`), against the
 dense window applied to the pruned stream entering it, and the stream is recomputed.
 
 Only one block (one window) is on the compute device at a time (:func:`block_on_device`,
-shared with the dense pass of :mod:`safe_llm.owl`).
+shared with the dense pass of :mod:`safe_llm.stages.profiles`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from safe_llm.activations import Activations, CapturedStreams
-from safe_llm.blocks import (
+from safe_llm.core.activations import Activations, CapturedStreams
+from safe_llm.core.blocks import (
     BlockCall,
     capture_block_inputs,
     check_coverage,
@@ -44,13 +44,13 @@ from safe_llm.blocks import (
     run_block,
     weight_matrix,
 )
+from safe_llm.core.layer_stats import collect_input_stats
+from safe_llm.core.memory import process_peak_bytes
+from safe_llm.core.sparsity import SparsityPattern, achieved_sparsity
 from safe_llm.errors import SafeLLMError
-from safe_llm.joint import JointOptions, Window, reconstruct
-from safe_llm.layer_stats import collect_input_stats
-from safe_llm.memory import process_peak_bytes
+from safe_llm.io.work_area import EngineState, rng_state, set_rng_state
 from safe_llm.methods.base import BlockContext, PruningMethod
-from safe_llm.resume import EngineState, rng_state, set_rng_state
-from safe_llm.sparsity import SparsityPattern, achieved_sparsity
+from safe_llm.stages.prune.joint import JointOptions, Window, reconstruct
 
 log = logging.getLogger(__name__)
 
@@ -255,9 +255,9 @@ def prune_model(
         options: how to run (:class:`EngineOptions`); or its fields as keywords (``settings``).
         block_patterns: one pattern per block (a non-uniform profile), else ``pattern`` for all.
         source: where blocks come from and go back to (default: the model's own blocks);
-            :class:`safe_llm.streaming.DiskBlocks` reads each from disk.
+            :class:`safe_llm.io.streaming.DiskBlocks` reads each from disk.
         resume: continue from this state; its blocks must already hold their pruned weights
-            (:meth:`safe_llm.resume.WorkArea.load` puts them there).
+            (:meth:`safe_llm.io.work_area.WorkArea.load` puts them there).
         on_block: called with each finished block's report.
         on_state: called after each block (after each joint window) with the state to
             continue from and the blocks pruned since the last call, ``{index: block}`` (to
@@ -513,7 +513,7 @@ def _context(
 
 def _expert_counts(ctx: BlockContext) -> dict[str, float]:
     """For a block with experts: how many experts it has, how many received no calibration
-    token (pruned by ``|W|``, :meth:`~safe_llm.layer_stats.InputStats.fallback`) and the
+    token (pruned by ``|W|``, :meth:`~safe_llm.core.layer_stats.InputStats.fallback`) and the
     fewest tokens an expert that did received."""
     experts: dict[tuple[int, int], list] = {}
     for name, layer in ctx.layers.items():

@@ -11,7 +11,7 @@ next-token distribution matches the dense *teacher*'s:
 plus, with ``hidden_weight`` > 0, that weight times the sum over blocks of each token's block
 output error ``||s - t||^2 / ||t||^2`` (measured on SmolLM2: it did not help; off by default).
 
-* The sparsity mask is frozen: with the lean state (default, :mod:`safe_llm.lean_adam`) only
+* The sparsity mask is frozen: with the lean state (default, :mod:`safe_llm.train.masked_adam`) only
   the kept entries have a gradient and Adam moments, and the pruned ones end every step at
   exactly +0.0; with ``lean`` off the gradient is masked before each ``torch.optim.Adam`` step
   and the mask re-applied after it. The mask is checked again before anything is saved.
@@ -48,14 +48,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from safe_llm import distributed, fsdp, precision
-from safe_llm.blocks import find_blocks, prunable_layers
+from safe_llm.core import distributed, precision
+from safe_llm.core.blocks import find_blocks, prunable_layers
+from safe_llm.core.memory import StagePeaks, return_freed_memory, serve_large_buffers_from_mmap
 from safe_llm.errors import SafeLLMError
-from safe_llm.lean_adam import BitMask, MaskedAdam
-from safe_llm.memory import StagePeaks, return_freed_memory, serve_large_buffers_from_mmap
+from safe_llm.io.work_area import atomic_write, rng_state, set_rng_state
 from safe_llm.options import option
-from safe_llm.recovery_plan import RecoveryPlan, plan_recovery
-from safe_llm.resume import atomic_write, rng_state, set_rng_state
+from safe_llm.stages.recover import fsdp
+from safe_llm.stages.recover.plan import RecoveryPlan, plan_recovery
+from safe_llm.train.masked_adam import BitMask, MaskedAdam
 
 log = logging.getLogger(__name__)
 
@@ -885,9 +886,9 @@ def _clip_sharded(grads: list[torch.Tensor], limit: float) -> torch.Tensor:
 
 def recovery_windows(tokenizer, config, options: RecoverOptions) -> tuple[torch.Tensor, dict]:
     """The recovery windows ``[n, seqlen]`` drawn like calibration windows
-    (:func:`safe_llm.data.calibration_windows`; by default the calibration windows
+    (:func:`safe_llm.io.data.calibration_windows`; by default the calibration windows
     themselves), and ``{dataset, seed}`` as used."""
-    from safe_llm import data
+    from safe_llm.io import data
 
     dataset = options.dataset or config.dataset
     seed = options.seed if options.seed is not None else config.seed
@@ -914,7 +915,7 @@ def run_recovery(
     """Recover ``model`` (pruned, on the host) in place against the dense ``config.model``
     (loaded here as the teacher, in the model's dtype) with ``config.recover_options``;
     returns the recovery report as a dict. The model is back on the host afterwards."""
-    from safe_llm.models import load_model
+    from safe_llm.io.models import load_model
 
     options = recover_options(config.recover_options)
     serve_large_buffers_from_mmap()  # freed gradients and temporaries go back to the OS
@@ -977,7 +978,7 @@ def _memory_plan(model, options: RecoverOptions, windows: torch.Tensor, device) 
 
 def _load_pruned(checkpoint: Path, dtype: str | None, trust_remote_code: bool):
     """``(model, tokenizer)`` of a pruned checkpoint, in the dtype it was pruned in."""
-    from safe_llm.models import DTYPES, load_model
+    from safe_llm.io.models import DTYPES, load_model
 
     model, tokenizer, _ = load_model(
         str(checkpoint), DTYPES.get(dtype or "", torch.float32), trust_remote_code
@@ -1021,7 +1022,7 @@ def _with_peaks(report, peaks: StagePeaks):
 def _recovery_state_dir(output: str, resume: bool) -> Path:
     """The recovery state's directory in ``output``'s work area, emptied unless resuming
     (by the writing rank, before any rank reads it)."""
-    from safe_llm.resume import work_dir
+    from safe_llm.io.work_area import work_dir
 
     state_dir = work_dir(output) / "recovery"
     if not resume and state_dir.exists() and distributed.is_writer():
@@ -1048,11 +1049,11 @@ def recover_checkpoint(
     top of the recipe's. The checkpoint is written like ``safe-llm prune`` writes one
     (atomically), with the recovery in ``report.json``, ``recipe.yaml`` and the model card.
     Returns the :class:`~safe_llm.pipeline.PruneResult` it wrote."""
-    from safe_llm.checkpoint import save_checkpoint
     from safe_llm.config import make_config
-    from safe_llm.models import resolve_device
+    from safe_llm.io.checkpoint import save_checkpoint
+    from safe_llm.io.models import resolve_device
     from safe_llm.pipeline import PruneResult
-    from safe_llm.run_report import RunReport  # (imported here: they import this module)
+    from safe_llm.report import RunReport  # (imported here: they import this module)
 
     start, checkpoint = time.perf_counter(), Path(checkpoint).expanduser()
     distributed.init_from_env()

@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 
 from safe_llm.errors import SafeLLMError
-from safe_llm.model_card import HUB_ID
-from safe_llm.resume import WORK_DIR
+from safe_llm.io.model_card import HUB_ID
+from safe_llm.io.work_area import WORK_DIR
 
 
 class HubError(SafeLLMError):

@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from safe_llm.atomic import atomic_directory, atomic_write
+from safe_llm.core.atomic import atomic_directory, atomic_write
 from safe_llm.errors import SafeLLMError
 
 FORMAT = "safe_llm.bitmask"
@@ -201,7 +201,7 @@ def export_bitmask(
 
 def _write_directory(checkpoint: Path, output: Path, stored: dict, metadata: dict) -> None:
     """The non-weight files of ``checkpoint`` plus the bitmask file, put in ``output``'s place
-    only once complete (:func:`~safe_llm.atomic.atomic_directory`)."""
+    only once complete (:func:`~safe_llm.core.atomic.atomic_directory`)."""
 
     def fill(tmp: Path) -> None:
         for path in checkpoint.iterdir():

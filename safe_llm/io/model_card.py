@@ -14,7 +14,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def base_model_id(model: str) -> str | None:
     """The Hub id ``model`` came from: a built-in's source, a Hub id itself, else None."""
-    from safe_llm.models import BUILTIN_MODELS
+    from safe_llm.io.models import BUILTIN_MODELS
 
     if model in BUILTIN_MODELS:
         return BUILTIN_MODELS[model].hub_id

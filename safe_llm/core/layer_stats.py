@@ -3,7 +3,7 @@
 Wanda and SAFE+ need the per-feature norms ``||X_j||_2``; SparseGPT (and the layer-error
 report) needs the Hessian ``H = 2 X^T X / n``. Layers fed the same tensor (q/k/v, gate/up)
 share one accumulator. The experts of a mixture-of-experts block are measured each on the
-tokens routed to it (:mod:`safe_llm.moe`); an expert that receives none gets the fallback of
+tokens routed to it (:mod:`safe_llm.core.moe`); an expert that receives none gets the fallback of
 :meth:`InputStats.fallback`.
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from safe_llm import moe
-from safe_llm.blocks import PrunableMatrix, as_matrix_handle
+from safe_llm.core import moe
+from safe_llm.core.blocks import PrunableMatrix, as_matrix_handle
 
 log = logging.getLogger(__name__)
 

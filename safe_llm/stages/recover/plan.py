@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from safe_llm.blocks import find_blocks, prunable_layers
+from safe_llm.core.blocks import find_blocks, prunable_layers
 
 KL_TENSORS = 6  # logits (student, teacher), their log-softmax, the KL terms, the gradient
 BLOCK_ACTIVATIONS = 12  # residual-width tensors alive in one block's forward and backward
@@ -167,7 +167,7 @@ def _activations(
 def estimate(counts: ModelCounts, options, windows: int, seqlen: int, nwindows: int,
              bf16: bool, world: int = 1, teacher_released: bool = True) -> RecoveryPlan:  # fmt: skip
     """The :class:`RecoveryPlan` of recovering a student with ``counts`` under ``options``
-    (:class:`~safe_llm.recover.RecoverOptions`), ``windows`` per step of ``seqlen`` tokens on
+    (:class:`~safe_llm.stages.recover.recover.RecoverOptions`), ``windows`` per step of ``seqlen`` tokens on
     each of ``world`` ranks, ``nwindows`` windows cached, bf16 autocast or not."""
     size = counts.itemsize
     lean = options.lean and not options.fsdp

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from safe_llm import distributed, precision
-from safe_llm.blocks import BlockCall, run_block
+from safe_llm.core import distributed, precision
+from safe_llm.core.blocks import BlockCall, run_block
 from safe_llm.errors import SafeLLMError
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""End-to-end recovery after the block loop: distillation against the dense model, masks frozen."""

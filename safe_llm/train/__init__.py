@@ -1,0 +1,1 @@
+"""The training pieces SAFE, joint windows and recovery share."""
