@@ -1,8 +1,6 @@
 """safe-llm: post-training pruning of causal LMs to sparse and flat minima.
 
-``safe_llm.prune``, ``safe_llm.evaluation.evaluate`` and ``safe_llm.load`` are the Python API (the
-function ``evaluate`` stands in the package for the module of the same name: import the
-module's other names with ``from safe_llm.evaluation.evaluate import ...``).
+``safe_llm.prune``, ``safe_llm.evaluate`` and ``safe_llm.load`` are the Python API.
 """
 
 from safe_llm.version import __version__  # noqa: I001 (first: every module may read it)

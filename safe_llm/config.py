@@ -19,7 +19,7 @@ import yaml
 from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.errors import SafeLLMError
 from safe_llm.methods import build_method, method_options
-from safe_llm.options import option
+from safe_llm.options import option, parse_list
 from safe_llm.stages.recover.recover import RECOVERY_METHODS
 
 
@@ -251,8 +251,6 @@ def make_config(recipe: dict | None = None, overrides: dict | None = None) -> Pr
     for name, value in values.items():
         values[name] = _check_type(name, value, fields[name])
     if values.get("eval"):
-        from safe_llm.evaluation.evaluate import parse_list
-
         values["eval"] = parse_list(values["eval"])  # "wikitext2,c4" -> ["wikitext2", "c4"]
     if not isinstance(recovery, dict):
         raise ConfigError("recover_options must be a mapping of option: value")
