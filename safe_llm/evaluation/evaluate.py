@@ -32,6 +32,7 @@ from safe_llm.errors import SafeLLMError
 from safe_llm.evaluation.cache import cached_perplexity
 from safe_llm.evaluation.perplexity import check_seqlen, perplexity
 from safe_llm.io import data
+from safe_llm.options import parse_list
 from safe_llm.version import __version__
 
 FORMULA = "exp(mean over windows of the window's mean next-token NLL)"
@@ -39,19 +40,6 @@ FORMULA = "exp(mean over windows of the window's mean next-token NLL)"
 
 class EvalError(SafeLLMError):
     """Unusable evaluation options (nothing to evaluate, a size below its minimum)."""
-
-
-def parse_list(values: str | Iterable[str] | None) -> list[str]:
-    """``"a,b"`` / ``["a", "b,c"]`` -> ``["a", "b", "c"]``: comma- and space-separated lists.
-
-    Empty items are dropped and duplicates kept once, in first-seen order.
-    """
-    if values is None:
-        return []
-    if isinstance(values, str):
-        values = [values]
-    items = (item.strip() for value in values for item in value.replace(",", " ").split())
-    return list(dict.fromkeys(item for item in items if item))
 
 
 def protocol_label(source: str, seqlen: int, windows: int, total_windows: int) -> str:

@@ -1,0 +1,71 @@
+"""The recovery stage (declaration; torch-free): after the block loop, train the whole
+pruned model end to end against the dense model, its mask frozen (``--recover``; options
+``--recover-<name>``, recipe key ``recover``). The implementation is
+:mod:`safe_llm.stages.recover.recover`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from safe_llm.options import ConfigError, option
+from safe_llm.stages.base import Stage, register_stage
+from safe_llm.stages.recover.recover import RecoverOptions  # TEMP until issue20-split
+
+
+@dataclass
+class RecoverStageOptions(RecoverOptions):
+    """:class:`RecoverOptions` and the stage's switch."""
+
+    enabled: bool = option(
+        False,
+        "after the block loop, train the whole pruned model end to end with its mask frozen "
+        "to match the dense model's next-token distribution (KL distillation; see the "
+        "recovery options)",
+        flag="recover",
+    )
+
+    def __post_init__(self):
+        self.validate()
+
+
+@register_stage
+class RecoverStage(Stage):
+    """Its result is the recovery report (data, steps, tokens, losses, memory plan),
+    recorded as the report's ``recovery``."""
+
+    name = "recover"
+    order = 40
+    Options = RecoverStageOptions
+    commands = ("prune", "recover")
+
+    @classmethod
+    def enabled(cls, config) -> bool:
+        return config.recover.enabled
+
+    @classmethod
+    def check(cls, config) -> None:
+        options = config.recover
+        if not options.enabled:
+            return
+        if config.stream_from_disk:
+            raise ConfigError(
+                "--recover trains the whole model and cannot run with --stream-from-disk; "
+                "prune first, then run safe-llm recover on the checkpoint"
+            )
+        if options.dataset:
+            from safe_llm.io.data import check_source
+
+            check_source(options.dataset)
+        if options.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            from safe_llm.stages.recover.fsdp import NEEDS_RANKS
+
+            raise ConfigError(NEEDS_RANKS)  # checked before any pruning; recover() checks again
+
+    def run(self, model, context) -> dict:
+        from safe_llm.stages.recover.recover import run_recovery
+
+        return run_recovery(model, context)
+
+    def record(self, report, result: dict) -> None:
+        report.recovery = result
