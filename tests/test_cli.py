@@ -6,6 +6,9 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -507,3 +510,45 @@ def test_method_options_named_like_run_options_or_other_methods_options_all_reac
     args = parser.parse_args([*base_args, "--method", "safe", "--lr", "2"])
     lr = cli._config_from_args(args).method_options.lr
     assert lr == 2.0 and isinstance(lr, float)
+
+
+# --------------------------------------------------------------------------------------------
+# start-up without torch; --output checked before the model loads
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, code",
+    [(["--version"], 0), (["--help"], 0), (["eval", "--help"], 0), (["recover", "--help"], 0),
+     (["prune", "--sparsity", "abc"], 2), (["prune", "--joint-blocks", "x"], 2),
+     (["prune", "--sparsity-profile", "bogus"], 2), (["nocommand"], 2)],
+    ids=["version", "help", "eval help", "recover help", "bad sparsity", "bad stage flag",
+         "bad choice", "bad command"],
+)  # fmt: skip
+def test_help_version_and_argument_errors_are_answered_without_importing_torch(argv, code):
+    script = (
+        "import sys\nfrom safe_llm import cli\n"
+        f"try:\n    cli.main({argv!r})\nexcept SystemExit as exc:\n    code = exc.code\n"
+        "print(code, 'torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.stdout.split()[-3:] == [str(code), "False", "False"], run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("parent", ["file", "read-only"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_model_loads(
+    parent, base_args, tmp_path, capsys, forbid
+):
+    forbid("config")
+    if parent == "file":
+        (tmp_path / "a-file").write_text("x")
+        out = tmp_path / "a-file" / "out"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only directories")
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        out = locked / "out"
+    assert cli.main([*base_args, "--output", str(out)]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and str(out) in lines[0] and "choose another --output" in lines[0]
