@@ -63,6 +63,9 @@ def open_work_area(config: PruneConfig) -> tuple[WorkArea | None, bool]:
         return work, False
     if config.resume:
         log.info("nothing to resume in %s; starting from block 0", work.path)
+    if distributed.is_writer():  # --overwrite: no state of an earlier run may be resumed
+        work.remove()
+    distributed.barrier()
     return work, True
 
 
@@ -74,8 +77,6 @@ def run_stages(model: nn.Module, context: RunContext, command: str = "prune") ->
     model to its state after it)."""
     work = context.work
     finished = work.finished_stages() if work is not None and not context.fresh else {}
-    context.start_work_area()  # a fresh run drops any earlier state before a stage saves any
-    distributed.barrier()
     for cls in registered_stages():
         if command not in cls.commands or not cls.enabled(context.config):
             continue
@@ -88,6 +89,7 @@ def run_stages(model: nn.Module, context: RunContext, command: str = "prune") ->
             with context.peaks.stage(cls.name):
                 result = stage.run(model, context)
             if work is not None and context.writer:
+                context.start_work_area()
                 work.finish_stage(cls.name, result)
         context.results[cls.name] = result
         stage.record(context.report, result)
@@ -269,7 +271,7 @@ def _read_checkpoint_record(checkpoint: Path) -> tuple[dict, dict]:
 
 def _load_pruned(checkpoint: Path, dtype: str | None, trust_remote_code: bool):
     """``(model, tokenizer)`` of a pruned checkpoint, in the dtype it was pruned in."""
-    from safe_llm.io.models import DTYPES
+    from safe_llm.io.models import DTYPES, load_model  # looked up at call time (tests patch it)
 
     model, tokenizer, _ = load_model(
         str(checkpoint), DTYPES.get(dtype or "", torch.float32), trust_remote_code

@@ -141,9 +141,13 @@ class RunContext:
     results: dict[str, Any] = field(default_factory=dict)
 
     def state_dir(self, stage: str) -> Path | None:
-        """Stage ``stage``'s own directory in the work area (kept across a resume, emptied by
-        a fresh run), or None without a work area."""
-        return self.work.path / stage if self.work is not None else None
+        """Stage ``stage``'s own directory in the work area (kept across a resume; a fresh
+        run starts without it), or None without a work area. The work area is started (the
+        run's options recorded) before a stage saves anything there."""
+        if self.work is None:
+            return None
+        self.start_work_area()
+        return self.work.path / stage
 
     def start_work_area(self) -> None:
         """Record the run's options in the work area, once (the first time state is saved)."""

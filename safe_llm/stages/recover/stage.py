@@ -1,32 +1,15 @@
 """The recovery stage (declaration; torch-free): after the block loop, train the whole
 pruned model end to end against the dense model, its mask frozen (``--recover``; options
 ``--recover-<name>``, recipe key ``recover``). The implementation is
-:mod:`safe_llm.stages.recover.recover`."""
+:mod:`safe_llm.stages.recover.run` over :mod:`safe_llm.stages.recover.loop`."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
-from safe_llm.options import ConfigError, option
+from safe_llm.options import ConfigError
 from safe_llm.stages.base import Stage, register_stage
-from safe_llm.stages.recover.recover import RecoverOptions  # TEMP until issue20-split
-
-
-@dataclass
-class RecoverStageOptions(RecoverOptions):
-    """:class:`RecoverOptions` and the stage's switch."""
-
-    enabled: bool = option(
-        False,
-        "after the block loop, train the whole pruned model end to end with its mask frozen "
-        "to match the dense model's next-token distribution (KL distillation; see the "
-        "recovery options)",
-        flag="recover",
-    )
-
-    def __post_init__(self):
-        self.validate()
+from safe_llm.stages.recover.options import RecoverOptions
 
 
 @register_stage
@@ -36,7 +19,7 @@ class RecoverStage(Stage):
 
     name = "recover"
     order = 40
-    Options = RecoverStageOptions
+    Options = RecoverOptions
     commands = ("prune", "recover")
 
     @classmethod
@@ -63,7 +46,7 @@ class RecoverStage(Stage):
             raise ConfigError(NEEDS_RANKS)  # checked before any pruning; recover() checks again
 
     def run(self, model, context) -> dict:
-        from safe_llm.stages.recover.recover import run_recovery
+        from safe_llm.stages.recover.run import run_recovery
 
         return run_recovery(model, context)
 
