@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from safe_llm.stages.prune.engine import BlockReport, PruneReport
+from safe_llm.stages.prune.engine import BlockReport
 
 
 @dataclass
@@ -44,11 +44,6 @@ class RunReport:
     stage_peak_memory_bytes: dict = field(default_factory=dict)  # per stage of the run
     total_seconds: float = 0.0
     stages: dict = field(default_factory=dict)  # what each other stage returned, by name
-
-    @classmethod
-    def from_engine(cls, engine: PruneReport, **fields) -> RunReport:
-        """The run's report from the engine's and the run's own ``fields``."""
-        return cls(**vars(engine), **fields)
 
     def add_engine(self, engine: dict) -> None:
         """Set the engine's fields from its report (``asdict(PruneReport)``)."""

@@ -18,7 +18,7 @@ from safe_llm.config import ConfigError, make_config
 from safe_llm.core.sparsity import PatternError
 from safe_llm.io.checkpoint import save_checkpoint
 from safe_llm.pipeline import run_prune
-from safe_llm.stages.profiles import owl_sparsities, weighted_sparsity
+from safe_llm.stages.profile.owl import owl_sparsities, weighted_sparsity
 
 BLOCKS = 4
 

@@ -1,5 +1,5 @@
 """The sparsity profile stage (declaration; torch-free): uniform, explicit
-(``sparsity_per_block``) or OWL. The implementation is :mod:`safe_llm.stages.profiles`."""
+(``sparsity_per_block``) or OWL. The implementation is :mod:`safe_llm.stages.profile.owl`."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ class ProfileStage(Stage):
             )
 
     def run(self, model, context) -> dict:
-        from safe_llm.stages.profiles import run_profile
+        from safe_llm.stages.profile.owl import run_profile
 
         return run_profile(model, context)
 

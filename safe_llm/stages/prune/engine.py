@@ -15,7 +15,7 @@ the window is reconstructed jointly, its masks frozen (:mod:`safe_llm.stages.pru
 dense window applied to the pruned stream entering it, and the stream is recomputed.
 
 Only one block (one window) is on the compute device at a time (:func:`block_on_device`,
-shared with the dense pass of :mod:`safe_llm.stages.profiles`).
+shared with the dense pass of :mod:`safe_llm.stages.profile.owl`).
 """
 
 from __future__ import annotations
