@@ -552,3 +552,15 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_model_loads(
     assert cli.main([*base_args, "--output", str(out)]) == 2
     lines = _error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and str(out) in lines[0] and "choose another --output" in lines[0]
+
+
+def test_every_flag_of_every_subcommand_has_a_help_text():
+    parser = cli.build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    missing = [
+        (name, action.option_strings)
+        for name, sub in commands.choices.items()
+        for action in sub._actions
+        if not action.help
+    ]
+    assert missing == []
