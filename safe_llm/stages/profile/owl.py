@@ -21,7 +21,7 @@ from safe_llm.core.blocks import find_blocks, prunable_layers, weight_matrix
 from safe_llm.core.layer_stats import InputStats, collect_input_stats
 from safe_llm.core.sparsity import PatternError
 from safe_llm.options import ConfigError
-from safe_llm.stages.profile.stage import ProfileOptions
+from safe_llm.stages.profile.options import ProfileOptions
 from safe_llm.stages.prune.engine import (
     BlockSource,
     EngineOptions,
