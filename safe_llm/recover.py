@@ -52,7 +52,12 @@ from safe_llm import distributed, fsdp, precision
 from safe_llm.blocks import find_blocks, prunable_layers
 from safe_llm.errors import SafeLLMError
 from safe_llm.lean_adam import BitMask, MaskedAdam
-from safe_llm.memory import StagePeaks, return_freed_memory, serve_large_buffers_from_mmap
+from safe_llm.memory import (
+    StagePeaks,
+    drop_file_pages,
+    return_freed_memory,
+    serve_large_buffers_from_mmap,
+)
 from safe_llm.options import option
 from safe_llm.recovery_plan import RecoveryPlan, plan_recovery
 from safe_llm.resume import atomic_write, rng_state, set_rng_state
@@ -60,6 +65,7 @@ from safe_llm.resume import atomic_write, rng_state, set_rng_state
 log = logging.getLogger(__name__)
 
 RECOVERY_METHODS = ("distill",)
+RECOVERY_MMAP_THRESHOLD = 128 * 2**10  # glibc serves buffers from here on by mmap (recovery)
 TRAINABLE_GROUPS = ("weights", "norms")
 
 
@@ -215,20 +221,53 @@ def chunked_kl_backward(
     """``(scale * sum of per-token KL, gradient w.r.t. student_hidden)``.
 
     ``student_hidden`` / ``teacher_hidden``: final hidden states ``[batch, seq, d]``; the heads
-    map them to logits. Only ``chunk`` tokens' logits exist at a time: each chunk's KL is
-    back-propagated to the hidden state (the heads are frozen) and freed.
+    map them to logits. Only ``chunk`` tokens' logits exist at a time, and autograd
+    back-propagates only the head's product: the log-softmax, the KL and its gradient w.r.t.
+    the student's logits are taken in place, :data:`KL_ROWS` tokens at a time
+    (:func:`_kl_rows_`), so a chunk holds its two ``[chunk, vocab]`` float32 logit tensors
+    and nothing else of that size. The heads run outside autocast, in their weights' dtype: a
+    bf16 autocast would cast the whole frozen vocabulary matrix again for every chunk (57 MB
+    for SmolLM2, the student's copy held until the backward).
     """
-    hidden = student_hidden.detach().reshape(-1, student_hidden.shape[-1]).requires_grad_()
+    dtype = next(student_head.parameters()).dtype
+    hidden = student_hidden.detach().reshape(-1, student_hidden.shape[-1])
     target = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    grad = torch.empty_like(hidden)
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk):
-        piece = slice(start, start + chunk)
-        with torch.no_grad():
-            teacher_logits = teacher_head(target[piece])
-        loss = kl_chunk_sum(student_head(hidden[piece]), teacher_logits) * scale
-        loss.backward()
-        total += loss.detach().double()
-    return float(total), hidden.grad.view_as(student_hidden)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, hidden.shape[0], chunk):
+            piece = slice(start, start + chunk)
+            with torch.no_grad():
+                teacher = teacher_head(target[piece].to(dtype)).float()
+            leaf = hidden[piece].detach().to(dtype).requires_grad_()
+            logits = student_head(leaf)
+            with torch.no_grad():  # in place on the logits: the product does not keep them
+                student = logits.detach().float()
+                total += _kl_rows_(student, teacher, scale)
+                del teacher
+            logits.backward(student.to(logits.dtype))
+            grad[piece] = leaf.grad
+            del logits, student, leaf  # before the next chunk's logits exist
+    return float(total), grad.view_as(student_hidden)
+
+
+KL_ROWS = 16  # tokens whose vocabulary-sized temporaries exist at once in _kl_rows_
+
+
+def _kl_rows_(student: torch.Tensor, teacher: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * sum over tokens of KL(softmax(teacher) || softmax(student))`` for logits
+    ``[tokens, vocab]`` (float32, float64 result); ``student`` is overwritten with the
+    gradient w.r.t. itself, ``scale * (softmax(student) - softmax(teacher))``, and
+    ``teacher`` with scratch. :data:`KL_ROWS` tokens at a time: no temporary of the whole."""
+    total = torch.zeros((), dtype=torch.float64, device=student.device)
+    for start in range(0, student.shape[0], KL_ROWS):
+        rows = slice(start, start + KL_ROWS)
+        log_q = student[rows].sub_(torch.logsumexp(student[rows], -1, keepdim=True))
+        log_p = teacher[rows].sub_(torch.logsumexp(teacher[rows], -1, keepdim=True))
+        p = log_p.exp()  # the KL's terms as F.kl_div(log_q, log_p, log_target=True) takes them
+        total += log_p.sub_(log_q).mul_(p).sum().double()
+        log_q.exp_().sub_(p).mul_(scale)
+    return total * scale
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,6 +348,7 @@ def share_frozen_tensors(student: nn.Module, teacher: nn.Module) -> list[str]:
         if mine is None or theirs is None or mine.weight is theirs.weight:
             continue
         if mine.weight.shape == theirs.weight.shape and torch.equal(mine.weight, theirs.weight):
+            drop_file_pages(theirs.weight)  # mapped from a file, it would stay resident
             theirs.weight = mine.weight
             shared.append(label)
     return shared
@@ -770,6 +810,7 @@ def _train(
             with precision.bf16_autocast(device, training.bf16, cache):
                 loss = _step_loss(student, teacher, windows, batch, options, device, hidden)
             _finish_step(optimizer, params, masked, options, step, loss)
+            return_freed_memory()  # the step's freed temporaries, wherever they lie in the heap
             losses.append(_global_loss(loss, device))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if _save_due(state_path, step + 1, steps, options.save_every):
@@ -917,7 +958,10 @@ def run_recovery(
     from safe_llm.models import load_model
 
     options = recover_options(config.recover_options)
-    serve_large_buffers_from_mmap()  # freed gradients and temporaries go back to the OS
+    # freed gradients and temporaries go back to the OS: from 128 KiB, not 1 MiB, as the lean
+    # state's packed gradients, moments and indices of the narrow projections (SmolLM2's k/v:
+    # 0.2-0.9 MB) otherwise fragment the heap (peak +0.1 GB over 4 steps)
+    serve_large_buffers_from_mmap(RECOVERY_MMAP_THRESHOLD)
     windows, drawn = recovery_windows(tokenizer, config, options)
     return_freed_memory()  # the text and its encodings
     log.info(
