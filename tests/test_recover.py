@@ -97,12 +97,13 @@ def test_chunked_kl_equals_an_independently_written_kl(make_tiny_llama, chunk):
     assert report.losses[0] == pytest.approx(expected, rel=1e-5)
 
 
-def test_chunked_kl_gradient_equals_the_full_logits_gradient(make_tiny_llama):
+@pytest.mark.parametrize("seq, chunk", [(7, 3), (40, 37)])  # chunks shorter and longer than KL_ROWS
+def test_chunked_kl_gradient_equals_the_full_logits_gradient(make_tiny_llama, seq, chunk):
     student, teacher = _pruned_pair(make_tiny_llama)
-    hidden = torch.randn(2, 7, 32)
-    target = torch.randn(2, 7, 32)
+    hidden = torch.randn(2, seq, 32)
+    target = torch.randn(2, seq, 32)
     loss, grad = chunked_kl_backward(
-        hidden, target, student.lm_head, teacher.lm_head, chunk=3, scale=1 / 14
+        hidden, target, student.lm_head, teacher.lm_head, chunk=chunk, scale=1 / (2 * seq)
     )
     leaf = hidden.clone().requires_grad_()
     log_q = F.log_softmax(student.lm_head(leaf), -1)

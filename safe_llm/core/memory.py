@@ -79,6 +79,41 @@ def serve_large_buffers_from_mmap(threshold: int = MMAP_THRESHOLD_BYTES) -> bool
     return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, threshold) == 1)
 
 
+MADV_DONTNEED = 4
+_MAPS = Path("/proc/self/maps")
+
+
+def drop_file_pages(tensor: torch.Tensor) -> bool:
+    """Drop the resident pages of ``tensor`` where it lies in a memory-mapped file (a tensor
+    read from safetensors), keeping its contents; returns whether any were dropped.
+
+    Every tensor of a safetensors file maps the file, and the pages read stay resident until
+    the last tensor of that file is gone: a teacher's embeddings, replaced by the student's
+    equal ones, would stay for the whole teacher phase. ``MADV_DONTNEED`` on whole pages of a
+    file mapping drops them; touched again they are read from the file, with the same values
+    (a model's frozen tensors are never written). Memory that is not file-mapped is left
+    alone (there it would read back as zeros)."""
+    madvise, page = getattr(_libc(), "madvise", None), os.sysconf("SC_PAGE_SIZE")
+    storage = tensor.untyped_storage()
+    start = -(-storage.data_ptr() // page) * page  # the whole pages inside the storage
+    end = (storage.data_ptr() + storage.nbytes()) // page * page
+    if madvise is None or tensor.device.type != "cpu" or end <= start:
+        return False
+    try:
+        maps = _MAPS.read_text().splitlines()
+    except OSError:
+        return False
+    for line in maps:
+        fields = line.split()
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= start and end <= high:
+            if len(fields) < 6 or not fields[5].startswith("/"):
+                return False  # anonymous memory
+            madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            return madvise(start, end - start, MADV_DONTNEED) == 0
+    return False
+
+
 @functools.cache
 def _malloc_trim():
     """glibc's ``malloc_trim``, or None on other C libraries (nothing to trim there)."""

@@ -322,6 +322,7 @@ def _train(
             with precision.bf16_autocast(device, training.bf16, cache):
                 loss = step_loss(student, teacher, windows, batch, options, device, hidden)
             _finish_step(optimizer, params, masked, options, step, loss)
+            return_freed_memory()  # the step's freed temporaries, wherever they lie in the heap
             losses.append(_global_loss(loss, device))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if _save_due(state_path, step + 1, steps, options.save_every):

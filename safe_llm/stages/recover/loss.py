@@ -7,20 +7,12 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from safe_llm.core import distributed
 from safe_llm.core.blocks import find_blocks
 from safe_llm.stages.recover.options import RecoveryError
-
-
-def kl_chunk_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Sum over tokens of KL(teacher || student) for logits ``[tokens, vocab]`` (float32)."""
-    student = F.log_softmax(student_logits.float(), dim=-1)
-    teacher = F.log_softmax(teacher_logits.float(), dim=-1)
-    return F.kl_div(student, teacher, log_target=True, reduction="sum")
 
 
 def chunked_kl_backward(
@@ -34,20 +26,53 @@ def chunked_kl_backward(
     """``(scale * sum of per-token KL, gradient w.r.t. student_hidden)``.
 
     ``student_hidden`` / ``teacher_hidden``: final hidden states ``[batch, seq, d]``; the heads
-    map them to logits. Only ``chunk`` tokens' logits exist at a time: each chunk's KL is
-    back-propagated to the hidden state (the heads are frozen) and freed.
+    map them to logits. Only ``chunk`` tokens' logits exist at a time, and autograd
+    back-propagates only the head's product: the log-softmax, the KL and its gradient w.r.t.
+    the student's logits are taken in place, :data:`KL_ROWS` tokens at a time
+    (:func:`_kl_rows_`), so a chunk holds its two ``[chunk, vocab]`` float32 logit tensors
+    and nothing else of that size. The heads run outside autocast, in their weights' dtype: a
+    bf16 autocast would cast the whole frozen vocabulary matrix again for every chunk (57 MB
+    for SmolLM2, the student's copy held until the backward).
     """
-    hidden = student_hidden.detach().reshape(-1, student_hidden.shape[-1]).requires_grad_()
+    dtype = next(student_head.parameters()).dtype
+    hidden = student_hidden.detach().reshape(-1, student_hidden.shape[-1])
     target = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    grad = torch.empty_like(hidden)
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk):
-        piece = slice(start, start + chunk)
-        with torch.no_grad():
-            teacher_logits = teacher_head(target[piece])
-        loss = kl_chunk_sum(student_head(hidden[piece]), teacher_logits) * scale
-        loss.backward()
-        total += loss.detach().double()
-    return float(total), hidden.grad.view_as(student_hidden)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, hidden.shape[0], chunk):
+            piece = slice(start, start + chunk)
+            with torch.no_grad():
+                teacher = teacher_head(target[piece].to(dtype)).float()
+            leaf = hidden[piece].detach().to(dtype).requires_grad_()
+            logits = student_head(leaf)
+            with torch.no_grad():  # in place on the logits: the product does not keep them
+                student = logits.detach().float()
+                total += _kl_rows_(student, teacher, scale)
+                del teacher
+            logits.backward(student.to(logits.dtype))
+            grad[piece] = leaf.grad
+            del logits, student, leaf  # before the next chunk's logits exist
+    return float(total), grad.view_as(student_hidden)
+
+
+KL_ROWS = 16  # tokens whose vocabulary-sized temporaries exist at once in _kl_rows_
+
+
+def _kl_rows_(student: torch.Tensor, teacher: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * sum over tokens of KL(softmax(teacher) || softmax(student))`` for logits
+    ``[tokens, vocab]`` (float32, float64 result); ``student`` is overwritten with the
+    gradient w.r.t. itself, ``scale * (softmax(student) - softmax(teacher))``, and
+    ``teacher`` with scratch. :data:`KL_ROWS` tokens at a time: no temporary of the whole."""
+    total = torch.zeros((), dtype=torch.float64, device=student.device)
+    for start in range(0, student.shape[0], KL_ROWS):
+        rows = slice(start, start + KL_ROWS)
+        log_q = student[rows].sub_(torch.logsumexp(student[rows], -1, keepdim=True))
+        log_p = teacher[rows].sub_(torch.logsumexp(teacher[rows], -1, keepdim=True))
+        p = log_p.exp()  # the KL's terms as F.kl_div(log_q, log_p, log_target=True) takes them
+        total += log_p.sub_(log_q).mul_(p).sum().double()
+        log_q.exp_().sub_(p).mul_(scale)
+    return total * scale
 
 
 def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from safe_llm.core.blocks import find_blocks, prunable_layers
+from safe_llm.core.memory import drop_file_pages
 from safe_llm.stages.recover.options import RecoveryError
 from safe_llm.train.masked_adam import BitMask
 
@@ -68,6 +69,7 @@ def share_frozen_tensors(student: nn.Module, teacher: nn.Module) -> list[str]:
         if mine is None or theirs is None or mine.weight is theirs.weight:
             continue
         if mine.weight.shape == theirs.weight.shape and torch.equal(mine.weight, theirs.weight):
+            drop_file_pages(theirs.weight)  # mapped from a file, it would stay resident
             theirs.weight = mine.weight
             shared.append(label)
     return shared

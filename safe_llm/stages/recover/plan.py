@@ -28,7 +28,7 @@ from torch import nn
 
 from safe_llm.core.blocks import find_blocks, prunable_layers
 
-KL_TENSORS = 6  # logits (student, teacher), their log-softmax, the KL terms, the gradient
+KL_TENSORS = 2  # the chunk's logits (student, teacher), float32; the rest is in place
 BLOCK_ACTIVATIONS = 12  # residual-width tensors alive in one block's forward and backward
 MLP_ACTIVATIONS = 4  # intermediate-width tensors (gate, up, their product, its gradient)
 RUNTIME = 135 * 2**20  # safe-llm's imports above a bare import torch, transformers (measured)
