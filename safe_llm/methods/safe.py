@@ -448,11 +448,8 @@ class SAFE(PruningMethod):
         if total == 0:
             return {"steps": 0, "epochs": 0, "loss": float("nan"), "residuals": []}
         params = self._trainable(ctx, splits)
-        masked = (
-            None
-            if admm
-            else [(s.param, relative_adam.pruned_mask(s.param)) for s in splits.values()]
-        )
+        weights = [] if admm else [s.param for s in splits.values()]
+        masked = [(w, relative_adam.pruned_mask(w)) for w in weights] or None
         optimizer = relative_adam.adam(relative_adam.trainable_groups(params, steps.units), opts.lr)
         schedule = _Schedule(opts, lr, total, steps_per_epoch)
         residuals = []
