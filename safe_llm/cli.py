@@ -83,8 +83,8 @@ def _add_field(
 
 
 def _recover_option_group(parser: argparse.ArgumentParser, title: str) -> None:
-    """The ``--recover-<name>`` flags of :class:`~safe_llm.stages.recover.recover.RecoverOptions`."""
-    from safe_llm.stages.recover.recover import RecoverOptions
+    """The ``--recover-<name>`` flags of :class:`~safe_llm.stages.recover.options.RecoverOptions`."""
+    from safe_llm.stages.recover.options import RecoverOptions
 
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(RecoverOptions):
@@ -93,7 +93,7 @@ def _recover_option_group(parser: argparse.ArgumentParser, title: str) -> None:
 
 def _pop_recover_options(values: dict) -> dict:
     """Move the ``recover_<name>`` flags out of ``values`` into ``{name: value}``."""
-    from safe_llm.stages.recover.recover import RecoverOptions
+    from safe_llm.stages.recover.options import RecoverOptions
 
     names = {RECOVER_PREFIX + f.name for f in dataclasses.fields(RecoverOptions)}
     return {k.removeprefix(RECOVER_PREFIX): values.pop(k) for k in list(values) if k in names}
@@ -435,7 +435,7 @@ def _run_prune(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
 def _run_recover(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from safe_llm.core import distributed
-    from safe_llm.stages.recover.recover import recover_checkpoint
+    from safe_llm.stages.recover.standalone import recover_checkpoint
 
     options = _pop_recover_options(dict(vars(args)))
     try:

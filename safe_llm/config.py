@@ -20,7 +20,7 @@ from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.errors import SafeLLMError
 from safe_llm.methods import build_method, method_options
 from safe_llm.options import option
-from safe_llm.stages.recover.recover import RECOVERY_METHODS
+from safe_llm.stages.recover.options import RECOVERY_METHODS
 
 
 class ConfigError(SafeLLMError):
@@ -268,7 +268,7 @@ def make_config(recipe: dict | None = None, overrides: dict | None = None) -> Pr
 
 def _check_recover_options(values: dict) -> dict:
     """``recover_options`` with each value checked against :class:`RecoverOptions`'s fields."""
-    from safe_llm.stages.recover.recover import RecoverOptions, recover_options
+    from safe_llm.stages.recover.options import RecoverOptions, recover_options
 
     fields = {f.name: f for f in dataclasses.fields(RecoverOptions)}
     checked = {n: _check_type(n, v, fields[n]) if n in fields else v for n, v in values.items()}

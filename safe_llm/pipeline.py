@@ -241,7 +241,7 @@ def _recover(model, tokenizer, config: PruneConfig, device, work, peaks, progres
     the writing rank saves it, or under FSDP every rank its own shards)."""
     if not config.recover:
         return None
-    from safe_llm.stages.recover.recover import run_recovery
+    from safe_llm.stages.recover.stage import run_recovery
 
     state_dir = work.path / "recovery" if work is not None else None
     with peaks.stage("recovery"):

@@ -13,8 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from safe_llm.core import distributed
 from safe_llm.core.sparsity import SparsityPattern
-from safe_llm.stages.recover import recover
-from safe_llm.stages.recover.recover import RecoverOptions
+from safe_llm.stages.recover import loop
+from safe_llm.stages.recover.options import RecoverOptions
 
 
 def pruned_pair():
@@ -40,10 +40,10 @@ def main(state_dir: str) -> None:
         steps=6, lr=1e-2, batch_size=4, save_every=2, fsdp=True, autocast="off"
     )
     whole, teacher = pruned_pair()
-    recover.recover(whole, teacher, windows, options, progress=False)
+    loop.recover(whole, teacher, windows, options, progress=False)
 
     killed, teacher = pruned_pair()
-    real_step, calls = recover._finish_step, {"n": 0}
+    real_step, calls = loop._finish_step, {"n": 0}
 
     def dies_at_step_five(*args):
         calls["n"] += 1
@@ -51,18 +51,16 @@ def main(state_dir: str) -> None:
             raise KeyboardInterrupt
         return real_step(*args)
 
-    recover._finish_step = dies_at_step_five
+    loop._finish_step = dies_at_step_five
     try:
-        recover.recover(killed, teacher, windows, options, state_dir=state_dir, progress=False)
+        loop.recover(killed, teacher, windows, options, state_dir=state_dir, progress=False)
         raise AssertionError("the recovery was not interrupted")
     except KeyboardInterrupt:
         pass
-    recover._finish_step = real_step
+    loop._finish_step = real_step
     dist.barrier()
     resumed, teacher = pruned_pair()
-    report = recover.recover(
-        resumed, teacher, windows, options, state_dir=state_dir, progress=False
-    )
+    report = loop.recover(resumed, teacher, windows, options, state_dir=state_dir, progress=False)
     assert report.resumed_from_step == 4, report.resumed_from_step
     for name, param in whole.named_parameters():
         assert torch.equal(resumed.get_parameter(name), param), name

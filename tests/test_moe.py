@@ -30,7 +30,7 @@ from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.methods import build_method, get_method_class
 from safe_llm.pipeline import check_prunable
 from safe_llm.stages.prune.engine import prune_model
-from safe_llm.stages.recover.recover import sparsity_masks, trainable_parameters
+from safe_llm.stages.recover.parameters import sparsity_masks, trainable_parameters
 
 CPU = torch.device("cpu")
 EXPERTS = 8
@@ -601,8 +601,8 @@ def test_an_moe_run_stopped_after_a_block_resumes_to_the_same_bits(tmp_path):
 def test_recovery_trains_the_experts_and_keeps_every_experts_zeros(tmp_path, lean):
     import copy
 
-    from safe_llm.stages.recover import recover
-    from safe_llm.stages.recover.recover import RecoverOptions
+    from safe_llm.stages.recover import loop
+    from safe_llm.stages.recover.options import RecoverOptions
 
     teacher = make_moe("qwen3_moe")
     student = copy.deepcopy(teacher)
@@ -611,7 +611,7 @@ def test_recovery_trains_the_experts_and_keeps_every_experts_zeros(tmp_path, lea
     before = sparsity_masks(student)
     weights = {n: p.detach().clone() for n, p in student.named_parameters()}
     options = RecoverOptions(steps=4, lr=3e-3, batch_size=8, lean=lean)
-    recover.recover(student, teacher, make_windows(), options, progress=False)
+    loop.recover(student, teacher, make_windows(), options, progress=False)
     for layer in range(3):
         name = f"model.layers.{layer}.mlp.experts.gate_up_proj"
         assert torch.equal(sparsity_masks(student)[name], before[name])

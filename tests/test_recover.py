@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from safe_llm import cli
-from safe_llm.stages.recover import recover
-from safe_llm.stages.recover.recover import RecoverOptions, RecoveryError, sparsity_masks
+from safe_llm.stages.recover import loop
+from safe_llm.stages.recover.loss import chunked_kl_backward
+from safe_llm.stages.recover.options import RecoverOptions, RecoveryError
+from safe_llm.stages.recover.parameters import sparsity_masks
 from safe_llm.train import masked_adam as lean_adam
 
 
@@ -53,7 +55,7 @@ def test_recovery_keeps_every_pruned_weight_exactly_zero(make_tiny_llama, struct
     before = sparsity_masks(student)
     weights = {n: p.detach().clone() for n, p in student.named_parameters()}
     options = RecoverOptions(steps=6, lr=3e-3, batch_size=8)  # one batch: the loss falls
-    report = recover.recover(student, teacher, _windows(), options, progress=False)
+    report = loop.recover(student, teacher, _windows(), options, progress=False)
     after = sparsity_masks(student)
     assert set(after) == set(before) and len(before) == 14
     for name in before:
@@ -68,7 +70,7 @@ def test_recovery_keeps_every_pruned_weight_exactly_zero(make_tiny_llama, struct
 def test_recovery_with_lr_zero_returns_the_input_weights_exactly(make_tiny_llama):
     student, teacher = _pruned_pair(make_tiny_llama)
     weights = {n: p.detach().clone() for n, p in student.named_parameters()}
-    recover.recover(student, teacher, _windows(), RecoverOptions(steps=3, lr=0.0), progress=False)
+    loop.recover(student, teacher, _windows(), RecoverOptions(steps=3, lr=0.0), progress=False)
     for name, param in student.named_parameters():
         assert torch.equal(param, weights[name]), name
 
@@ -90,7 +92,7 @@ def test_chunked_kl_equals_an_independently_written_kl(make_tiny_llama, chunk):
     options = RecoverOptions(
         steps=1, lr=0.0, batch_size=len(windows), kl_chunk=chunk, autocast="off"
     )
-    report = recover.recover(student, teacher, windows, options, progress=False)
+    report = loop.recover(student, teacher, windows, options, progress=False)
     assert expected > 1e-3
     assert report.losses[0] == pytest.approx(expected, rel=1e-5)
 
@@ -99,7 +101,7 @@ def test_chunked_kl_gradient_equals_the_full_logits_gradient(make_tiny_llama):
     student, teacher = _pruned_pair(make_tiny_llama)
     hidden = torch.randn(2, 7, 32)
     target = torch.randn(2, 7, 32)
-    loss, grad = recover.chunked_kl_backward(
+    loss, grad = chunked_kl_backward(
         hidden, target, student.lm_head, teacher.lm_head, chunk=3, scale=1 / 14
     )
     leaf = hidden.clone().requires_grad_()
@@ -137,7 +139,7 @@ def test_hidden_state_term_equals_an_independently_written_one(make_tiny_llama):
     options = RecoverOptions(
         steps=1, lr=0.0, batch_size=len(windows), hidden_weight=0.5, autocast="off"
     )
-    report = recover.recover(student, teacher, windows, options, progress=False)
+    report = loop.recover(student, teacher, windows, options, progress=False)
     assert hidden > 1e-3
     assert report.losses[0] == pytest.approx(kl + 0.5 * hidden, rel=1e-5)
 
@@ -153,7 +155,7 @@ def test_hidden_state_term_steps_the_same_with_and_without_gradient_checkpointin
             steps=3, lr=1e-2, hidden_weight=1.0, gradient_checkpointing=checkpointing,
             autocast="off",
         )  # fmt: skip
-        report = recover.recover(student, teacher, _windows(), options, progress=False)
+        report = loop.recover(student, teacher, _windows(), options, progress=False)
         results.append((report.losses, dict(student.named_parameters())))
     (losses_off, weights_off), (losses_on, weights_on) = results
     assert losses_on == pytest.approx(losses_off, rel=1e-6)
@@ -167,7 +169,7 @@ def test_a_non_finite_loss_stops_recovery_before_any_step(make_tiny_llama):
         teacher.model.norm.weight[0] = float("nan")
     weights = {n: p.detach().clone() for n, p in student.named_parameters()}
     with pytest.raises(RecoveryError, match="not finite"):
-        recover.recover(student, teacher, _windows(), RecoverOptions(steps=2), progress=False)
+        loop.recover(student, teacher, _windows(), RecoverOptions(steps=2), progress=False)
     for name, param in student.named_parameters():
         assert torch.equal(param, weights[name]), name
 
@@ -175,7 +177,7 @@ def test_a_non_finite_loss_stops_recovery_before_any_step(make_tiny_llama):
 def test_embeddings_and_lm_head_are_frozen_and_shared_with_the_teacher(make_tiny_llama):
     student, teacher = _pruned_pair(make_tiny_llama)
     head = student.lm_head.weight.detach().clone()
-    report = recover.recover(
+    report = loop.recover(
         student, teacher, _windows(), RecoverOptions(steps=2, lr=1e-2), progress=False
     )
     assert report.shared_with_teacher == ["input embeddings", "lm_head"]
@@ -188,7 +190,7 @@ def test_only_the_norms_train_when_asked(make_tiny_llama):
     student, teacher = _pruned_pair(make_tiny_llama)
     weights = {n: p.detach().clone() for n, p in student.named_parameters()}
     options = RecoverOptions(steps=2, lr=1e-2, train=["norms"])
-    recover.recover(student, teacher, _windows(), options, progress=False)
+    loop.recover(student, teacher, _windows(), options, progress=False)
     changed = {n for n, p in student.named_parameters() if not torch.equal(p, weights[n])}
     assert changed and all("norm" in n for n in changed)
 
@@ -197,11 +199,11 @@ def test_only_the_norms_train_when_asked(make_tiny_llama):
 def test_a_killed_recovery_resumes_to_the_same_weights_bit_for_bit(make_tiny_llama, tmp_path, lean):
     options = RecoverOptions(steps=6, lr=1e-2, batch_size=3, save_every=2, lean=lean)
     whole, teacher = _pruned_pair(make_tiny_llama)
-    recover.recover(whole, teacher, _windows(), options, progress=False)
+    loop.recover(whole, teacher, _windows(), options, progress=False)
 
     killed, teacher = _pruned_pair(make_tiny_llama)
     calls = {"n": 0}
-    real_step = recover._finish_step
+    real_step = loop._finish_step
 
     def dies_at_step_five(*args):
         calls["n"] += 1
@@ -210,21 +212,17 @@ def test_a_killed_recovery_resumes_to_the_same_weights_bit_for_bit(make_tiny_lla
         return real_step(*args)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(recover, "_finish_step", dies_at_step_five)
+        mp.setattr(loop, "_finish_step", dies_at_step_five)
         with pytest.raises(KeyboardInterrupt):
-            recover.recover(
-                killed, teacher, _windows(), options, state_dir=tmp_path, progress=False
-            )
+            loop.recover(killed, teacher, _windows(), options, state_dir=tmp_path, progress=False)
     resumed, teacher = _pruned_pair(make_tiny_llama)
-    report = recover.recover(
-        resumed, teacher, _windows(), options, state_dir=tmp_path, progress=False
-    )
+    report = loop.recover(resumed, teacher, _windows(), options, state_dir=tmp_path, progress=False)
     assert report.resumed_from_step == 4 and report.optimizer == ("lean" if lean else "adam")
     for name, param in whole.named_parameters():
         assert torch.equal(resumed.get_parameter(name), param), name
     other, teacher = _pruned_pair(make_tiny_llama)
     with pytest.raises(RecoveryError, match="lean"):  # a state is resumed the way it was saved
-        recover.recover(
+        loop.recover(
             other, teacher, _windows(), replace(options, lean=not lean), state_dir=tmp_path,
             progress=False,
         )  # fmt: skip
@@ -234,16 +232,16 @@ def test_a_killed_recovery_resumes_to_the_same_weights_bit_for_bit(make_tiny_lla
 def test_auto_autocast_is_bf16_exactly_where_the_device_computes_it_natively(
     make_tiny_llama, monkeypatch, native
 ):
-    monkeypatch.setattr(recover.precision, "native_bf16", lambda device: native)
+    monkeypatch.setattr(loop.precision, "native_bf16", lambda device: native)
     student, teacher = _pruned_pair(make_tiny_llama)
-    before = recover.sparsity_masks(student)
-    report = recover.recover(
+    before = sparsity_masks(student)
+    report = loop.recover(
         student, teacher, _windows(), RecoverOptions(steps=6, lr=3e-3, batch_size=8), progress=False
     )
     assert report.autocast_bf16 is native
     assert report.losses[-1] < report.losses[0]
     for name, pruned in before.items():
-        assert torch.equal(recover.sparsity_masks(student)[name], pruned), name
+        assert torch.equal(sparsity_masks(student)[name], pruned), name
         assert student.get_parameter(name).dtype == torch.float32
 
 
@@ -256,8 +254,8 @@ def _recovered_pair(make_tiny_llama, scale: float, step_scale: str):
     )
     student, teacher = _pruned_pair(make_tiny_llama)
     rescaled = rescale_norms(copy.deepcopy(student), scale)
-    recover.recover(student, teacher, _windows(), options, progress=False)
-    recover.recover(rescaled, teacher, _windows(), options, progress=False)
+    loop.recover(student, teacher, _windows(), options, progress=False)
+    loop.recover(rescaled, teacher, _windows(), options, progress=False)
     return student, rescaled
 
 
@@ -284,9 +282,9 @@ def test_bf16_recovery_steps_from_the_updated_weights_not_a_stale_copy(make_tiny
     options = RecoverOptions(steps=2, lr=3e-2, batch_size=8, autocast="bf16", step_scale="absolute")
     windows = _windows()
     two, teacher = _pruned_pair(make_tiny_llama)
-    report = recover.recover(two, teacher, windows, options, progress=False)
+    report = loop.recover(two, teacher, windows, options, progress=False)
     one, teacher = _pruned_pair(make_tiny_llama)
-    recover.recover(one, teacher, windows, replace(options, steps=1), progress=False)
+    loop.recover(one, teacher, windows, replace(options, steps=1), progress=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         after_one_step = _independent_kl(one, teacher, windows)
     assert abs(report.losses[1] - report.losses[0]) > 0.2 * report.losses[0]
@@ -458,7 +456,7 @@ def test_the_lean_state_takes_the_same_steps_as_torch_adam(
         steps=8, lr=3e-3, batch_size=3, grad_clip=clip, autocast="off", step_scale="absolute"
     )
     old, teacher = _pruned_pair(make_tiny_llama, structure, sparsity)
-    report_old = recover.recover(
+    report_old = loop.recover(
         old, teacher, _windows(), replace(options, lean=False), progress=False
     )
     lean, teacher = _pruned_pair(make_tiny_llama, structure, sparsity)
@@ -471,7 +469,7 @@ def test_the_lean_state_takes_the_same_steps_as_torch_adam(
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(lean_adam._Slot, "put", put)
-        report = recover.recover(lean, teacher, _windows(), options, progress=False)
+        report = loop.recover(lean, teacher, _windows(), options, progress=False)
     assert (report_old.optimizer, report.optimizer) == ("adam", "lean")
     assert stashed.count(True) == (0 if sparsity == 0.3 else 8 * 14)  # 14 pruned layers
     assert report.losses == pytest.approx(report_old.losses, rel=1e-5)
@@ -500,7 +498,7 @@ def test_the_lean_state_holds_no_whole_gradient_and_frees_the_teacher(make_tiny_
     student, teacher = _pruned_pair(make_tiny_llama)
     embedding = student.model.embed_tokens.weight.detach().clone()
     seen = []
-    real_step = recover._finish_step
+    real_step = loop._finish_step
 
     def finish(optimizer, params, *args):
         seen.append([name for name, p in params.items() if p.grad is not None])
@@ -508,8 +506,8 @@ def test_the_lean_state_holds_no_whole_gradient_and_frees_the_teacher(make_tiny_
 
     options = RecoverOptions(steps=2, lr=1e-2)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(recover, "_finish_step", finish)
-        report = recover.recover(
+        mp.setattr(loop, "_finish_step", finish)
+        report = loop.recover(
             student, teacher, _windows(), options, progress=False, release_teacher=True
         )
     assert seen == [[], []] and report.optimizer == "lean"

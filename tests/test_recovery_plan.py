@@ -69,7 +69,7 @@ def test_a_recovery_that_will_not_fit_stops_in_one_line_before_the_teacher_is_lo
     save_tiny_model, calibration_file, tmp_path, monkeypatch, capsys
 ):
     from safe_llm.io import models
-    from safe_llm.stages.recover.recover import RecoverOptions
+    from safe_llm.stages.recover.options import RecoverOptions
 
     pruned = _pruned_checkpoint(save_tiny_model, calibration_file, tmp_path, **SHAPE)
     student, _, _ = models.load_model(str(pruned))

@@ -167,7 +167,7 @@ def _activations(
 def estimate(counts: ModelCounts, options, windows: int, seqlen: int, nwindows: int,
              bf16: bool, world: int = 1, teacher_released: bool = True) -> RecoveryPlan:  # fmt: skip
     """The :class:`RecoveryPlan` of recovering a student with ``counts`` under ``options``
-    (:class:`~safe_llm.stages.recover.recover.RecoverOptions`), ``windows`` per step of ``seqlen`` tokens on
+    (:class:`~safe_llm.stages.recover.options.RecoverOptions`), ``windows`` per step of ``seqlen`` tokens on
     each of ``world`` ranks, ``nwindows`` windows cached, bf16 autocast or not."""
     size = counts.itemsize
     lean = options.lean and not options.fsdp
