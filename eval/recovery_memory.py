@@ -86,7 +86,7 @@ def recover_row(checkpoint: Path, state: str, baseline: int, args) -> dict:
         "peak_rss_bytes": rss,
         "baseline_rss_bytes": baseline,
         "bytes_per_parameter": (rss - baseline) / parameters,
-        "recovery_stage_peak_bytes": report["stage_peak_memory_bytes"].get("recovery"),
+        "recovery_stage_peak_bytes": report["stage_peak_memory_bytes"].get("recover"),
         "planned_peak_bytes": plan["peak_bytes"],
         "planned_bytes_per_parameter": plan["bytes_per_parameter"],
         "plan_parts": plan["parts"],

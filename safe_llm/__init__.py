@@ -1,13 +1,29 @@
 """safe-llm: post-training pruning of causal LMs to sparse and flat minima.
 
-``safe_llm.prune``, ``safe_llm.evaluation.evaluate`` and ``safe_llm.load`` are the Python API (the
-function ``evaluate`` stands in the package for the module of the same name: import the
-module's other names with ``from safe_llm.evaluation.evaluate import ...``).
+``safe_llm.prune``, ``safe_llm.evaluate`` and ``safe_llm.load`` are the Python API, imported
+on first use (PEP 562) so that ``import safe_llm.cli`` and ``safe-llm --help`` do not load
+torch. ``safe_llm.evaluate`` is the function :func:`safe_llm.evaluation.evaluate.evaluate`.
 """
 
-from safe_llm.version import __version__  # noqa: I001 (first: every module may read it)
-from safe_llm.evaluation.evaluate import evaluate
-from safe_llm.io.export import load
-from safe_llm.pipeline import prune
+from __future__ import annotations
+
+import importlib
+
+from safe_llm.version import __version__
+
+_API = {
+    "evaluate": ("safe_llm.evaluation.evaluate", "evaluate"),
+    "load": ("safe_llm.io.export", "load"),
+    "prune": ("safe_llm.pipeline", "prune"),
+}
 
 __all__ = ["__version__", "evaluate", "load", "prune"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        module, attribute = _API[name]
+        value = getattr(importlib.import_module(module), attribute)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'safe_llm' has no attribute {name!r}")

@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from safe_llm.config import ConfigError, PruneConfig, load_recipe, make_config, parse_value
+from safe_llm.config import PruneConfig, load_recipe, make_config, parse_value
 from safe_llm.errors import SafeLLMError
-from safe_llm.methods import METHODS, available_methods
+from safe_llm.options import ConfigError, annotation_of, flag, flag_dest
+from safe_llm.stages.base import Stage, registered_stages
 from safe_llm.version import __version__
 
 if TYPE_CHECKING:
     from safe_llm.report import RunReport
 
 log = logging.getLogger("safe_llm")
-RECOVER_PREFIX = "recover_"
 
 
 class _TqdmHandler(logging.Handler):
@@ -34,14 +34,8 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _base_type(annotation) -> type:
     """``int | None`` -> int, ``list[str]`` -> str, ``bool`` -> bool."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing), {})  # dataclass annotations are strings
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -56,47 +50,74 @@ def _add_field(
     f: dataclasses.Field,
     help_suffix: str = "",
     dest: str | None = None,
-    kind=None,
     prefix: str = "",
+    default=argparse.SUPPRESS,
+    methods: list[str] | None = None,
 ) -> None:
-    """Flag ``--<prefix><f-name>`` for field ``f`` (parsed as ``kind``, default: from the
-    annotation)."""
-    kind = kind or _base_type(f.type)
-    default = f.default if f.default is not dataclasses.MISSING else None
+    """Flag ``--<prefix><f-name>`` (or the field's declared ``flag``) for field ``f``, parsed
+    as its annotation says; ``dest`` defaults to the flag's name without dashes. Given flags
+    only reach the namespace (``default`` SUPPRESS), so a recipe's values stay."""
+    kind = _base_type(annotation_of(f))
+    name = flag_dest(f, prefix)
+    shown = f.default if f.default is not dataclasses.MISSING else None
+    shown = shown if default is argparse.SUPPRESS else default
     help_text = f.metadata.get("help", "") + help_suffix
-    if default not in (None, [], {}):
-        help_text += f" (default: {default})"
-    kwargs: dict = {"default": argparse.SUPPRESS, "help": help_text}
+    if shown not in (None, [], {}):
+        help_text += f" (default: {shown})"
+    kwargs: dict = {"default": default, "help": help_text}
     if kind is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     else:
         kwargs["type"] = kind
-        if "nargs" in f.metadata:
-            kwargs["nargs"] = f.metadata["nargs"]
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        if f.name == "method":
-            kwargs["choices"] = available_methods()
+        for key in ("nargs", "choices"):
+            if key in f.metadata:
+                kwargs[key] = f.metadata[key]
+        if f.name == "method" and methods is not None:
+            kwargs["choices"] = methods
         if f.name == "model" or dest is not None:
             kwargs["metavar"] = f.name.upper()
-    parser.add_argument(_flag(prefix + f.name), dest=dest or prefix + f.name, **kwargs)
+    parser.add_argument(flag(name), dest=dest or name, **kwargs)
 
 
-def _recover_option_group(parser: argparse.ArgumentParser, title: str) -> None:
-    """The ``--recover-<name>`` flags of :class:`~safe_llm.stages.recover.options.RecoverOptions`."""
-    from safe_llm.stages.recover.options import RecoverOptions
-
-    group = parser.add_argument_group(title)
-    for f in dataclasses.fields(RecoverOptions):
-        _add_field(group, f, prefix=RECOVER_PREFIX)
+RUN_FIELDS = {f.name: f for f in dataclasses.fields(PruneConfig)}
 
 
-def _pop_recover_options(values: dict) -> dict:
-    """Move the ``recover_<name>`` flags out of ``values`` into ``{name: value}``."""
-    from safe_llm.stages.recover.options import RecoverOptions
+def _add_run_options(
+    parser, names: tuple[str, ...], methods: list[str] | None = None, **defaults
+) -> None:
+    """The flags of the :class:`PruneConfig` fields ``names`` (``defaults``: a value the
+    subcommand uses when the flag is not given, instead of leaving it to the recipe;
+    ``methods``: the ``--method`` choices)."""
+    for name in names:
+        default = defaults.get(name, argparse.SUPPRESS)
+        _add_field(parser, RUN_FIELDS[name], default=default, methods=methods)
 
-    names = {RECOVER_PREFIX + f.name for f in dataclasses.fields(RecoverOptions)}
-    return {k.removeprefix(RECOVER_PREFIX): values.pop(k) for k in list(values) if k in names}
+
+def _add_stage_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """One group of flags per registered stage that ``command`` runs, from its Options."""
+    for cls in registered_stages():
+        if command not in cls.commands:
+            continue
+        fields = [f for f in dataclasses.fields(cls.Options) if f.metadata.get("cli", True)]
+        if command == cls.name:  # ``safe-llm recover`` is the recover stage: no switch
+            fields = [f for f in fields if flag_dest(f, cls.prefix()) != cls.name]
+        if fields:
+            group = parser.add_argument_group(_stage_title(cls))
+            for f in fields:
+                _add_field(group, f, prefix=cls.prefix())
+
+
+def _stage_title(cls: type[Stage]) -> str:
+    return f"{cls.name} stage options (recipe key: {cls.recipe_key()})"
+
+
+def _stage_dests() -> set[str]:
+    """The namespace names of every stage's flags."""
+    return {
+        flag_dest(f, cls.prefix())
+        for cls in registered_stages()
+        for f in dataclasses.fields(cls.Options)
+    }
 
 
 # argparse destination of the method option flags: never the same as a PruneConfig field's
@@ -104,7 +125,10 @@ OPTION_DEST = "method_option:"
 
 
 def _method_option_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
-    """Every method option name, with ``(method, field)`` for each method that has it."""
+    """Every method option name, with ``(method, field)`` for each method that has it
+    (imports every method, hence torch)."""
+    from safe_llm.methods import METHODS, available_methods
+
     available_methods()
     fields: dict[str, list[tuple[str, dataclasses.Field]]] = {}
     for method in sorted(METHODS):
@@ -126,7 +150,7 @@ def _add_method_option(group, owners: list[tuple[str, dataclasses.Field]]) -> No
         f"{method}: {f.metadata.get('help', '')} (default: {f.default})" for method, f in owners
     )
     group.add_argument(
-        _flag(first.name),
+        flag(first.name),
         dest=OPTION_DEST + first.name,
         type=parse_value,
         default=argparse.SUPPRESS,
@@ -139,7 +163,7 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
     """The method option flags, and ``--method-option NAME=VALUE`` for options named like a
     run option (``--seed`` is the run's seed; a method's ``seed`` is ``--method-option
     seed=3``) or any other."""
-    config_names = {f.name for f in dataclasses.fields(PruneConfig)}
+    config_names = set(RUN_FIELDS) | _stage_dests()
     group = parser.add_argument_group("method options (recipe key: method_options)")
     for name, owners in _method_option_fields().items():
         if name not in config_names:
@@ -172,23 +196,35 @@ def _option_pairs(pairs: list[str]) -> dict:
     return options
 
 
-def _prune_parser(sub) -> None:
+def _prune_parser(sub, with_methods: bool) -> None:
     parser = sub.add_parser(
         "prune",
         help="prune a causal LM block by block and write a sparse checkpoint",
         description="Prune every linear layer inside the decoder blocks of a causal LM "
         "(embeddings and lm_head are never pruned), block by block, and write a checkpoint "
         "that plain transformers loads. Options come from --recipe, then from flags.",
+        allow_abbrev=with_methods,  # without the method flags, --lr stays unknown
     )
     parser.add_argument(
         "--recipe", help="YAML recipe with any of the options below; flags override it"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or block lines")
-    for f in dataclasses.fields(PruneConfig):
-        if f.metadata.get("cli", True):
-            _add_field(parser, f)
-    _add_method_options(parser)
-    _recover_option_group(parser, "recovery options, with --recover (recipe key: recover_options)")
+    names = tuple(n for n, f in RUN_FIELDS.items() if f.metadata.get("cli", True))
+    methods = None
+    if with_methods:
+        from safe_llm.methods import available_methods
+
+        methods = available_methods()
+    _add_run_options(parser, names, methods)
+    _add_stage_options(parser, "prune")
+    if with_methods:
+        _add_method_options(parser)
+
+
+RECOVER_RUN_OPTIONS = (
+    "output", "overwrite", "resume", "device", "batch_size", "eval", "eval_seqlen",
+    "eval_max_windows", "eval_cache", "trust_remote_code",
+)  # fmt: skip
 
 
 def _recover_parser(sub) -> None:
@@ -199,23 +235,15 @@ def _recover_parser(sub) -> None:
         "into the pruned CHECKPOINT: every kept weight (and the norms) trains to match the "
         "teacher's next-token distribution (KL) on recovery windows drawn like calibration "
         "windows; every pruned weight stays exactly zero. Writes a new checkpoint to --output "
-        "the way safe-llm prune does. The recipe's recover_options are the defaults.",
+        "the way safe-llm prune does. The recipe's options are the defaults.",
     )
     parser.add_argument("checkpoint", help="checkpoint directory written by safe-llm prune")
-    parser.add_argument("--output", required=True, help="directory for the recovered checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue an interrupted recovery from the state saved in --output",
-    )
-    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the recipe's)")
-    parser.add_argument(
-        "--eval", nargs="*", default=None, help="perplexity sources to score the result on"
-    )
-    parser.add_argument("--eval-max-windows", type=int, default=None, help="at most N windows")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    _recover_option_group(parser, "recovery options (recipe key: recover_options)")
+    _add_run_options(parser, RECOVER_RUN_OPTIONS)
+    _add_stage_options(parser, "recover")
+
+
+EVAL_RUN_OPTIONS = ("seqlen", "batch_size", "device", "dtype", "text_column", "trust_remote_code")
 
 
 def _eval_parser(sub) -> None:
@@ -236,15 +264,9 @@ def _eval_parser(sub) -> None:
         help="perplexity sources: wikitext2, c4, builtin-wiki, builtin-c4, a local file or a "
         "datasets id (default: wikitext2, or none when --tasks is given)",
     )
-    parser.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
     parser.add_argument("--max-windows", type=int, default=None, help="at most this many windows")
-    parser.add_argument("--batch-size", type=int, default=1, help="windows / examples per pass")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    parser.add_argument("--text-column", default="text", help="text column of a file/dataset")
-    parser.add_argument(
-        "--trust-remote-code", action="store_true", help="allow model code from the Hub"
-    )
+    defaults = {f: RUN_FIELDS[f].default for f in EVAL_RUN_OPTIONS}
+    _add_run_options(parser, EVAL_RUN_OPTIONS, **{**defaults, "batch_size": 1})
     parser.add_argument(
         "--no-cache",
         dest="cache",
@@ -319,7 +341,9 @@ def _report_parser(sub) -> None:
     parser.add_argument("--no-plots", action="store_true", help="write only report.md")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_methods: bool = True) -> argparse.ArgumentParser:
+    """The ``safe-llm`` parser; ``with_methods=False`` leaves out the method option flags of
+    ``prune`` (they need the method classes, hence torch)."""
     parser = argparse.ArgumentParser(
         prog="safe-llm",
         description="Prune large language models to sparse and flat minima (SAFE, SAFE+) "
@@ -327,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"safe-llm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _prune_parser(sub)
+    _prune_parser(sub, with_methods)
     _recover_parser(sub)
     _eval_parser(sub)
     _report_parser(sub)
@@ -336,9 +360,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed first without the method classes (no torch): ``--help``
+    (but ``prune --help``), ``--version`` and every error in a run or stage flag are answered
+    from the torch-free declarations. ``prune`` is then parsed again with the method flags
+    and the ``--method`` choices, which need the method classes (hence torch)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "prune" in argv and ({"-h", "--help"} & set(argv)):
+        return build_parser(with_methods=True).parse_args(argv)
+    light = build_parser(with_methods=False)
+    args, unknown = light.parse_known_args(argv)
+    if args.command == "prune":
+        return build_parser(with_methods=True).parse_args(argv)
+    if unknown:
+        light.parse_args(argv)  # reports the unknown arguments
+    return args
+
+
 def _config_from_args(args: argparse.Namespace) -> PruneConfig:
     values = {k: v for k, v in vars(args).items() if k not in ("command", "recipe", "quiet")}
-    recovery = _pop_recover_options(values)
     options = {
         k.removeprefix(OPTION_DEST): values.pop(k)
         for k in list(values)
@@ -346,7 +386,7 @@ def _config_from_args(args: argparse.Namespace) -> PruneConfig:
     }
     options.update(_option_pairs(values.pop("method_option_pairs", [])))
     recipe = load_recipe(args.recipe) if args.recipe else {}
-    return make_config(recipe, {**values, "method_options": options, "recover_options": recovery})
+    return make_config(recipe, {**values, "method_options": options})
 
 
 def _dense_line(report: RunReport) -> str:
@@ -435,21 +475,13 @@ def _run_prune(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
 def _run_recover(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from safe_llm.core import distributed
-    from safe_llm.stages.recover.standalone import recover_checkpoint
+    from safe_llm.pipeline import recover_checkpoint
 
-    options = _pop_recover_options(dict(vars(args)))
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "quiet")}
+    checkpoint = overrides.pop("checkpoint")
     try:
         result = recover_checkpoint(
-            args.checkpoint,
-            args.output,
-            options,
-            overwrite=args.overwrite,
-            resume=args.resume,
-            device=args.device,
-            evaluate=args.eval,
-            eval_max_windows=args.eval_max_windows,
-            command_line=_command_line(argv),
-            progress=not args.quiet,
+            checkpoint, overrides, command_line=_command_line(argv), progress=not args.quiet
         )
         writer = distributed.is_writer()  # under torchrun rank 0 alone reports
     finally:
@@ -464,7 +496,7 @@ def _run_recover(args: argparse.Namespace, argv: list[str] | None = None) -> int
     )
     for source, value in result.report["evaluation"].get("pruned", {}).items():
         print(f"perplexity {source}: {value['perplexity']:.3f}")
-    print(f"checkpoint written to {args.output}")
+    print(f"checkpoint written to {result.config.output}")
     return 0
 
 
@@ -567,7 +599,7 @@ def _install_log_handler(quiet: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     _install_log_handler(getattr(args, "quiet", False))
     _quiet_libraries()
     from safe_llm.io.work_area import Interrupted

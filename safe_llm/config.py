@@ -1,30 +1,43 @@
-"""Run configuration: one dataclass, filled from a YAML recipe and then from CLI flags.
+"""Run configuration: one tree of typed options, filled from a YAML recipe and then from
+CLI flags (or :func:`safe_llm.prune`'s keywords).
 
-Every field is a CLI flag (``--batch-size`` for ``batch_size``) and a recipe key. Method
-hyperparameters sit under ``method_options`` in a recipe and are plain flags on the CLI.
+:class:`PruneConfig` holds the run's own options (model, data, device, output, evaluation...;
+each a flag ``--batch-size`` for ``batch_size`` and a top-level recipe key), the selected
+method's ``Options`` (recipe key ``method_options``, plain flags such as ``--lr``) and one
+typed sub-config per registered stage (:mod:`safe_llm.stages.base`): recipe key
+``stage.recipe_key()`` (``joint``, ``profile``, ``recover``...), flags
+``--<prefix><field>`` (``--joint-blocks``, ``--recover-steps``, ``--owl-m``). Each sub-config
+validates itself when built, once; this module imports only the torch-free declarations.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import os
 import re
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from safe_llm.core.sparsity import SparsityPattern
-from safe_llm.errors import SafeLLMError
-from safe_llm.methods import build_method, method_options
-from safe_llm.options import option
-from safe_llm.stages.recover.options import RECOVERY_METHODS
+from safe_llm.options import (
+    ConfigError,
+    build_options,
+    check_type,
+    flag_dest,
+    option,
+    parse_list,
+    parse_size,
+)
+from safe_llm.stages.base import Stage, registered_stages
 
+__all__ = ["ConfigError", "PruneConfig", "load_recipe", "make_config", "parse_value"]
 
-class ConfigError(SafeLLMError):
-    """An option or recipe that cannot be used; the message says what to change."""
+# run fields that are no recipe key of their own: the sub-configs and the command line
+TREE_FIELDS = ("method_options", "stage_options")
 
 
 @dataclass
@@ -33,7 +46,7 @@ class PruneConfig:
     weights (where the checkpoint goes, evaluation, memory limits...): a ``--resume`` may
     change it; every other field must match the interrupted run's."""
 
-    model: str = option(
+    model: str | None = option(
         None, "Hub id, local model directory, .gguf file or built-in name (smollm2-135m)"
     )
     method: str = option(
@@ -45,16 +58,6 @@ class PruneConfig:
         None, "fraction of weights set to zero in every pruned matrix (default 0.5; implied by N:M)"
     )
     structure: str = option("unstructured", "'unstructured' or N:M such as 2:4 or 4:8")
-    sparsity_profile: str = option(
-        "uniform",
-        "how the sparsity is spread over blocks: uniform, or owl (outlier-weighted: blocks with "
-        "more activation outliers keep more weights; the overall sparsity stays --sparsity)",
-    )
-    owl_m: float = option(5.0, "OWL: a score above M times its block's mean is an outlier")
-    owl_lambda: float = option(0.08, "OWL: block sparsities range over --sparsity -/+ lambda")
-    sparsity_per_block: list[float] | None = option(
-        None, "explicit sparsity of every decoder block, in order (unstructured only)", nargs="*"
-    )
     dataset: str = option(
         "c4",
         "calibration text: c4, wikitext2, builtin-c4, builtin-wiki, a .txt/.jsonl/.parquet "
@@ -89,16 +92,6 @@ class PruneConfig:
     dense_targets: bool = option(
         False,
         "targets from the dense model's stream (global propagation) instead of the pruned stream",
-    )
-    joint_blocks: int = option(
-        1,
-        "after the method has pruned each block of a window of N consecutive blocks, train the "
-        "window jointly against the dense window's outputs, masks frozen, in the precision of the "
-        "method's --autocast (1 = off)",
-    )
-    joint_epochs: float = option(1.0, "joint windows: passes over the calibration windows")
-    joint_lr: float = option(
-        2.5e-3, "joint windows: Adam learning rate, a fraction of each tensor's RMS per step"
     )
     layer_errors: bool = option(True, "report each layer's relative output error (needs X^T X)")
     trust_remote_code: bool = option(
@@ -159,32 +152,64 @@ class PruneConfig:
     )
     hub_private: bool = option(False, "create the Hub repository private", decisive=False)
     hub_revision: str | None = option(None, "Hub branch to push to (default: main)", decisive=False)
-    method_options: dict = option(None, "method hyperparameters", factory=dict, cli=False)
-    recover: str | None = option(
-        None,
-        "after the block loop, train the whole pruned model end to end with its mask frozen: "
-        "distill (match the dense model's next-token distribution; see recovery options)",
-        choices=RECOVERY_METHODS,
-    )
-    recover_options: dict = option(None, "recovery settings", factory=dict, cli=False)
     command_line: str | None = option(
         None, "the command line that made the run", cli=False, decisive=False
     )
+    method_options: Any = option(
+        None, "the method's Options (recipe key method_options)", cli=False
+    )
+    stage_options: dict = option(
+        None, "each stage's Options, by recipe key (joint, profile, recover...)", factory=dict,
+        cli=False,
+    )  # fmt: skip
 
-    def pattern(self) -> SparsityPattern:
+    def __getattr__(self, name: str):
+        """A stage's sub-config by its recipe key: ``config.joint``, ``config.recover``."""
+        sections = self.__dict__.get("stage_options", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"PruneConfig has no option or stage section {name!r}")
+
+    def pattern(self):
+        """The :class:`~safe_llm.core.sparsity.SparsityPattern` of ``structure`` and
+        ``sparsity`` (0.5 unstructured by default)."""
+        from safe_llm.core.sparsity import SparsityPattern
+
         if self.structure.strip().lower() == "unstructured" and self.sparsity is None:
             return SparsityPattern.parse("unstructured", 0.5)
         return SparsityPattern.parse(self.structure, self.sparsity)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The recipe of this config: the run options, ``method_options`` and one mapping per
+        stage section (``make_config(config.to_dict())`` gives the same config)."""
+        run = {
+            f.name: copy.deepcopy(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name not in TREE_FIELDS
+        }
+        sections = {k: dataclasses.asdict(v) for k, v in self.stage_options.items()}
+        return {**run, "method_options": dataclasses.asdict(self.method_options), **sections}
+
+    def decisive_options(self) -> dict:
+        """The options that decide the pruned weights (every field, of the run or of a
+        sub-config, not declared ``decisive=False``), as plain JSON values: what a
+        ``--resume`` must find unchanged."""
+        values = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in TREE_FIELDS and f.metadata.get("decisive", True)
+        }
+        values["method_options"] = _decisive(self.method_options)
+        values.update({k: _decisive(v) for k, v in self.stage_options.items()})
+        return json.loads(json.dumps(values))
 
 
-def weight_neutral_options() -> frozenset[str]:
-    """The :class:`PruneConfig` fields declared ``decisive=False``."""
-    return frozenset(
-        f.name for f in dataclasses.fields(PruneConfig) if not f.metadata.get("decisive", True)
-    )
+def _decisive(options) -> dict:
+    return {
+        f.name: getattr(options, f.name)
+        for f in dataclasses.fields(options)
+        if f.metadata.get("decisive", True)
+    }
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -236,94 +261,63 @@ def load_recipe(path: str | Path) -> dict:
 
 
 def make_config(recipe: dict | None = None, overrides: dict | None = None) -> PruneConfig:
-    """Defaults < recipe < overrides; method options merge key by key. Validates the result."""
-    values = dict(recipe or {})
-    overrides = dict(overrides or {})
-    options = {**values.pop("method_options", {}), **overrides.pop("method_options", {})}
-    recovery = {**values.pop("recover_options", {}), **overrides.pop("recover_options", {})}
+    """Defaults < recipe < overrides; validates the result.
+
+    ``recipe`` is nested as :meth:`PruneConfig.to_dict` writes it (``joint: {blocks: 2}``);
+    ``overrides`` are flat flag names (``joint_blocks=2``, ``recover=True``) plus a
+    ``method_options`` mapping, which merges into the recipe's key by key.
+    """
+    values, overrides = dict(recipe or {}), dict(overrides or {})
+    stage_options = {cls.recipe_key(): _stage_options(cls, values, overrides) for cls in
+                     registered_stages()}  # fmt: skip
+    method_values = _mapping(values.pop("method_options", {}), "method_options")
+    method_values.update(_mapping(overrides.pop("method_options", {}), "method_options"))
     values.update(overrides)
-    fields = {f.name: f for f in dataclasses.fields(PruneConfig)}
+    fields = {f.name: f for f in dataclasses.fields(PruneConfig) if f.name not in TREE_FIELDS}
     unknown = set(values) - set(fields)
     if unknown:
         raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    if not isinstance(options, dict):
-        raise ConfigError("method_options must be a mapping of option: value")
     for name, value in values.items():
-        values[name] = _check_type(name, value, fields[name])
-    if values.get("eval"):
-        from safe_llm.evaluation.evaluate import parse_list
-
-        values["eval"] = parse_list(values["eval"])  # "wikitext2,c4" -> ["wikitext2", "c4"]
-    if not isinstance(recovery, dict):
-        raise ConfigError("recover_options must be a mapping of option: value")
-    recovery = _check_recover_options(recovery)
-    config = PruneConfig(**values, method_options=options, recover_options=recovery)
-    method_fields = {f.name: f for f in method_options(config.method)}
-    for name, value in options.items():
-        if name in method_fields:  # unknown names are reported by validate()
-            options[name] = _check_type(name, value, method_fields[name])
+        values[name] = check_type(name, value, fields[name])
+    if values.get("eval"):  # "wikitext2,c4" -> ["wikitext2", "c4"]
+        values["eval"] = parse_list(values["eval"])
+    config = PruneConfig(**values, stage_options=stage_options)
+    config.method_options = _method_options(config.method, method_values)
     validate(config)
     return config
 
 
-def _check_recover_options(values: dict) -> dict:
-    """``recover_options`` with each value checked against :class:`RecoverOptions`'s fields."""
-    from safe_llm.stages.recover.options import RecoverOptions, recover_options
-
-    fields = {f.name: f for f in dataclasses.fields(RecoverOptions)}
-    checked = {n: _check_type(n, v, fields[n]) if n in fields else v for n, v in values.items()}
-    recover_options(checked)  # unknown names and unusable values
-    return checked
+def _mapping(value, key: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a mapping of option: value, got {value!r}")
+    return dict(value)
 
 
-def _check_type(name: str, value, f: dataclasses.Field):
-    """``value`` if it fits field ``f``'s annotation (ints pass as floats), else ConfigError."""
-    annotation = f.type
-    if isinstance(annotation, str):  # ``from __future__ import annotations``
-        annotation = eval(annotation, vars(typing), {})
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    optional = type(None) in typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        annotation = args[0]
-    if value is None:
-        if optional or f.name == "model":
-            return value
-        raise ConfigError(f"option {name} needs a value")
-    origin = typing.get_origin(annotation)
-    if origin is list and typing.get_args(annotation)[0] is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            value = [value]
-        if isinstance(value, list | tuple) and all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in value
-        ):
-            return [float(v) for v in value]
-        raise ConfigError(f"option {name} must be a list of numbers, got {value!r}")
-    if origin is list:
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-            return list(value)
-        raise ConfigError(f"option {name} must be a list of strings, got {value!r}")
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is int and isinstance(value, bool):
-        raise ConfigError(f"option {name} must be an integer, got {value!r}")
-    if annotation is str and isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)  # YAML reads ``max_shard_size: 500`` or ``model: 1234`` as numbers
-    if isinstance(annotation, type) and not isinstance(value, annotation):
-        raise ConfigError(
-            f"option {name} must be of type {annotation.__name__}, got {value!r} "
-            f"({type(value).__name__})"
-        )
-    return value
+def _stage_options(cls: type[Stage], recipe: dict, overrides: dict):
+    """Stage ``cls``'s options: its recipe section, then its flags in ``overrides`` (both
+    popped), built and validated."""
+    key = cls.recipe_key()
+    given = _mapping(recipe.pop(key, {}) or {}, f"recipe key {key}")
+    for f in dataclasses.fields(cls.Options):
+        dest = flag_dest(f, cls.prefix())
+        if dest in overrides:
+            given[f.name] = overrides.pop(dest)
+    return build_options(cls.Options, given, f"{cls.name} options (recipe key {key})")
+
+
+def _method_options(method: str, values: dict):
+    """The selected method's ``Options``, built once from ``values``."""
+    from safe_llm.methods import get_method_class  # the method's module defines its Options
+
+    return build_options(get_method_class(method).Options, values, f"method {method!r}")
 
 
 def validate(config: PruneConfig) -> None:
-    """Raise :class:`ConfigError` (or a more specific ValueError) for unusable values."""
+    """Raise :class:`ConfigError` (or a more specific error) for unusable values; each stage
+    checks its sub-config against the rest (:meth:`~safe_llm.stages.base.Stage.check`)."""
     if not config.model:
         raise ConfigError("no model given: use --model (hub id, directory, .gguf or built-in)")
     config.pattern()
-    build_method(config.method, config.method_options)
     for name in ("nsamples", "batch_size"):
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
@@ -333,74 +327,21 @@ def validate(config: PruneConfig) -> None:
         raise ConfigError("--eval-seqlen must be at least 2")
     if config.eval_max_windows is not None and config.eval_max_windows < 1:
         raise ConfigError("--eval-max-windows must be at least 1")
+    from safe_llm.io.data import check_source
+
     for source in [config.dataset, *config.eval]:
-        _check_source(source)
+        check_source(source)
     if config.max_blocks is not None and config.max_blocks < 1:
         raise ConfigError("--max-blocks must be at least 1")
-    _check_profile(config)
     _check_streaming(config)
-    _check_recovery(config)
-    _check_joint(config)
+    for cls in registered_stages():
+        cls.check(config)
     if config.resume and not config.output:
         raise ConfigError("--resume needs --output (the directory of the interrupted run)")
     if config.push_to_hub and not (config.output and config.hub_repo_id):
         raise ConfigError("--push-to-hub needs --output and --hub-repo-id user/name")
     if config.output:
-        _check_output(Path(config.output), config.model, config.overwrite, config.resume)
-
-
-def _check_joint(config: PruneConfig) -> None:
-    """Joint windows need a window size of at least 1, epochs > 0 and a finite lr >= 0."""
-    from safe_llm.stages.prune.joint import JointOptions
-
-    try:
-        JointOptions(config.joint_blocks, config.joint_epochs, config.joint_lr)
-    except SafeLLMError as exc:
-        raise ConfigError(str(exc)) from exc
-
-
-def _check_profile(config: PruneConfig) -> None:
-    """A non-uniform profile needs unstructured sparsity and sane OWL parameters."""
-    from safe_llm.stages.profiles import PROFILES, check_block_sparsities
-
-    if config.sparsity_profile not in PROFILES:
-        raise ConfigError(
-            f"--sparsity-profile {config.sparsity_profile!r} is not one of: {', '.join(PROFILES)}"
-        )
-    non_uniform = config.sparsity_profile != "uniform" or config.sparsity_per_block is not None
-    if non_uniform and config.pattern().is_nm:
-        raise ConfigError(
-            f"N:M ({config.structure}) is a fixed sparsity: --sparsity-profile "
-            f"{config.sparsity_profile} / sparsity_per_block need --structure unstructured"
-        )
-    if config.sparsity_per_block is not None:
-        if config.sparsity_profile != "uniform":
-            raise ConfigError("give either --sparsity-profile owl or sparsity_per_block, not both")
-        if not config.sparsity_per_block:
-            raise ConfigError("sparsity_per_block is empty: give one sparsity per decoder block")
-        check_block_sparsities(config.sparsity_per_block)
-    if not config.owl_m > 0:
-        raise ConfigError(f"--owl-m must be > 0, got {config.owl_m}")
-    if not 0 <= config.owl_lambda < 0.5:
-        raise ConfigError(f"--owl-lambda must be in [0, 0.5), got {config.owl_lambda}")
-
-
-def _check_recovery(config: PruneConfig) -> None:
-    if config.recover is not None and config.recover not in RECOVERY_METHODS:
-        raise ConfigError(
-            f"--recover {config.recover!r} is not one of: {', '.join(RECOVERY_METHODS)}"
-        )
-    if config.recover is not None and config.stream_from_disk:
-        raise ConfigError(
-            "--recover trains the whole model and cannot run with --stream-from-disk; prune "
-            "first, then run safe-llm recover on the checkpoint"
-        )
-    if config.recover_options.get("dataset"):
-        _check_source(config.recover_options["dataset"])
-    if config.recover_options.get("fsdp") and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        from safe_llm.stages.recover.fsdp import NEEDS_RANKS
-
-        raise ConfigError(NEEDS_RANKS)  # checked before any pruning; recover() checks again
+        check_output(Path(config.output), config.model, config.overwrite, config.resume)
 
 
 def _check_streaming(config: PruneConfig) -> None:
@@ -419,32 +360,11 @@ def _check_streaming(config: PruneConfig) -> None:
         )
 
 
-def parse_size(text: str, flag: str = "size") -> int:
-    """Bytes in a size such as ``4GB``, ``500MB``, ``2GiB`` or ``1024``."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*", str(text).lower())
-    if not match:
-        raise ConfigError(f"{flag} {text!r} is not a size such as 4GB or 500MB")
-    unit = (match.group(2) or "b").rstrip("b") or "b"
-    scale = {"b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-    scale.update({"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40})
-    return int(float(match.group(1)) * scale[unit])
-
-
-def _check_source(source: str) -> None:
-    """A text source that is plainly a local file must exist (checked before any loading)."""
-    from safe_llm.io import data
-
-    suffixes = data.TEXT_SUFFIXES + data.JSON_SUFFIXES + data.PARQUET_SUFFIXES
-    if source in ("c4", "wikitext2") or source in data.BUILTIN_SOURCES:
-        return
-    looks_local = source.startswith((".", "/", "~")) or source.lower().endswith(suffixes)
-    if looks_local and not Path(source).expanduser().exists():
-        raise ConfigError(f"text source {source} does not exist")
-
-
-def _check_output(output: Path, model: str, overwrite: bool, resume: bool = False) -> None:
-    model_dir = Path(model).expanduser()
-    if model_dir.exists():
+def check_output(output: Path, model: str | None, overwrite: bool, resume: bool = False) -> None:
+    """``--output`` is usable: not the input model's directory, empty (or ``overwrite``, or
+    an unfinished run with ``resume``) and writable, all before the model is loaded."""
+    model_dir = Path(model).expanduser() if model else None
+    if model_dir is not None and model_dir.exists():
         out, src = output.expanduser().resolve(), model_dir.resolve()
         if out == src:
             raise ConfigError("--output is the input model's directory; choose another directory")
@@ -454,6 +374,7 @@ def _check_output(output: Path, model: str, overwrite: bool, resume: bool = Fals
             )
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output {output} exists and is not a directory")
+    _check_writable(output)
     from safe_llm.io.work_area import WORK_DIR
 
     contents = {p.name for p in output.iterdir()} if output.is_dir() else set()
@@ -465,3 +386,23 @@ def _check_output(output: Path, model: str, overwrite: bool, resume: bool = Fals
             )
         if contents - {WORK_DIR}:
             raise ConfigError(f"--output {output} is not empty; pass --overwrite to replace it")
+
+
+def _check_writable(output: Path) -> None:
+    """Refuse an ``--output`` that cannot be created or written (checked on its nearest
+    existing ancestor: the checkpoint is written beside it, then renamed into place)."""
+    existing = output.expanduser().absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"--output {output} cannot be created: {existing} is a file, not a directory; "
+            "choose another --output"
+        )
+    parent = existing if existing != output.expanduser().absolute() else existing.parent
+    for directory in {existing, parent}:
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"--output {output} cannot be written: no write permission in {directory}; "
+                "choose another --output or make that directory writable"
+            )

@@ -1,4 +1,5 @@
-"""The one path through the system: config -> model + calibration -> engine -> checkpoint."""
+"""The one path through the system: config -> model + calibration -> the registered stages
+in order (:mod:`safe_llm.stages.base`) -> checkpoint."""
 
 from __future__ import annotations
 
@@ -11,20 +12,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from safe_llm.config import ConfigError, PruneConfig, make_config, parse_size
+from safe_llm.config import ConfigError, PruneConfig, make_config
 from safe_llm.core import distributed, precision
 from safe_llm.core.blocks import check_coverage, find_blocks, prunable_layers, weight_matrix
 from safe_llm.core.memory import StagePeaks, return_freed_memory, serve_large_buffers_from_mmap
-from safe_llm.core.sparsity import SparsityPattern
-from safe_llm.evaluation.evaluate import evaluate_perplexity
 from safe_llm.io import data
 from safe_llm.io.models import load_model, resolve_device, resolve_dtype
-from safe_llm.io.work_area import EngineState, Interrupted, WorkArea, work_dir
-from safe_llm.methods import build_method
+from safe_llm.io.work_area import WorkArea, work_dir
+from safe_llm.methods import get_method_class
+from safe_llm.options import parse_size
 from safe_llm.report import RunReport
-from safe_llm.stages.profiles import block_sizes, block_sparsities, weighted_sparsity
-from safe_llm.stages.prune.engine import EngineOptions, PruneReport, prune_model
-from safe_llm.stages.prune.joint import JointOptions
+from safe_llm.stages.base import RunContext, registered_stages
+from safe_llm.stages.prune.loop import blocks_to_prune
 
 log = logging.getLogger(__name__)
 
@@ -40,34 +39,6 @@ class PruneResult:
     write_weights: Callable[[Path, str], None] | None = None
 
 
-def evaluate_sources(model, tokenizer, config: PruneConfig, device, progress: bool) -> dict:
-    """``{source: result}`` on each ``config.eval`` source (comma lists allowed), with the
-    harness of :mod:`safe_llm.evaluation.evaluate` (token perplexity, SparseGPT/Wanda protocol)."""
-    return evaluate_perplexity(
-        model,
-        tokenizer,
-        config.eval,
-        config.eval_seqlen or config.seqlen,
-        batch_size=config.batch_size,
-        device=device,
-        max_windows=config.eval_max_windows,
-        cache=config.eval_cache,
-        text_column=config.text_column,
-        progress=progress,
-    )
-
-
-def _evaluate_on_device(model, tokenizer, config, device, progress) -> dict:
-    if not config.eval:
-        return {}
-    home = next(model.parameters()).device
-    model.to(device)
-    try:
-        return evaluate_sources(model, tokenizer, config, device, progress)
-    finally:
-        model.to(home)
-
-
 def check_prunable(model: nn.Module, pattern, ignore: tuple[str, ...] = ()) -> None:
     """Raise before any calibration work if a block's layer cannot take ``pattern``."""
     _, blocks = find_blocks(model)
@@ -80,70 +51,48 @@ def check_prunable(model: nn.Module, pattern, ignore: tuple[str, ...] = ()) -> N
     check_coverage(blocks, ignore)
 
 
-def _open_work_area(config: PruneConfig) -> tuple[WorkArea | None, bool]:
+def open_work_area(config: PruneConfig) -> tuple[WorkArea | None, bool]:
     """``(work area, fresh)`` of a run with ``--output``; on ``--resume`` the saved options
     must match (checked before anything is loaded)."""
     if not config.output:
         return None, True
     work = WorkArea(work_dir(config.output))
     if config.resume and work.exists():
-        work.check_config(config.to_dict())
+        work.check_config(config.decisive_options())
         log.info("resuming %s: %d block(s) already pruned", work.path, work.finished_blocks())
         return work, False
     if config.resume:
         log.info("nothing to resume in %s; starting from block 0", work.path)
+    if distributed.is_writer():  # --overwrite: no state of an earlier run may be resumed
+        work.remove()
+    distributed.barrier()
     return work, True
 
 
-def _state_saver(
-    work: WorkArea | None,
-    fresh: bool,
-    config: PruneConfig,
-    total: int,
-    should_stop: Callable[[], int | None] | None,
-) -> Callable[[EngineState, nn.Module], None]:
-    """The engine's ``on_state``: save the finished blocks and the state, then stop if a
-    signal asked to."""
-    started = not fresh
-
-    def on_state(state: EngineState, blocks: dict[int, nn.Module]) -> None:
-        nonlocal started
-        if work is not None:
-            if not started:
-                work.start(config.to_dict())
-                started = True
-            work.save(state, blocks, total)
-        signum = should_stop() if should_stop is not None else None
-        if signum:
-            raise Interrupted(signum, state.next_block, total, work.path if work else None)
-
-    return on_state
-
-
-def engine_options(config: PruneConfig, device: torch.device, progress: bool) -> EngineOptions:
-    """The engine's options for ``config`` (the memory-mapped activation streams of
-    ``--max-activation-memory`` sit next to ``--output``)."""
-    budget = config.max_activation_memory
-    return EngineOptions(
-        device=device,
-        batch_size=config.batch_size,
-        ignore=tuple(config.ignore),
-        dense_targets=config.dense_targets,
-        moe_every_token=config.moe_every_token,
-        joint=JointOptions(
-            blocks=config.joint_blocks,
-            epochs=config.joint_epochs,
-            lr=config.joint_lr,
-            batch_size=config.batch_size,
-            autocast=config.method_options.get("autocast", "auto"),  # as the method computes
-        ),
-        layer_errors=config.layer_errors,
-        seed=config.seed,
-        max_blocks=config.max_blocks,
-        progress=progress,
-        activation_budget=parse_size(budget) if budget else None,
-        spill_dir=Path(config.output).expanduser().parent if config.output else None,
-    )
+def run_stages(model: nn.Module, context: RunContext, command: str = "prune") -> None:
+    """Run every registered stage of ``command`` that ``context.config`` enables, in order,
+    over ``model``: each result is recorded in ``context.report`` and, once the stage has
+    finished, in the work area; a stage that finished before a resume is not run again (its
+    saved result is recorded, and :meth:`~safe_llm.stages.base.Stage.restore` brings the
+    model to its state after it)."""
+    work = context.work
+    finished = work.finished_stages() if work is not None and not context.fresh else {}
+    for cls in registered_stages():
+        if command not in cls.commands or not cls.enabled(context.config):
+            continue
+        stage = cls()
+        if cls.name in finished:
+            result = finished[cls.name]
+            stage.restore(model, context, result)
+            log.info("stage %s: finished before the resume", cls.name)
+        else:
+            with context.peaks.stage(cls.name):
+                result = stage.run(model, context)
+            if work is not None and context.writer:
+                context.start_work_area()
+                work.finish_stage(cls.name, result)
+        context.results[cls.name] = result
+        stage.record(context.report, result)
 
 
 def _load(config: PruneConfig, dtype: torch.dtype):
@@ -163,7 +112,7 @@ def _load(config: PruneConfig, dtype: torch.dtype):
     return model, tokenizer, DiskBlocks(model, files), writer
 
 
-def _precision_report(device: torch.device, dtype: torch.dtype, method) -> dict:
+def precision_report(device: torch.device, dtype: torch.dtype, method) -> dict:
     """The machine's bf16 support and what this run computed in (recorded in report.json)."""
     autocast = getattr(method.options, "autocast", None)
     info = {**precision.describe(device), "dtype": str(dtype).removeprefix("torch.")}
@@ -178,23 +127,24 @@ def run_prune(
     progress: bool = True,
     should_stop: Callable[[], int | None] | None = None,
 ) -> PruneResult:
-    """Load, calibrate, prune block by block and (optionally) evaluate.
+    """Load, calibrate and run the stages (profile, block loop, recovery, evaluation...).
 
-    With ``config.output`` each finished block's state is saved in the output's work area
-    (:mod:`safe_llm.io.work_area`), and ``config.resume`` continues from it; nothing else is written
-    (:func:`finish_run` writes the checkpoint). ``should_stop`` is polled after each block's
-    save: a signal number there raises :class:`~safe_llm.io.work_area.Interrupted`. Every check that
-    does not need the model runs before it is loaded, and every check that needs it (pattern
-    shapes, finite weights, enough calibration text) before any pruning.
+    With ``config.output`` each finished block's state and each finished stage are saved in
+    the output's work area (:mod:`safe_llm.io.work_area`), and ``config.resume`` continues
+    from it; nothing else is written (:func:`finish_run` writes the checkpoint).
+    ``should_stop`` is polled after each block's save: a signal number there raises
+    :class:`~safe_llm.io.work_area.Interrupted`. Every check that does not need the model runs
+    before it is loaded, and every check that needs it (pattern shapes, finite weights, enough
+    calibration text) before any pruning.
     """
     start = time.perf_counter()
     distributed.init_from_env()
     progress = progress and distributed.is_writer()
-    work, fresh = _open_work_area(config)
+    work, fresh = open_work_area(config)
     torch.manual_seed(config.seed)
     device = distributed.local_device(resolve_device(config.device))
     dtype = resolve_dtype(config.dtype, device)
-    method = build_method(config.method, config.method_options)
+    method = get_method_class(config.method)(config.method_options)
     serve_large_buffers_from_mmap()
     peaks = StagePeaks(device)
     with peaks.stage("load"):
@@ -202,52 +152,42 @@ def run_prune(
     check_prunable(model, config.pattern(), tuple(config.ignore))
     with peaks.stage("calibration_data"):
         windows = _calibration_windows(config, tokenizer)
-    options = engine_options(config, device, progress)
-    with peaks.stage("dense_evaluation"):
-        dense_eval = _evaluate_on_device(model, tokenizer, config, device, progress)
-    with peaks.stage("sparsity_profile"):
-        sparsities, outlier_ratios = block_sparsities(config, model, windows, options, source)
-    total = _blocks_to_prune(model, config)
-    with peaks.stage("pruning"):
-        engine_report = prune_model(
-            model,
-            windows,
-            method,
-            config.pattern(),
-            options,
-            block_patterns=_patterns(config.pattern(), sparsities),
-            source=source,
-            resume=_resume_state(work, fresh, model, streamed=source is not None),
-            on_state=_state_saver(
-                work if distributed.is_writer() else None, fresh, config, total, should_stop
-            ),
-        )
-    recovery = _recover(model, tokenizer, config, device, work, peaks, progress)
-    with peaks.stage("pruned_evaluation"):
-        pruned_eval = _evaluate_on_device(model, tokenizer, config, device, progress)
-    evaluation = {"dense": dense_eval, "pruned": pruned_eval}
-    report = _run_report(config, model, engine_report, (sparsities, outlier_ratios), evaluation)
+    context = RunContext(
+        config, device, dtype, tokenizer, windows, new_report(config), peaks, method=method,
+        work=work, fresh=fresh, writer=distributed.is_writer(), source=source,
+        progress=progress, should_stop=should_stop,
+    )  # fmt: skip
+    run_stages(model, context)
+    report = context.report
     report.device, report.dtype = str(device), str(dtype).removeprefix("torch.")
-    report.precision = _precision_report(device, dtype, method)
-    report.recovery, report.stage_peak_memory_bytes = recovery, peaks.to_dict()
+    report.precision = precision_report(device, dtype, method)
+    report.stage_peak_memory_bytes = peaks.to_dict()
     report.total_seconds = time.perf_counter() - start
+    total = blocks_to_prune(model, config)
     write_weights = writer(work, total) if writer is not None and work is not None else None
     return PruneResult(model, tokenizer, config, report, write_weights)
 
 
-def _recover(model, tokenizer, config: PruneConfig, device, work, peaks, progress):
-    """The recovery stage after the block loop (``--recover``; its own memory stage), or None
-    without it; its resumable state lives in the work area (every rank reads it on a resume;
-    the writing rank saves it, or under FSDP every rank its own shards)."""
-    if not config.recover:
-        return None
-    from safe_llm.stages.recover.stage import run_recovery
-
-    state_dir = work.path / "recovery" if work is not None else None
-    with peaks.stage("recovery"):
-        return run_recovery(
-            model, tokenizer, config, device, state_dir=state_dir, progress=progress
-        )
+def new_report(config: PruneConfig) -> RunReport:
+    """The run's report before any stage ran: what the options say (the stages fill in the
+    rest)."""
+    pattern = config.pattern()
+    return RunReport(
+        model=config.model,
+        command=config.command_line,
+        method=config.method,
+        pattern=pattern.structure,
+        sparsity=pattern.sparsity,
+        data_parallel_ranks=distributed.world_size(),
+        calibration={
+            "dataset": config.dataset,
+            "nsamples": config.nsamples,
+            "seqlen": config.seqlen,
+            "seed": config.seed,
+        },
+        evaluation={"dense": {}, "pruned": {}},
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
 
 
 def _calibration_windows(config: PruneConfig, tokenizer) -> torch.Tensor:
@@ -265,67 +205,78 @@ def _calibration_windows(config: PruneConfig, tokenizer) -> torch.Tensor:
     return windows
 
 
-def _blocks_to_prune(model: nn.Module, config: PruneConfig) -> int:
-    _, blocks = find_blocks(model)
-    return len(blocks) if config.max_blocks is None else min(config.max_blocks, len(blocks))
+def recover_checkpoint(
+    checkpoint: str | Path,
+    overrides: dict,
+    *,
+    command_line: str | None = None,
+    progress: bool = True,
+) -> PruneResult:
+    """``safe-llm recover``: the recover stage (and the evaluation) on a pruned checkpoint,
+    through the same stages and run context as a prune run. The teacher is the dense model
+    named in its ``recipe.yaml``, whose options are the defaults under ``overrides`` (flag
+    names: ``output``, ``recover_steps``...). The checkpoint is written like ``safe-llm
+    prune`` writes one (atomically), with the recovery in ``report.json``, ``recipe.yaml`` and
+    the model card; the checkpoint's perplexities become ``evaluation.before_recovery``."""
+    start, checkpoint = time.perf_counter(), Path(checkpoint).expanduser()
+    distributed.init_from_env()
+    output = overrides.get("output")
+    if not output:
+        raise ConfigError("safe-llm recover needs --output, the directory for the result")
+    if Path(output).expanduser().resolve() == checkpoint.resolve():
+        raise ConfigError("--output is the input checkpoint; choose another directory")
+    recipe, previous = _read_checkpoint_record(checkpoint)
+    config = make_config(recipe, {**overrides, "recover": True, "command_line": command_line})
+    work, fresh = open_work_area(config)
+    torch.manual_seed(config.seed)
+    device = distributed.local_device(resolve_device(config.device))
+    model, tokenizer = _load_pruned(checkpoint, previous.get("dtype"), config.trust_remote_code)
+    report = RunReport.from_dict(previous)
+    report.evaluation["before_recovery"] = report.evaluation.pop("pruned", {})
+    context = RunContext(
+        config, device, next(model.parameters()).dtype, tokenizer, None, report,
+        StagePeaks(device), work=work, fresh=fresh, writer=distributed.is_writer(),
+        progress=progress and distributed.is_writer(),
+    )  # fmt: skip
+    run_stages(model, context, "recover")
+    report.stage_peak_memory_bytes = {**report.stage_peak_memory_bytes, **context.peaks.bytes}
+    report.recovery = {
+        **report.recovery,
+        "command": command_line,
+        "from_checkpoint": str(checkpoint),
+        "total_seconds": time.perf_counter() - start,
+    }
+    result = PruneResult(model, tokenizer, config, report)
+    if distributed.is_writer():  # under torchrun rank 0 alone writes
+        from safe_llm.io.checkpoint import save_checkpoint
+
+        save_checkpoint(result)  # replaces the output directory, its work area included
+    return result
 
 
-def _patterns(pattern: SparsityPattern, sparsities: list[float]) -> list[SparsityPattern] | None:
-    """One pattern per block for a non-uniform profile, else None (``pattern`` for all)."""
-    if len(set(sparsities)) == 1 and sparsities[0] == pattern.sparsity:
-        return None
-    return [SparsityPattern.parse("unstructured", s) for s in sparsities]
+def _read_checkpoint_record(checkpoint: Path) -> tuple[dict, dict]:
+    """``(recipe.yaml, report.json)`` of a checkpoint written by safe-llm."""
+    import json
+
+    import yaml
+
+    recipe_file, report_file = checkpoint / "recipe.yaml", checkpoint / "report.json"
+    if not recipe_file.is_file() or not report_file.is_file():
+        raise ConfigError(
+            f"{checkpoint} is not a safe-llm checkpoint (no recipe.yaml / report.json): "
+            "recover needs the recipe to know the dense model (the teacher)"
+        )
+    return yaml.safe_load(recipe_file.read_text()) or {}, json.loads(report_file.read_text())
 
 
-def _resume_state(
-    work: WorkArea | None, fresh: bool, model: nn.Module, streamed: bool
-) -> EngineState | None:
-    """The state a resumed run continues from (its finished blocks put into ``model``,
-    unless streamed: those stay in the work area), or None for a fresh run."""
-    if work is None or fresh:
-        return None
-    _, blocks = find_blocks(model)
-    return work.load(None if streamed else blocks)
+def _load_pruned(checkpoint: Path, dtype: str | None, trust_remote_code: bool):
+    """``(model, tokenizer)`` of a pruned checkpoint, in the dtype it was pruned in."""
+    from safe_llm.io.models import DTYPES, load_model  # looked up at call time (tests patch it)
 
-
-def _run_report(
-    config: PruneConfig,
-    model: nn.Module,
-    engine_report: PruneReport,
-    profile: tuple[list[float], list[float] | None],
-    evaluation: dict,
-) -> RunReport:
-    """The :class:`RunReport` of a run from the engine's report, the block sparsities and
-    OWL ratios (``profile``) and the evaluation; the caller sets device, dtype, precision,
-    the stages' peak memory and the total time."""
-    sparsities, outlier_ratios = profile
-    _, blocks = find_blocks(model)
-    explicit = config.sparsity_per_block is not None
-    pattern = config.pattern()
-    return RunReport.from_engine(
-        engine_report,
-        model=config.model,
-        command=config.command_line,
-        method=config.method,
-        pattern=pattern.structure,
-        sparsity=weighted_sparsity(sparsities, block_sizes(blocks, tuple(config.ignore)))
-        if explicit
-        else pattern.sparsity,
-        sparsity_profile="explicit" if explicit else config.sparsity_profile,
-        block_sparsity=sparsities,
-        owl_outlier_ratios=outlier_ratios,
-        data_parallel_ranks=distributed.world_size(),
-        device="",
-        dtype="",
-        calibration={
-            "dataset": config.dataset,
-            "nsamples": config.nsamples,
-            "seqlen": config.seqlen,
-            "seed": config.seed,
-        },
-        evaluation=evaluation,
-        finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    model, tokenizer, _ = load_model(
+        str(checkpoint), DTYPES.get(dtype or "", torch.float32), trust_remote_code
     )
+    return model, tokenizer
 
 
 def finish_run(result: PruneResult) -> str | None:
@@ -365,6 +316,8 @@ def prune(model: str, **options) -> tuple[nn.Module, RunReport]:
     """
     progress = bool(options.pop("progress", False))
     method_options = options.pop("method_options", {})
+    # keywords are flag names: run options (sparsity=0.5), stage options (joint_blocks=2,
+    # recover=True, recover_steps=40) and method_options={...}
     call = ", ".join([repr(model), *(f"{k}={v!r}" for k, v in options.items())])
     if method_options:
         call += f", method_options={method_options!r}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from safe_llm.stages.prune.engine import BlockReport, PruneReport
+from safe_llm.stages.prune.engine import BlockReport
 
 
 @dataclass
@@ -23,12 +23,12 @@ class RunReport:
     method: str
     pattern: str
     sparsity: float
-    sparsity_profile: str
-    block_sparsity: list[float]
-    owl_outlier_ratios: list[float] | None
-    data_parallel_ranks: int
-    device: str
-    dtype: str
+    sparsity_profile: str = "uniform"
+    block_sparsity: list[float] = field(default_factory=list)
+    owl_outlier_ratios: list[float] | None = None
+    data_parallel_ranks: int = 1
+    device: str = ""
+    dtype: str = ""
     precision: dict = field(default_factory=dict)  # bf16 support and what the run computed in
     calibration: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
@@ -43,11 +43,13 @@ class RunReport:
     unpruned_block_weights: dict = field(default_factory=dict)  # left dense: {name: params}
     stage_peak_memory_bytes: dict = field(default_factory=dict)  # per stage of the run
     total_seconds: float = 0.0
+    stages: dict = field(default_factory=dict)  # what each other stage returned, by name
 
-    @classmethod
-    def from_engine(cls, engine: PruneReport, **fields) -> RunReport:
-        """The run's report from the engine's and the run's own ``fields``."""
-        return cls(**vars(engine), **fields)
+    def add_engine(self, engine: dict) -> None:
+        """Set the engine's fields from its report (``asdict(PruneReport)``)."""
+        for name, value in engine.items():
+            setattr(self, name, value)
+        self.blocks = [BlockReport(**b) for b in engine["blocks"]]
 
     @classmethod
     def from_dict(cls, document: dict) -> RunReport:
@@ -61,11 +63,13 @@ class RunReport:
 
     def to_dict(self) -> dict:
         """The ``report.json`` document (``owl_outlier_ratios`` only with OWL, ``recovery``
-        only after a recovery)."""
+        only after a recovery, ``stages`` only when a stage recorded something there)."""
         document = asdict(self)
         for optional in ("owl_outlier_ratios", "recovery"):
             if document[optional] is None:
                 del document[optional]
+        if not document["stages"]:
+            del document["stages"]
         return document
 
     def __getitem__(self, key: str):

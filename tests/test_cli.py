@@ -6,6 +6,9 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ import yaml
 import safe_llm
 from safe_llm import cli, pipeline
 from safe_llm.config import PruneConfig, load_recipe, make_config
+from safe_llm.stages.prune import loop
 
 LAYERS = (
     "self_attn.q_proj",
@@ -268,6 +272,8 @@ def forbid(monkeypatch):
         for target in targets[["config", "model", "data"].index(stage) :]:
             if target == "calibration_windows":
                 monkeypatch.setattr(pipeline.data, target, boom)
+            elif target == "prune_model":
+                monkeypatch.setattr(loop, target, boom)
             else:
                 monkeypatch.setattr(pipeline, target, boom)
 
@@ -460,10 +466,7 @@ def test_multi_line_library_error_is_printed_on_one_line(base_args, monkeypatch,
     ids=lambda path: path.name,
 )
 def test_every_shipped_recipe_is_a_valid_configuration(recipe):
-    from safe_llm.methods import build_method
-
-    config = make_config(load_recipe(recipe))
-    build_method(config.method, config.method_options)  # unknown or bad options raise
+    config = make_config(load_recipe(recipe))  # builds (and checks) every sub-config
     assert config.pattern().sparsity > 0
 
 
@@ -500,9 +503,64 @@ def test_method_options_named_like_run_options_or_other_methods_options_all_reac
     parser = cli.build_parser()  # used to raise: --seed registered twice
     args = parser.parse_args([*base_args, "--method", "clash", "--seed", "5", "--lr", "2"])
     config = cli._config_from_args(args)
-    assert config.seed == 5 and config.method_options == {"lr": 2}
-    assert isinstance(config.method_options["lr"], int)
+    assert config.seed == 5 and (config.method_options.lr, config.method_options.seed) == (2, 7)
+    assert isinstance(config.method_options.lr, int)
     args = parser.parse_args([*base_args, "--method", "clash", "--method-option", "seed=11"])
-    assert cli._config_from_args(args).method_options == {"seed": 11}
+    assert cli._config_from_args(args).method_options.seed == 11
     args = parser.parse_args([*base_args, "--method", "safe", "--lr", "2"])
-    assert cli._config_from_args(args).method_options == {"lr": 2.0}
+    lr = cli._config_from_args(args).method_options.lr
+    assert lr == 2.0 and isinstance(lr, float)
+
+
+# --------------------------------------------------------------------------------------------
+# start-up without torch; --output checked before the model loads
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, code",
+    [(["--version"], 0), (["--help"], 0), (["eval", "--help"], 0), (["recover", "--help"], 0),
+     (["prune", "--sparsity", "abc"], 2), (["prune", "--joint-blocks", "x"], 2),
+     (["prune", "--sparsity-profile", "bogus"], 2), (["nocommand"], 2)],
+    ids=["version", "help", "eval help", "recover help", "bad sparsity", "bad stage flag",
+         "bad choice", "bad command"],
+)  # fmt: skip
+def test_help_version_and_argument_errors_are_answered_without_importing_torch(argv, code):
+    script = (
+        "import sys\nfrom safe_llm import cli\n"
+        f"try:\n    cli.main({argv!r})\nexcept SystemExit as exc:\n    code = exc.code\n"
+        "print(code, 'torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.stdout.split()[-3:] == [str(code), "False", "False"], run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("parent", ["file", "read-only"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_model_loads(
+    parent, base_args, tmp_path, capsys, forbid
+):
+    forbid("config")
+    if parent == "file":
+        (tmp_path / "a-file").write_text("x")
+        out = tmp_path / "a-file" / "out"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only directories")
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        out = locked / "out"
+    assert cli.main([*base_args, "--output", str(out)]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and str(out) in lines[0] and "choose another --output" in lines[0]
+
+
+def test_every_flag_of_every_subcommand_has_a_help_text():
+    parser = cli.build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    missing = [
+        (name, action.option_strings)
+        for name, sub in commands.choices.items()
+        for action in sub._actions
+        if not action.help
+    ]
+    assert missing == []

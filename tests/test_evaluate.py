@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from safe_llm import cli
-from safe_llm.evaluation.evaluate import evaluate_perplexity, parse_list, source_perplexity
+from safe_llm.evaluation.evaluate import evaluate_perplexity, source_perplexity
 from safe_llm.evaluation.perplexity import SeqlenError
 from safe_llm.io import data
+from safe_llm.options import parse_list
 
 SEQLEN = 16
 WIKITEXT_README = """---
@@ -221,9 +222,7 @@ def test_eval_cli_writes_json_with_a_protocol_label_for_every_number(
 def test_python_evaluate_gives_the_document_safe_llm_eval_writes(model_dir, text_file, tmp_path):
     import safe_llm
 
-    document = safe_llm.evaluation.evaluate(
-        str(model_dir), str(text_file), seqlen=SEQLEN, batch_size=2
-    )
+    document = safe_llm.evaluate(str(model_dir), str(text_file), seqlen=SEQLEN, batch_size=2)
     out = tmp_path / "eval.json"
     assert cli.main(_eval(model_dir, "--datasets", str(text_file), "--json", str(out))) == 0
     written = json.loads(out.read_text())

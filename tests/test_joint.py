@@ -172,4 +172,4 @@ def test_a_window_whose_loss_turns_non_finite_stops_the_run_with_the_block_named
 )
 def test_unusable_joint_options_are_refused_with_the_flag_named(overrides, flag):
     with pytest.raises(ConfigError, match=flag):
-        make_config({"model": "x", **overrides})
+        make_config({"model": "x"}, overrides)

@@ -68,7 +68,7 @@ def test_card_states_method_calibration_perplexities_and_command():
 
 def test_card_says_whether_blocks_were_reconstructed_alone_or_in_joint_windows():
     assert "| Reconstruction | block by block |" in render_model_card(_recipe(), _report())
-    card = render_model_card(_recipe(joint_blocks=2, joint_epochs=1.0, joint_lr=2.5e-3), _report())
+    card = render_model_card(_recipe(joint={"blocks": 2, "epochs": 1.0, "lr": 2.5e-3}), _report())
     assert "windows of 2 consecutive blocks trained jointly" in card
     assert "1 epochs, lr 0.0025" in card
 

@@ -310,7 +310,7 @@ def test_prune_with_recovery_writes_a_checkpoint_plain_transformers_loads(
     model_dir = save_tiny_model()
     plain, recovered = tmp_path / "plain", tmp_path / "recovered"
     assert cli.main(_prune_args(model_dir, calibration_file, plain)) == 0
-    extra = ["--recover", "distill", "--recover-steps", "3", "--recover-lr", "1e-2"]
+    extra = ["--recover", "--recover-steps", "3", "--recover-lr", "1e-2"]
     extra += ["--recover-batch-size", "4"]
     assert cli.main(_prune_args(model_dir, calibration_file, recovered, *extra)) == 0
     report = json.loads((recovered / "report.json").read_text())
@@ -381,7 +381,7 @@ def test_the_recover_command_under_torchrun_with_fsdp_equals_one_process(
 
 def test_recovery_options_are_validated(save_tiny_model, calibration_file, tmp_path, capsys):
     model_dir = save_tiny_model()
-    args = _prune_args(model_dir, calibration_file, tmp_path / "o", "--recover", "distill")
+    args = _prune_args(model_dir, calibration_file, tmp_path / "o", "--recover")
     assert cli.main([*args, "--recover-lr", "-1"]) == 2
     assert "--recover-lr" in capsys.readouterr().err
     assert cli.main([*args, "--recover-train", "embeddings"]) == 2
@@ -400,7 +400,7 @@ def test_two_process_recovery_equals_the_single_process_run(
     if torchrun is None:
         pytest.skip("torchrun is not installed")
     model_dir = save_tiny_model()
-    extra = ["--recover", "distill", "--recover-steps", "3", "--recover-lr", "1e-2"]
+    extra = ["--recover", "--recover-steps", "3", "--recover-lr", "1e-2"]
     extra += ["--recover-autocast", "off"]  # fp32: bf16 rounding depends on the batch split
     extra += ["--recover-hidden-weight", "0.25"]  # block hooks on the sharded blocks too
     single = tmp_path / "single"

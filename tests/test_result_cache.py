@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from safe_llm.evaluation import cache as result_cache
@@ -15,8 +13,7 @@ SEQLEN = 16
 
 def _counting(monkeypatch):
     calls = []
-    # the module (``safe_llm.evaluation.evaluate`` is the function that the package exports)
-    evaluate = importlib.import_module("safe_llm.evaluation.evaluate")
+    from safe_llm.evaluation import evaluate
 
     def counted(*args, **kwargs):
         calls.append(1)

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from safe_llm import cli
+from safe_llm.config import make_config
 from safe_llm.core.blocks import find_blocks
 from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.io.work_area import (
@@ -271,12 +272,15 @@ def test_resume_with_different_options_is_refused_naming_each_differing_key(
 
 
 def test_options_that_do_not_change_the_weights_may_differ_on_resume():
-    saved = {"seed": 0, "output": "a", "eval": [], "overwrite": False, "max_shard_size": "2GB"}
-    current = {"seed": 0, "output": "b", "eval": ["c4"], "overwrite": True, "resume": True}
-    assert config_differences(saved, current) == []
-    assert config_differences({"seed": 0}, {"seed": 0, "new_option": 3}) == [
-        "new_option: '(unset)' -> 3"
-    ]
+    run = {"model": "m", "dataset": "builtin-c4"}
+    saved = make_config(overrides=run).decisive_options()
+    neutral = {"eval": ["c4"], "max_blocks": 2, "eval_max_windows": 3, "trust_remote_code": True}
+    assert (
+        config_differences(saved, make_config(overrides={**run, **neutral}).decisive_options())
+        == []
+    )
+    seeded = make_config(overrides={**run, "seed": 1}).decisive_options()
+    assert config_differences(saved, seeded) == ["seed: 0 -> 1"]
 
 
 def test_unfinished_run_in_output_needs_resume_or_overwrite(interrupted, prune_args, capsys):
@@ -423,11 +427,9 @@ def test_smollm2_killed_in_a_block_and_resumed_is_bitwise_identical(smollm2_cach
     assert report["resumed_from_block"] == 2 and len(report["blocks"]) == 4
 
 
-def test_weight_neutral_options_are_declared_on_the_config_fields_and_keep_old_work_areas_valid():
-    from safe_llm.config import weight_neutral_options
-
-    # the options work areas written before the declaration moved onto the fields ignored
-    assert weight_neutral_options() == {
+def test_decisive_options_leave_out_exactly_the_fields_declared_weight_neutral():
+    config = make_config(overrides={"model": "m", "dataset": "builtin-c4"})
+    assert set(config.to_dict()) - set(config.decisive_options()) == {
         "output", "overwrite", "resume", "max_blocks", "max_shard_size", "stream_from_disk",
         "max_activation_memory", "eval", "eval_seqlen", "eval_max_windows", "eval_cache",
         "trust_remote_code", "command_line", "push_to_hub", "hub_repo_id", "hub_private",

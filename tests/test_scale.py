@@ -18,7 +18,7 @@ from safe_llm.config import ConfigError, make_config
 from safe_llm.core.sparsity import PatternError
 from safe_llm.io.checkpoint import save_checkpoint
 from safe_llm.pipeline import run_prune
-from safe_llm.stages.profiles import owl_sparsities, weighted_sparsity
+from safe_llm.stages.profile.owl import owl_sparsities, weighted_sparsity
 
 BLOCKS = 4
 
@@ -252,7 +252,19 @@ def _safe_command(model_dir, calibration_file, output, extra=()) -> list[str]:
 
 @pytest.mark.parametrize(
     "extra",
-    [(), ("--joint-blocks", "2", "--joint-epochs", "2", "--joint-lr", "1e-2")],
+    [
+        (),
+        (
+            "--joint-blocks",
+            "2",
+            "--joint-epochs",
+            "2",
+            "--joint-lr",
+            "1e-2",
+            "--joint-autocast",
+            "off",
+        ),
+    ],
     ids=["block-by-block", "joint-window"],
 )
 def test_two_process_safe_equals_the_single_process_run(
@@ -331,10 +343,14 @@ def test_over_the_budget_the_first_block_inputs_are_captured_into_the_mapped_fil
     assert not list(tmp_path.iterdir())
 
 
-def test_a_work_area_from_before_the_profile_options_still_resumes():
+def test_a_work_area_of_another_profile_is_not_resumed():
     from safe_llm.io.work_area import config_differences
 
-    current = make_config(overrides={"model": "m", "dataset": "builtin-c4"}).to_dict()
-    saved = {k: v for k, v in current.items() if k not in ("sparsity_profile", "owl_m")}
-    assert config_differences(saved, current) == []
-    assert config_differences(saved, {**current, "sparsity_profile": "owl"})
+    run = {"model": "m", "dataset": "builtin-c4"}
+    current = make_config(overrides=run).decisive_options()
+    owl = make_config(overrides={**run, "sparsity_profile": "owl"}).decisive_options()
+    assert config_differences(current, current) == []
+    assert config_differences(current, owl) == [
+        "profile: {'kind': 'uniform', 'owl_m': 5.0, 'owl_lambda': 0.08, 'per_block': None} -> "
+        "{'kind': 'owl', 'owl_m': 5.0, 'owl_lambda': 0.08, 'per_block': None}"
+    ]

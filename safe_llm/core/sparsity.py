@@ -92,12 +92,6 @@ class SparsityPattern:
         """The same pattern, its unstructured count kept per row (or over the matrix)."""
         return dataclasses.replace(self, per_row=per_row)
 
-    def with_sparsity(self, sparsity: float) -> SparsityPattern:
-        """The same kind of pattern at another sparsity (unstructured only)."""
-        if self.is_nm:
-            raise PatternError("an N:M pattern has a fixed sparsity")
-        return SparsityPattern.parse("unstructured", sparsity)
-
     def check_shape(self, shape: tuple[int, ...], name: str = "matrix") -> None:
         """Raise :class:`PatternError` when a ``[out, in]`` matrix cannot take this pattern."""
         if len(shape) != 2:

@@ -31,7 +31,9 @@ from safe_llm.core.memory import return_freed_memory, serve_large_buffers_from_m
 from safe_llm.errors import SafeLLMError
 from safe_llm.evaluation.cache import cached_perplexity
 from safe_llm.evaluation.perplexity import check_seqlen, perplexity
+from safe_llm.evaluation.zeroshot import evaluate_tasks, require_lm_eval
 from safe_llm.io import data
+from safe_llm.options import parse_list
 from safe_llm.version import __version__
 
 FORMULA = "exp(mean over windows of the window's mean next-token NLL)"
@@ -39,19 +41,6 @@ FORMULA = "exp(mean over windows of the window's mean next-token NLL)"
 
 class EvalError(SafeLLMError):
     """Unusable evaluation options (nothing to evaluate, a size below its minimum)."""
-
-
-def parse_list(values: str | Iterable[str] | None) -> list[str]:
-    """``"a,b"`` / ``["a", "b,c"]`` -> ``["a", "b", "c"]``: comma- and space-separated lists.
-
-    Empty items are dropped and duplicates kept once, in first-seen order.
-    """
-    if values is None:
-        return []
-    if isinstance(values, str):
-        values = [values]
-    items = (item.strip() for value in values for item in value.replace(",", " ").split())
-    return list(dict.fromkeys(item for item in items if item))
 
 
 def protocol_label(source: str, seqlen: int, windows: int, total_windows: int) -> str:
@@ -208,9 +197,7 @@ def check_request(
     if num_fewshot < 0:
         raise EvalError(f"--num-fewshot must be at least 0, got {num_fewshot}")
     if task_names:
-        from safe_llm.evaluation.zeroshot import _lm_eval
-
-        _lm_eval()  # a missing extra fails before the model is loaded
+        require_lm_eval()  # a missing extra fails before the model is loaded
     return sources, task_names
 
 
@@ -254,8 +241,6 @@ def evaluate(
     )
     zeroshot = None
     if task_names:
-        from safe_llm.evaluation.zeroshot import evaluate_tasks
-
         shots = {"num_fewshot": num_fewshot, "limit": limit, "include_path": include_path}
         zeroshot = evaluate_tasks(
             loaded, tokenizer, task_names, batch_size=batch_size, metric=metric, **shots

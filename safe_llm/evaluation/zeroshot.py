@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from safe_llm.errors import SafeLLMError
+from safe_llm.options import parse_list
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class ZeroShotError(SafeLLMError):
     """Zero-shot evaluation cannot run: lm-eval missing, unknown task, dataset unavailable."""
 
 
-def _lm_eval():
+def require_lm_eval():
     try:
         import lm_eval
         import lm_eval.models.huggingface
@@ -53,7 +54,7 @@ def _lm_eval():
 def task_manager(include_path: str | os.PathLike | None = None, defaults: bool = True):
     """An lm-eval ``TaskManager`` with the tasks under ``include_path`` and, with ``defaults``,
     the harness's built-in tasks (indexing those takes seconds)."""
-    lm_eval = _lm_eval()
+    lm_eval = require_lm_eval()
     if include_path is not None and not os.path.isdir(include_path):
         raise ZeroShotError(f"task directory {include_path} does not exist")
     return lm_eval.tasks.TaskManager(
@@ -132,11 +133,9 @@ def evaluate_tasks(
     {"acc", "acc_norm"?, "metric", "value", "samples"}}, "mean", "protocol"}``; ``limit`` (at
     most this many examples per task) makes the numbers incomparable with published ones.
     """
-    from safe_llm.evaluation.evaluate import parse_list
-
     if metric not in METRICS:
         raise ZeroShotError(f"unknown metric {metric!r}; choose {' or '.join(METRICS)}")
-    lm_eval = _lm_eval()
+    lm_eval = require_lm_eval()
     names = parse_list(tasks)
     manager = _manager_for(names, include_path)
     lm = lm_eval.models.huggingface.HFLM(

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from safe_llm.errors import SafeLLMError
+from safe_llm.options import ConfigError
 
 BUILTIN_SOURCES: dict[str, str] = {"builtin-c4": "c4.utf8", "builtin-wiki": "wiki.utf8"}
 DATASET_ROOT_ENV = "SAFE_LLM_DATASET_ROOT"
@@ -341,3 +342,13 @@ def evaluation_windows(
     if max_windows is not None:
         nwindows = min(nwindows, max_windows)
     return ids[0, : nwindows * seqlen].reshape(nwindows, seqlen)
+
+
+def check_source(source: str) -> None:
+    """A text source that is plainly a local file must exist (checked before any loading)."""
+    suffixes = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
+    if source in ("c4", "wikitext2") or source in BUILTIN_SOURCES:
+        return
+    looks_local = source.startswith((".", "/", "~")) or source.lower().endswith(suffixes)
+    if looks_local and not Path(source).expanduser().exists():
+        raise ConfigError(f"text source {source} does not exist")

@@ -184,11 +184,12 @@ def render_model_card(recipe: dict, report: dict) -> str:
 
 def _reconstruction(recipe: dict) -> str:
     """How the blocks were reconstructed: one at a time, or also in joint windows."""
-    size = recipe.get("joint_blocks") or 1
+    joint = recipe.get("joint") or {}
+    size = joint.get("blocks") or 1
     if size == 1:
         return "block by block"
     return (
         f"block by block, then windows of {size} consecutive blocks trained jointly against "
-        f"the dense window's outputs, masks frozen ({recipe.get('joint_epochs'):g} epochs, "
-        f"lr {recipe.get('joint_lr'):g} of each tensor's RMS)"
+        f"the dense window's outputs, masks frozen ({joint.get('epochs'):g} epochs, "
+        f"lr {joint.get('lr'):g} of each tensor's RMS)"
     )

@@ -3,6 +3,8 @@
 The work area is ``<output>/.safe_llm_work/``::
 
     config.json                the options that decide the result (compared on --resume)
+    stages.json                the finished stages and what each returned (skipped on --resume)
+    <stage>/                   a stage's own state (e.g. recover/: recovery's training state)
     block_00003.safetensors    block 3's state dict after pruning
     stream_00004.safetensors   what feeds block 4: ``hidden`` [n, seq, d], ``dense`` [n, seq, d]
                                (with dense targets) and the RNG state
@@ -37,22 +39,7 @@ from safe_llm.errors import SafeLLMError
 log = logging.getLogger(__name__)
 
 WORK_DIR = ".safe_llm_work"
-FORMAT_VERSION = 1
-
-# Decisive options added after FORMAT_VERSION 1 work areas were first written, with the value
-# such a work area (which does not record them) was pruned with.
-ADDED_OPTIONS = {
-    "sparsity_profile": "uniform",
-    "owl_m": 5.0,
-    "owl_lambda": 0.08,
-    "sparsity_per_block": None,
-    "recover": None,
-    "recover_options": {},
-    "joint_blocks": 1,
-    "joint_epochs": 1.0,
-    "joint_lr": 2.5e-3,
-    "moe_every_token": False,
-}
+FORMAT_VERSION = 2  # 2: the options tree (nested sub-configs) and stage records
 
 
 class ResumeError(SafeLLMError):
@@ -111,19 +98,9 @@ def work_dir(output: str | os.PathLike) -> Path:
     return Path(output).expanduser() / WORK_DIR
 
 
-def decisive_options(config: dict) -> dict:
-    """The options of ``config`` (``PruneConfig.to_dict()``) that decide the pruned weights
-    (every field not declared ``decisive=False``), as plain JSON values."""
-    from safe_llm.config import weight_neutral_options
-
-    neutral = weight_neutral_options()
-    return json.loads(json.dumps({k: v for k, v in config.items() if k not in neutral}))
-
-
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """``key: saved -> current`` for every decisive option that differs, sorted by key."""
-    saved = {**ADDED_OPTIONS, **decisive_options(saved)}
-    current = {**ADDED_OPTIONS, **decisive_options(current)}
+    """``key: saved -> current`` for every option that differs, sorted by key (``saved``
+    and ``current``: the decisive options, e.g. ``PruneConfig.decisive_options()``)."""
     keys = sorted(set(saved) | set(current))
     missing = "(unset)"
     return [
@@ -151,6 +128,7 @@ class WorkArea:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.started = False  # this process recorded the run's options (start)
 
     @property
     def progress_file(self) -> Path:
@@ -180,11 +158,17 @@ class WorkArea:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def check_config(self, config: dict) -> None:
-        """Raise :class:`ResumeError` naming every decisive option that differs from the
-        saved run's."""
-        saved = self.saved_config()
-        if saved is None:
+        """Raise :class:`ResumeError` naming every option of ``config`` (the decisive
+        options) that differs from the saved run's."""
+        document = self.saved_config()
+        if document is None:
             return
+        if document.get("version") != FORMAT_VERSION:
+            raise ResumeError(
+                f"cannot resume the run in {self.path}: an older safe-llm wrote it; pass "
+                "--overwrite instead of --resume to start over"
+            )
+        saved = document["options"]
         differences = config_differences(saved, config)
         if differences:
             raise ResumeError(
@@ -194,11 +178,13 @@ class WorkArea:
             )
 
     def start(self, config: dict) -> None:
-        """Begin a fresh run: drop any earlier state and record ``config``."""
+        """Begin a fresh run: drop any earlier state and record ``config`` (the options that
+        decide the result, compared on a resume)."""
         self.remove()
+        self.started = True
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            _write_json(self.path / "config.json", decisive_options(config))
+            _write_json(self.path / "config.json", {"version": FORMAT_VERSION, "options": config})
         except OSError as exc:
             raise WorkAreaError(
                 f"cannot create the work area {self.path}: {exc.strerror or exc}; "
@@ -268,6 +254,27 @@ class WorkArea:
             reports=progress["reports"],
             rng={k: v for k, v in stream.items() if k.startswith("rng.")},
         )
+
+    def finished_stages(self) -> dict[str, dict | None]:
+        """``{stage name: what it returned}`` of every stage that finished, in order."""
+        path = self.path / "stages.json"
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ResumeError(f"work area {self.path} is damaged ({exc}); use --overwrite") from exc
+
+    def finish_stage(self, name: str, result: dict | None) -> None:
+        """Record stage ``name`` as finished with ``result`` (a JSON document)."""
+        finished = {**self.finished_stages(), name: result}
+        try:
+            _write_json(self.path / "stages.json", finished)
+        except OSError as exc:
+            raise WorkAreaError(
+                f"cannot record stage {name} in the work area {self.path}: "
+                f"{exc.strerror or exc}; the stages before it stay recorded"
+            ) from exc
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

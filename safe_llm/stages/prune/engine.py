@@ -15,7 +15,7 @@ the window is reconstructed jointly, its masks frozen (:mod:`safe_llm.stages.pru
 dense window applied to the pruned stream entering it, and the stream is recomputed.
 
 Only one block (one window) is on the compute device at a time (:func:`block_on_device`,
-shared with the dense pass of :mod:`safe_llm.stages.profiles`).
+shared with the dense pass of :mod:`safe_llm.stages.profile.owl`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -50,7 +50,8 @@ from safe_llm.core.sparsity import SparsityPattern, achieved_sparsity
 from safe_llm.errors import SafeLLMError
 from safe_llm.io.work_area import EngineState, rng_state, set_rng_state
 from safe_llm.methods.base import BlockContext, PruningMethod
-from safe_llm.stages.prune.joint import JointOptions, Window, reconstruct
+from safe_llm.stages.prune.joint import Window, reconstruct
+from safe_llm.stages.prune.options import JointOptions
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,10 @@ class EngineOptions:
     spill_dir: str | Path | None = None
     joint: JointOptions = JointOptions()  # windows of consecutive blocks reconstructed jointly
     moe_every_token: bool = False  # experts' statistics from every token, not the routed ones
+
+    def __post_init__(self):  # joint windows train on the run's batch size unless told
+        if self.joint.batch_size is None:
+            object.__setattr__(self, "joint", replace(self.joint, batch_size=self.batch_size))
 
 
 class BlockSource(Protocol):

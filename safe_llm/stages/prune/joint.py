@@ -30,6 +30,7 @@ from torch import nn
 from safe_llm.core import precision
 from safe_llm.core.blocks import BlockCall, run_block
 from safe_llm.errors import SafeLLMError
+from safe_llm.stages.prune.options import JointOptions
 from safe_llm.train import holdout, relative_adam
 from safe_llm.train.data_parallel import mse_loss_and_grads
 
@@ -38,34 +39,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteJointLossError(SafeLLMError):
     """A window's loss turned NaN/Inf: the run stops before the window is saved."""
-
-
-@dataclass(frozen=True)
-class JointOptions:
-    """How a window of ``blocks`` consecutive blocks is reconstructed (``blocks == 1``: off)."""
-
-    blocks: int = 1
-    epochs: float = 1.0
-    lr: float = 2.5e-3  # a fraction of each tensor's RMS per step
-    batch_size: int = 8
-    holdout: float = 0.125
-    autocast: str = "auto"
-
-    def __post_init__(self):
-        if self.blocks < 1:
-            raise SafeLLMError(f"--joint-blocks must be at least 1, got {self.blocks}")
-        if not (math.isfinite(self.epochs) and self.epochs > 0):
-            raise SafeLLMError(f"--joint-epochs must be a number > 0, got {self.epochs}")
-        if not (math.isfinite(self.lr) and self.lr >= 0):
-            raise SafeLLMError(f"--joint-lr must be a number >= 0, got {self.lr}")
-        if self.batch_size < 1:
-            raise SafeLLMError(f"--joint-batch-size must be at least 1, got {self.batch_size}")
-        if not 0 <= self.holdout < 1:
-            raise SafeLLMError(f"joint holdout must be in [0, 1), got {self.holdout}")
-
-    @property
-    def active(self) -> bool:
-        return self.blocks > 1
 
 
 @dataclass

@@ -134,7 +134,6 @@ def recover(
     Raises :class:`RecoveryError` on a non-finite loss, gradient or weight, or a moved mask.
     """
     start = time.perf_counter()
-    options.validate()
     masks = _masks(student, _lean(options))
     teacher.requires_grad_(False).eval()
     shared = share_frozen_tensors(student, teacher)

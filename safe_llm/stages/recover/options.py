@@ -1,5 +1,5 @@
-"""Recovery's settings: :class:`RecoverOptions` (recipe key ``recover_options``, CLI flags
-``--recover-<name>``) and their validation. No torch here: the CLI reads these fields to build
+"""Recovery's settings: :class:`RecoverOptions` (recipe key ``recover``, CLI flags
+``--recover`` and ``--recover-<name>``) and their validation. No torch here: the CLI reads these fields to build
 its flags."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from safe_llm.errors import SafeLLMError
 from safe_llm.options import option
 
-RECOVERY_METHODS = ("distill",)
 TRAINABLE_GROUPS = ("weights", "norms")
 
 
@@ -21,7 +20,16 @@ class RecoveryError(SafeLLMError):
 
 @dataclass
 class RecoverOptions:
-    """Recovery settings: recipe key ``recover_options``, CLI flags ``--recover-<name>``."""
+    """Recovery settings: recipe key ``recover``, CLI flags ``--recover-<name>``; ``enabled``
+    (``--recover``) switches the stage on in ``safe-llm prune``."""
+
+    enabled: bool = option(
+        False,
+        "after the block loop, train the whole pruned model end to end with its mask frozen "
+        "to match the dense model's next-token distribution (KL distillation; see the "
+        "recover stage options)",
+        flag="recover",
+    )
 
     dataset: str | None = option(None, "recovery text (default: the calibration --dataset)")
     nsamples: int | None = option(None, "recovery windows (default: --nsamples)")
@@ -101,6 +109,9 @@ class RecoverOptions:
         "optimiser state do not fit one device",
     )
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self) -> None:
         for name in ("nsamples", "seqlen", "tokens", "steps", "batch_size", "kl_chunk"):
             value = getattr(self, name)
@@ -128,17 +139,3 @@ class RecoverOptions:
                 f"--recover-train takes one or more of {', '.join(TRAINABLE_GROUPS)}, "
                 f"got {self.train}"
             )
-
-
-def recover_options(values: dict | None = None) -> RecoverOptions:
-    """:class:`RecoverOptions` from a mapping (a recipe's ``recover_options``), validated."""
-    names = {f.name for f in dataclasses.fields(RecoverOptions)}
-    unknown = set(values or {}) - names
-    if unknown:
-        raise RecoveryError(
-            f"unknown recovery option(s): {', '.join(sorted(unknown))}; "
-            f"known: {', '.join(sorted(names))}"
-        )
-    options = RecoverOptions(**(values or {}))
-    options.validate()
-    return options

@@ -1,111 +1,54 @@
-"""Recovery as a stage of ``safe-llm prune --recover distill``: the recovery windows, the
-memory check, the dense teacher loaded, :func:`~safe_llm.stages.recover.loop.recover` run on the
-pruned model."""
+"""The recovery stage (declaration; torch-free): after the block loop, train the whole
+pruned model end to end against the dense model, its mask frozen (``--recover``; options
+``--recover-<name>``, recipe key ``recover``). The implementation is
+:mod:`safe_llm.stages.recover.run` over :mod:`safe_llm.stages.recover.loop`."""
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
+import os
 
-import torch
-from torch import nn
-
-from safe_llm.core import distributed, precision
-from safe_llm.core.memory import return_freed_memory, serve_large_buffers_from_mmap
-from safe_llm.stages.recover.loop import recover
-from safe_llm.stages.recover.options import RecoverOptions, RecoveryError, recover_options
-from safe_llm.stages.recover.plan import RecoveryPlan, plan_recovery
-
-log = logging.getLogger(__name__)
+from safe_llm.options import ConfigError
+from safe_llm.stages.base import Stage, register_stage
+from safe_llm.stages.recover.options import RecoverOptions
 
 
-def recovery_windows(tokenizer, config, options: RecoverOptions) -> tuple[torch.Tensor, dict]:
-    """The recovery windows ``[n, seqlen]`` drawn like calibration windows
-    (:func:`safe_llm.io.data.calibration_windows`; by default the calibration windows
-    themselves), and ``{dataset, seed}`` as used."""
-    from safe_llm.io import data
+@register_stage
+class RecoverStage(Stage):
+    """Its result is the recovery report (data, steps, tokens, losses, memory plan),
+    recorded as the report's ``recovery``."""
 
-    dataset = options.dataset or config.dataset
-    seed = options.seed if options.seed is not None else config.seed
-    windows = data.calibration_windows(
-        tokenizer,
-        dataset,
-        options.nsamples or config.nsamples,
-        options.seqlen or config.seqlen,
-        seed,
-        text_column=config.text_column,
-    )
-    return windows, {"dataset": dataset, "seed": seed}
+    name = "recover"
+    order = 40
+    Options = RecoverOptions
+    commands = ("prune", "recover")
 
+    @classmethod
+    def enabled(cls, config) -> bool:
+        return config.recover.enabled
 
-def run_recovery(
-    model: nn.Module,
-    tokenizer,
-    config,
-    device: torch.device,
-    *,
-    state_dir: Path | None = None,
-    progress: bool = True,
-) -> dict:
-    """Recover ``model`` (pruned, on the host) in place against the dense ``config.model``
-    (loaded here as the teacher, in the model's dtype) with ``config.recover_options``;
-    returns the recovery report as a dict. The model is back on the host afterwards."""
-    from safe_llm.io.models import load_model
+    @classmethod
+    def check(cls, config) -> None:
+        options = config.recover
+        if not options.enabled:
+            return
+        if config.stream_from_disk:
+            raise ConfigError(
+                "--recover trains the whole model and cannot run with --stream-from-disk; "
+                "prune first, then run safe-llm recover on the checkpoint"
+            )
+        if options.dataset:
+            from safe_llm.io.data import check_source
 
-    options = recover_options(config.recover_options)
-    serve_large_buffers_from_mmap()  # freed gradients and temporaries go back to the OS
-    windows, drawn = recovery_windows(tokenizer, config, options)
-    return_freed_memory()  # the text and its encodings
-    log.info(
-        "recovery: %d windows x %d tokens from %s; teacher %s",
-        *windows.shape,
-        drawn["dataset"],
-        config.model,
-    )
-    plan = _memory_plan(model, options, windows, device)
-    dtype = next(model.parameters()).dtype
-    teacher, _, _ = load_model(config.model, dtype, config.trust_remote_code)
-    home = next(model.parameters()).device
-    if not options.fsdp:  # under FSDP only the shards and what is not in a block go there
-        model.to(device)
-        teacher.to(device)
-    try:
-        report = recover(
-            model,
-            teacher,
-            windows,
-            options,
-            device=device,
-            dataset=drawn["dataset"],
-            seed=drawn["seed"],
-            state_dir=state_dir,
-            progress=progress,
-            release_teacher=True,
-        )
-    finally:
-        model.to(home)
-        del teacher
-    log.info(
-        "recovery: %d steps, %d tokens, KL %.4f -> %.4f in %.0f s",
-        report.steps,
-        report.tokens,
-        report.losses[0] if report.losses else float("nan"),
-        report.losses[-1] if report.losses else float("nan"),
-        report.seconds,
-    )
-    return {**report.to_dict(), "memory_plan": plan.to_dict()}
+            check_source(options.dataset)
+        if options.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            from safe_llm.stages.recover.fsdp import NEEDS_RANKS
 
+            raise ConfigError(NEEDS_RANKS)  # checked before any pruning; recover() checks again
 
-def _memory_plan(model, options: RecoverOptions, windows: torch.Tensor, device) -> RecoveryPlan:
-    """Recovery's estimated peak memory (logged); a :class:`RecoveryError` in one line, with
-    what would fit, when it exceeds the device's free memory (unless ``memory_check`` is off)."""
-    bf16 = precision.reduced_precision(options.autocast, torch.device(device), "recovery autocast")
-    batch = min(options.batch_size, windows.shape[0])
-    plan = plan_recovery(
-        model, options, batch, windows.shape[1], windows.shape[0], torch.device(device), bf16,
-        distributed.world_size(),
-    )  # fmt: skip
-    log.info("recovery: %s", plan.summary())
-    if options.memory_check and not plan.fits:
-        raise RecoveryError(plan.refusal() + " (--no-recover-memory-check runs it anyway)")
-    return plan
+    def run(self, model, context) -> dict:
+        from safe_llm.stages.recover.run import run_recovery
+
+        return run_recovery(model, context)
+
+    def record(self, report, result: dict) -> None:
+        report.recovery = result

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from safe_llm.config import ConfigError, PruneConfig
 from safe_llm.core.blocks import find_blocks, prunable_layers, weight_matrix
 from safe_llm.core.layer_stats import InputStats, collect_input_stats
 from safe_llm.core.sparsity import PatternError
+from safe_llm.options import ConfigError
+from safe_llm.stages.profile.options import ProfileOptions
 from safe_llm.stages.prune.engine import (
     BlockSource,
     EngineOptions,
@@ -33,8 +34,6 @@ from safe_llm.stages.prune.engine import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-PROFILES = ("uniform", "owl")
 
 
 def weighted_sparsity(sparsities: list[float], sizes: list[int]) -> float:
@@ -128,43 +127,71 @@ def dense_pass(
 
 
 def block_sparsities(
-    config: PruneConfig,
+    profile: ProfileOptions,
+    target: float,
     model: nn.Module,
     windows: torch.Tensor,
     options: EngineOptions,
     source: BlockSource | None = None,
+    given_sparsity: float | None = None,
 ) -> tuple[list[float], list[float] | None]:
-    """``(sparsity of every block, OWL outlier ratios or None)`` for ``config``'s profile.
+    """``(sparsity of every block, OWL outlier ratios or None)`` for ``profile`` around the
+    overall ``target`` (``given_sparsity``: the --sparsity the user gave, if any).
 
     OWL takes a dense pass of the calibration windows ``[n, seq]`` through every block
     (:func:`dense_pass`) for the Wanda scores' outlier ratios.
     """
     _, blocks = find_blocks(model)
-    sizes = block_sizes(blocks, tuple(config.ignore))
-    target = config.pattern().sparsity
-    if config.sparsity_per_block is not None:
-        given = config.sparsity_per_block
-        if len(given) != len(blocks):
-            raise ConfigError(
-                f"sparsity_per_block has {len(given)} values but the model has {len(blocks)} "
-                "decoder blocks"
-            )
-        overall = weighted_sparsity(given, sizes)
-        if config.sparsity is not None and abs(overall - config.sparsity) > 1e-6:
-            raise ConfigError(
-                f"sparsity_per_block gives an overall sparsity of {overall:.6g}, --sparsity "
-                f"says {config.sparsity:g}: drop --sparsity or make them agree"
-            )
-        return list(given), None
-    if config.sparsity_profile != "owl":
+    sizes = block_sizes(blocks, options.ignore)
+    if profile.per_block is not None:
+        return _explicit(profile.per_block, sizes, given_sparsity), None
+    if profile.kind != "owl":
         return [target] * len(blocks), None
 
     def ratio(_index, layers, stats) -> float:
         names = list(layers)
         weights = [weight_matrix(layers[n]) for n in names]
-        return outlier_ratio(weights, [stats[n].norms for n in names], config.owl_m)
+        return outlier_ratio(weights, [stats[n].norms for n in names], profile.owl_m)
 
     ratios = dense_pass(model, windows, ratio, options, source)
-    sparsities = owl_sparsities(ratios, sizes, target, config.owl_lambda)
+    sparsities = owl_sparsities(ratios, sizes, target, profile.owl_lambda)
     log.info("OWL block sparsities: %s", ", ".join(f"{s:.3f}" for s in sparsities))
     return sparsities, ratios
+
+
+def _explicit(given: list[float], sizes: list[int], sparsity: float | None) -> list[float]:
+    """``sparsity_per_block``, checked against the model's blocks and ``--sparsity``."""
+    if len(given) != len(sizes):
+        raise ConfigError(
+            f"sparsity_per_block has {len(given)} values but the model has {len(sizes)} "
+            "decoder blocks"
+        )
+    overall = weighted_sparsity(given, sizes)
+    if sparsity is not None and abs(overall - sparsity) > 1e-6:
+        raise ConfigError(
+            f"sparsity_per_block gives an overall sparsity of {overall:.6g}, --sparsity "
+            f"says {sparsity:g}: drop --sparsity or make them agree"
+        )
+    return list(given)
+
+
+def run_profile(model: nn.Module, context) -> dict:
+    """The profile stage on ``context`` (:class:`~safe_llm.stages.base.RunContext`): the
+    block sparsities, OWL's ratios, the overall sparsity and the profile's name."""
+    from safe_llm.stages.prune.loop import engine_options
+
+    config = context.config
+    options = engine_options(config, context.device, context.progress)
+    sparsities, ratios = block_sparsities(
+        config.profile, config.pattern().sparsity, model, context.windows, options,
+        context.source, config.sparsity,
+    )  # fmt: skip
+    explicit = config.profile.per_block is not None
+    _, blocks = find_blocks(model)
+    overall = weighted_sparsity(sparsities, block_sizes(blocks, options.ignore))
+    return {
+        "block_sparsity": sparsities,
+        "owl_outlier_ratios": ratios,
+        "sparsity": overall if explicit else config.pattern().sparsity,
+        "sparsity_profile": "explicit" if explicit else config.profile.kind,
+    }

@@ -1,0 +1,1 @@
+"""The sparsity profile stage: how the target sparsity is spread over the decoder blocks."""
