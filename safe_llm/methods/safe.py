@@ -37,12 +37,14 @@ from dataclasses import dataclass
 
 import torch
 
-from safe_llm.core import distributed, precision
+from safe_llm.core import precision
 from safe_llm.errors import SafeLLMError
 from safe_llm.methods import register
 from safe_llm.methods.base import BlockContext, PruningMethod
 from safe_llm.methods.sparsegpt import sparsegpt_prune
 from safe_llm.options import option
+from safe_llm.train import holdout, relative_adam
+from safe_llm.train.data_parallel import mse_loss_and_grads
 
 log = logging.getLogger(__name__)
 
@@ -132,17 +134,13 @@ class _Split:
     U: torch.Tensor = None
 
 
-class _Schedule:
-    """Linear warm-up then linear decay of the learning rate; lambda per ``lam_schedule``."""
+class _Schedule(relative_adam.LinearSchedule):
+    """The shared learning-rate schedule (:class:`~safe_llm.train.relative_adam.LinearSchedule`,
+    ``warmup_epochs`` of warm-up); lambda per ``lam_schedule``."""
 
     def __init__(self, opts: SAFEOptions, lr: float, total_steps: int, steps_per_epoch: int):
-        self.opts, self.base_lr, self.total = opts, lr, max(total_steps, 1)
-        self.warmup = min(int(round(opts.warmup_epochs * steps_per_epoch)), self.total - 1)
-
-    def lr(self, step: int) -> float:
-        if step < self.warmup:
-            return self.base_lr * (step + 1) / self.warmup
-        return self.base_lr * max(self.total - step, 0) / max(self.total - self.warmup, 1)
+        super().__init__(lr, total_steps, int(round(opts.warmup_epochs * steps_per_epoch)))
+        self.opts = opts
 
     def lam(self, step: int) -> float:
         o, t = self.opts, step / self.total
@@ -175,24 +173,15 @@ class _Steps:
     @torch.no_grad()
     def measure(cls, method: SAFE, ctx: BlockContext, splits, train: torch.Tensor) -> _Steps:
         params = method._trainable(ctx, splits)
-        if method.options.step_scale == "absolute":
-            return cls([1.0] * len(params), len(splits), 1.0)
-        rms = [float(p.detach().float().square().mean().sqrt()) for p in params]
-        nonzero = [r for r in rms if r > 0]
-        if len(nonzero) < len(rms):  # e.g. a bias that is all zeros: no scale of its own
-            fill = sum(nonzero) / max(len(nonzero), 1) or 1.0
-            log.warning(
-                "block %d: %d tensor(s) are all zeros; their step unit is the mean RMS %.3g",
-                ctx.index,
-                len(rms) - len(nonzero),
-                fill,
-            )
-            rms = [r if r > 0 else fill for r in rms]
+        relative = method.options.step_scale == "relative"
+        units = relative_adam.step_units(params, relative, f"block {ctx.index}")
+        if not relative:
+            return cls(units, len(splits), 1.0)
         total = count = 0.0
         for part in train.split(ctx.batch_size):
             y = ctx.targets[part].float()
             total, count = total + float(y.square().sum()), count + y.numel()
-        return cls(rms, len(splits), total / max(count, 1) or 1.0)
+        return cls(units, len(splits), total / max(count, 1) or 1.0)
 
     def proximal(self, lam: float) -> list[float]:
         """The proximal weight of each pruned matrix for penalty ``lam``."""
@@ -200,7 +189,8 @@ class _Steps:
 
 
 class _Selection:
-    """Scores candidate blocks on the held-out windows and keeps the best.
+    """Scores candidate blocks on the held-out windows and keeps the best
+    (:class:`~safe_llm.train.holdout.KeepBest`).
 
     The first candidate is the warm start (the initial weights, projected); the solver then
     offers each epoch's projection and its final result. :meth:`keep_best` loads the winner
@@ -212,22 +202,15 @@ class _Selection:
         self.active = len(held) > 0
         names = {id(p): n for n, p in ctx.block.named_parameters()}
         self.keys = {name: names[id(split.param)] for name, split in splits.items()}
-        self.best: tuple[float, dict, int] | None = None
+        self.best = holdout.KeepBest()
         self.latest = 0
         if self.active:
             self.warm_error = self.offer(0, projected=True)
 
-    @torch.no_grad()
     def error(self) -> float:
-        """The block's relative error ``||block(X) - Y||^2 / ||Y||^2`` on the held-out windows
-        (fp32, no autocast; the same on every rank)."""
-        num = den = 0.0
-        for part in self.held.split(self.ctx.batch_size):
-            x, y = self.ctx.batch(part)
-            out = self.ctx.forward(x.float()).float()
-            num += float((out - y.float()).square().sum())
-            den += float(y.float().square().sum())
-        return num / max(den, 1e-30)
+        """The block's relative error ``||block(X) - Y||^2 / ||Y||^2`` on the held-out windows."""
+        ctx = self.ctx
+        return holdout.relative_error(ctx.forward, ctx.batch, self.held, ctx.batch_size)
 
     @torch.no_grad()
     def offer(self, epoch: int, projected: bool = False) -> float:
@@ -247,22 +230,21 @@ class _Selection:
         if projected:
             block.load_state_dict(current)
         self.latest = epoch
-        if self.best is None or error < self.best[0]:
-            self.best = (error, candidate, epoch)
+        self.best.offer(error, epoch, candidate)
         return error
 
     def restore_best(self) -> None:
         """Load the best candidate so far into the block."""
-        if self.active and self.best[2] != self.latest:
-            self.ctx.block.load_state_dict(self.best[1])
-            self.latest = self.best[2]
+        if self.active and self.best.label != self.latest:
+            self.ctx.block.load_state_dict(self.best.state)
+            self.latest = self.best.label
 
     def keep_best(self) -> dict[str, float]:
         """Load the best candidate; log and return the choice for the block's report."""
         if not self.active:
             return {}
         self.restore_best()
-        error, _, epoch = self.best
+        error, epoch = self.best.error, self.best.label
         warm = epoch == 0
         log.info(
             "%s block %d: held-out error %.4g (warm start %.4g): keeping %s",
@@ -343,7 +325,7 @@ class SAFE(PruningMethod):
         ctx.block.float()  # fp32 master weights
         try:
             splits = self._splits(ctx)
-            train, held = self._split_windows(ctx)
+            train, held = holdout.split_windows(ctx.inputs.shape[0], opts.holdout)
             steps = _Steps.measure(self, ctx, splits, train)
             self._initialise(ctx, splits)
             selection = _Selection(self, ctx, splits, held)
@@ -365,13 +347,6 @@ class SAFE(PruningMethod):
             "primal_residual": residuals[-1],
             **kept,
         }
-
-    def _split_windows(self, ctx: BlockContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices of the windows the block trains on and of those held out (the last
-        ``round(holdout * n)``, at least one when ``holdout > 0``, never all of them)."""
-        n = ctx.inputs.shape[0]
-        count = min(max(round(self.options.holdout * n), 1), n - 1) if self.options.holdout else 0
-        return torch.arange(n - count), torch.arange(n - count, n)
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -412,36 +387,13 @@ class SAFE(PruningMethod):
 
     # -- optimisation -----------------------------------------------------------------------
 
-    def _autocast(self, device: torch.device):
-        bf16 = precision.reduced_precision(self.options.autocast, device, "SAFE autocast")
-        return precision.bf16_autocast(device, bf16)
-
     def _loss_and_grads(self, ctx, params, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Mean squared error summed over micro-batches, with each micro-batch's targets.
-
-        Data-parallel: each rank takes its share of every micro-batch and the sums are
-        all-reduced (:mod:`safe_llm.core.distributed`; a no-op in one process)."""
-        total_loss = torch.zeros((), device=ctx.device)
-        grads = None
-        for micro in batch.chunk(self.options.grad_accum):
-            local = distributed.shard(micro)
-            if len(local) == 0:
-                continue
-            x, y = ctx.batch(local)
-            with self._autocast(ctx.device):
-                out = ctx.forward(x.float())
-            count = len(micro) * y[0].numel() * self.options.grad_accum
-            loss = torch.nn.functional.mse_loss(out.float(), y.float(), reduction="sum") / count
-            step_grads = torch.autograd.grad(loss, params)
-            grads = (
-                step_grads
-                if grads is None
-                else [a + b for a, b in zip(grads, step_grads, strict=False)]
-            )
-            total_loss += loss.detach()
-        grads = list(grads) if grads is not None else [torch.zeros_like(p) for p in params]
-        distributed.all_reduce_sum_([total_loss, *grads])
-        return total_loss, grads
+        """Mean squared error summed over micro-batches, with each micro-batch's targets
+        (data-parallel: :func:`~safe_llm.train.data_parallel.mse_loss_and_grads`)."""
+        bf16 = precision.reduced_precision(self.options.autocast, ctx.device, "SAFE autocast")
+        return mse_loss_and_grads(
+            ctx.forward, ctx.batch, params, batch, bf16, ctx.device, self.options.grad_accum
+        )
 
     def _sam_grads(
         self, ctx, params, steps: _Steps, batch, previous
@@ -496,8 +448,9 @@ class SAFE(PruningMethod):
         if total == 0:
             return {"steps": 0, "epochs": 0, "loss": float("nan"), "residuals": []}
         params = self._trainable(ctx, splits)
-        masks = None if admm else [(s.param != 0).to(s.param.dtype) for s in splits.values()]
-        optimizer = _adam(params, steps.units, opts.lr)
+        weights = [] if admm else [s.param for s in splits.values()]
+        masked = [(w, relative_adam.pruned_mask(w)) for w in weights] or None
+        optimizer = relative_adam.adam(relative_adam.trainable_groups(params, steps.units), opts.lr)
         schedule = _Schedule(opts, lr, total, steps_per_epoch)
         residuals = []
         generator = torch.Generator().manual_seed(ctx.seed)
@@ -513,7 +466,7 @@ class SAFE(PruningMethod):
                 loss, grads = self._sam_grads(ctx, params, steps, batch, previous)
                 if reuse:
                     previous = [g.clone() for g in grads]
-                self._adam_step(splits, steps, optimizer, grads, schedule, step, masks)
+                self._adam_step(splits, steps, optimizer, grads, schedule, step, masked)
                 step += 1
                 if admm and step % opts.interval == 0:
                     self._dual_update(ctx, splits)
@@ -531,28 +484,22 @@ class SAFE(PruningMethod):
                 best = min(best, watched)
                 if stale >= opts.patience:
                     break
-        for p in params:
-            p.requires_grad_(False)
-            p.grad = None
+        relative_adam.release(params)
         return {"steps": step, "epochs": epoch, "loss": mean_loss, "residuals": residuals}
 
     @torch.no_grad()
-    def _adam_step(self, splits, steps, optimizer, grads, schedule, step, masks) -> None:
+    def _adam_step(self, splits, steps, optimizer, grads, schedule, step, masked) -> None:
         """One Adam step with the gradients ``grads`` of the trainable tensors: plus the
-        proximal term (ADMM, ``masks`` None), or masked to the kept weights (``masks``)."""
+        proximal term (ADMM, ``masked`` None), or masked to the kept weights (``masked``:
+        ``(weight, pruned mask)`` pairs, :func:`~safe_llm.train.relative_adam.masked_step`)."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if masks is None:
+        if masked is None:
             self._add_proximal(splits, grads, steps.proximal(schedule.lam(step)))
-        else:
-            torch._foreach_mul_(grads[: len(masks)], masks)
         torch._foreach_mul_(grads, steps.units)  # Adam sees d f / d (W / s)
-        for p, g in zip(params, grads, strict=False):
+        for p, g in zip(params, grads, strict=True):
             p.grad = g
-        for group in optimizer.param_groups:
-            group["lr"] = schedule.lr(step) * group["unit"]
-        optimizer.step()
-        if masks is not None:
-            torch._foreach_mul_([s.param for s in splits.values()], masks)
+        schedule.apply(optimizer, step)
+        relative_adam.masked_step(optimizer, masked or [])
 
     def _check_loss(self, mean_loss: float, ctx: BlockContext) -> None:
         if not math.isfinite(mean_loss):
@@ -584,19 +531,6 @@ class SAFE(PruningMethod):
     def _project_final(self, ctx: BlockContext, splits: dict[str, _Split]) -> None:
         for split in splits.values():
             split.param.copy_(self._project(ctx, split, split.param))
-
-
-def _adam(params: list[torch.Tensor], units: list[float], lr: float) -> torch.optim.Adam:
-    """Adam (0.9/0.95, no weight decay) over ``params``, each in its own group with its step
-    unit (the learning rate of a group is ``lr * unit``); the tensors start needing grads."""
-    for p in params:
-        p.requires_grad_(True)
-    return torch.optim.Adam(
-        [{"params": [p], "unit": u} for p, u in zip(params, units, strict=True)],
-        lr=lr,
-        betas=(0.9, 0.95),
-        weight_decay=0.0,
-    )
 
 
 @register

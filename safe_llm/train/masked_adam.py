@@ -108,7 +108,7 @@ class _Slot:
 
 class MaskedAdam:
     """Adam (``betas``, ``eps``, no weight decay) over ``groups`` (``[{"params": [p],
-    "scale": s}]``, one tensor each, like :func:`torch.optim.Adam`'s groups; their ``lr`` is
+    "unit": s}]``, one tensor each, like :func:`torch.optim.Adam`'s groups; their ``lr`` is
     set before each step), with ``pruned[i]`` the :class:`BitMask` of group ``i``'s frozen
     zeros or None. Gradients are taken by hooks (:meth:`attach`, :meth:`close`).
 

@@ -27,10 +27,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from safe_llm.core import distributed, precision
+from safe_llm.core import precision
 from safe_llm.core.blocks import BlockCall, run_block
 from safe_llm.errors import SafeLLMError
 from safe_llm.stages.prune.options import JointOptions
+from safe_llm.train import holdout, relative_adam
+from safe_llm.train.data_parallel import mse_loss_and_grads
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +67,10 @@ class Window:
     def parameters(self) -> list[nn.Parameter]:
         return [p for block in self.blocks for p in block.parameters()]
 
-    @torch.no_grad()
     def error(self, indices: torch.Tensor, batch_size: int) -> float:
         """Relative error ``||window(X) - T||^2 / ||T||^2`` on the windows ``indices``
-        (fp32, no autocast; the same on every rank)."""
-        num = den = 0.0
-        for part in indices.split(batch_size):
-            x, y = self.batch(part)
-            out = self.forward(x.float()).float()
-            num += float((out - y.float()).square().sum())
-            den += float(y.float().square().sum())
-        return num / max(den, 1e-30)
+        (:func:`~safe_llm.train.holdout.relative_error`)."""
+        return holdout.relative_error(self.forward, self.batch, indices, batch_size)
 
 
 def reconstruct(window: Window, options: JointOptions, seed: int) -> dict[str, float]:
@@ -92,17 +87,17 @@ def reconstruct(window: Window, options: JointOptions, seed: int) -> dict[str, f
 
 
 def _reconstruct(window: Window, options: JointOptions, seed: int) -> dict[str, float]:
-    n = window.inputs.shape[0]
-    held_count = min(max(round(options.holdout * n), 1), n - 1) if options.holdout else 0
-    train, held = torch.arange(n - held_count), torch.arange(n - held_count, n)
+    train, held = holdout.split_windows(window.inputs.shape[0], options.holdout)
+    check = held if len(held) else train
+    best = holdout.KeepBest()
     before = {
         i: {k: v.clone() for k, v in b.state_dict().items()} for i, b in enumerate(window.blocks)
     }
-    check = held if held_count else train
     error_before = window.error(check, options.batch_size)
+    best.offer(error_before, "the block-by-block result", before)
     loss = _train(window, options, train, seed)
     error_after = window.error(check, options.batch_size)
-    kept = error_after < error_before
+    kept = best.offer(error_after, "the trained window")
     if not kept:
         for index, block in enumerate(window.blocks):
             block.load_state_dict(before[index])
@@ -111,10 +106,10 @@ def _reconstruct(window: Window, options: JointOptions, seed: int) -> dict[str, 
         "joint reconstruction of blocks %d-%d: %s error %.4g -> %.4g, keeping %s",
         window.first,
         last,
-        "held-out" if held_count else "training",
+        "held-out" if len(held) else "training",
         error_before,
         error_after,
-        "the trained window" if kept else "the block-by-block result",
+        best.label,
     )
     return {
         "joint_first_block": float(window.first),
@@ -128,23 +123,29 @@ def _reconstruct(window: Window, options: JointOptions, seed: int) -> dict[str, 
 def _train(window: Window, options: JointOptions, train: torch.Tensor, seed: int) -> float:
     """Adam on the window's parameters over ``train``; returns the last epoch's mean loss."""
     params = window.parameters()
-    masks = [(weight, weight != 0) for weight in window.pruned]
-    optimizer = _adam(params, options.lr)
+    masked = [(weight, relative_adam.pruned_mask(weight)) for weight in window.pruned]
+    units = relative_adam.step_units(params, where=f"joint window from block {window.first}")
+    optimizer = relative_adam.adam(relative_adam.trainable_groups(params, units), options.lr)
     steps_per_epoch = math.ceil(len(train) / options.batch_size)
-    total = max(int(round(options.epochs * steps_per_epoch)), 1)
+    schedule = relative_adam.LinearSchedule(
+        options.lr, int(round(options.epochs * steps_per_epoch))
+    )
     bf16 = precision.reduced_precision(options.autocast, window.device, "joint autocast")
     generator = torch.Generator().manual_seed(seed)
     step, loss_sum, loss_count = 0, torch.zeros((), device=window.device), 0
-    while step < total:
+    while step < schedule.total:
         order = train[torch.randperm(len(train), generator=generator)]
         loss_sum, loss_count = loss_sum.zero_(), 0
         for batch in order.split(options.batch_size):
-            if step == total:
+            if step == schedule.total:
                 break
-            loss, grads = _loss_and_grads(window, params, batch, bf16)
-            for group in optimizer.param_groups:
-                group["lr"] = options.lr * group["unit"] * (total - step) / total
-            _masked_step(optimizer, params, grads, masks)
+            loss, grads = mse_loss_and_grads(
+                window.forward, window.batch, params, batch, bf16, window.device
+            )
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+            schedule.apply(optimizer, step)
+            relative_adam.masked_step(optimizer, masked)
             loss_sum += loss
             loss_count += 1
             step += 1
@@ -154,53 +155,5 @@ def _train(window: Window, options: JointOptions, train: torch.Tensor, seed: int
                 f"joint reconstruction of the window from block {window.first}: the loss "
                 f"became {mean}; nothing of the run was saved. Lower --joint-lr"
             )
-    for p in params:
-        p.requires_grad_(False)
-        p.grad = None
+    relative_adam.release(params)
     return mean
-
-
-def _loss_and_grads(
-    window: Window, params: list[nn.Parameter], batch: torch.Tensor, bf16: bool
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Mean squared error of the batch and its gradients (data-parallel: each rank takes its
-    share of the batch and the sums are all-reduced)."""
-    local = distributed.shard(batch)
-    if len(local) == 0:
-        grads = [torch.zeros_like(p) for p in params]
-        loss = torch.zeros((), device=window.device)
-    else:
-        x, y = window.batch(local)
-        with precision.bf16_autocast(window.device, bf16):
-            out = window.forward(x.float())
-        count = len(batch) * y[0].numel()
-        loss = nn.functional.mse_loss(out.float(), y.float(), reduction="sum") / count
-        grads = list(torch.autograd.grad(loss, params))
-        loss = loss.detach()
-    distributed.all_reduce_sum_([loss, *grads])
-    return loss, grads
-
-
-@torch.no_grad()
-def _masked_step(optimizer, params, grads, masks) -> None:
-    """One Adam step, after which the pruned entries are set to +0.0 again (Adam is
-    elementwise: what it does on them never reaches the kept entries)."""
-    for p, g in zip(params, grads, strict=True):
-        p.grad = g
-    optimizer.step()
-    for weight, kept in masks:
-        weight.masked_fill_(~kept, 0.0)
-
-
-def _adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
-    """Adam with one group per tensor whose ``unit`` is the tensor's RMS (the mean RMS for an
-    all-zero tensor): the group's learning rate is ``lr * unit``."""
-    rms = [float(p.detach().float().square().mean().sqrt()) for p in params]
-    nonzero = [r for r in rms if r > 0]
-    fill = sum(nonzero) / max(len(nonzero), 1) or 1.0
-    for p in params:
-        p.requires_grad_(True)
-    groups = [
-        {"params": [p], "unit": r if r > 0 else fill} for p, r in zip(params, rms, strict=True)
-    ]
-    return torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)

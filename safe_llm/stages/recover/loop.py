@@ -56,6 +56,8 @@ from safe_llm.stages.recover.parameters import (
     trainable_parameters,
 )
 from safe_llm.stages.recover.state import any_sharded, load_state, save_state
+from safe_llm.train import relative_adam
+from safe_llm.train.data_parallel import sum_over_ranks
 from safe_llm.train.masked_adam import BitMask, MaskedAdam
 
 log = logging.getLogger(__name__)
@@ -107,12 +109,6 @@ def _batch_indices(step: int, nwindows: int, batch_size: int, seed: int) -> torc
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(nwindows, generator=generator)
     return order[offset * batch_size : (offset + 1) * batch_size]
-
-
-def _lr_factor(step: int, steps: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    return max(0.0, (steps - step) / max(1, steps - warmup))
 
 
 def recover(
@@ -198,13 +194,15 @@ def _training(student, options, masks, schedule, state_path, bf16) -> _Training:
     if options.fsdp:  # the blocks were replaced by sharded copies: their masks, sharded
         masks = sparsity_masks(student)
     params = trainable_parameters(student, masks, options.train)
-    groups = _param_groups(params, options.step_scale)
+    relative = options.step_scale == "relative"
+    units = relative_adam.step_units(params.values(), relative, "recovery", whole=fsdp.full)
+    groups = relative_adam.trainable_groups(list(params.values()), units)
     if _lean(options):
         pruned = [masks.get(name) for name in params]
-        optimizer = MaskedAdam(groups, pruned, lr=options.lr, betas=(0.9, 0.95))
+        optimizer = MaskedAdam(groups, pruned, lr=options.lr, betas=relative_adam.BETAS)
         masked = []  # MaskedAdam leaves every pruned entry at +0.0 after each step
     else:
-        optimizer = torch.optim.Adam(groups, lr=options.lr, betas=(0.9, 0.95))
+        optimizer = relative_adam.adam(groups, options.lr)
         masked = [(params[n], m) for n, m in masks.items() if n in params]
     first, losses = _resume_point(state_path, params, optimizer, steps)
     return _Training(params, optimizer, masked, first, steps, batch_size, seed, losses, bf16)
@@ -236,19 +234,6 @@ def _release_teacher(teacher: nn.Module, student: nn.Module) -> None:
                     meta = tensor.to("meta")
                     table[name] = nn.Parameter(meta, False) if name in module._parameters else meta
     return_freed_memory()
-
-
-def _param_groups(params: dict[str, nn.Parameter], step_scale: str) -> list[dict]:
-    """One Adam group per tensor with its ``scale``: the step is ``lr * scale`` (1 with
-    absolute steps; with relative steps the tensor's RMS now, or 1 for an all-zero tensor)."""
-    groups = []
-    for param in params.values():
-        scale = 1.0
-        if step_scale == "relative":
-            rms = float(fsdp.full(param.detach()).float().pow(2).mean().sqrt())
-            scale = rms if rms > 0 else 1.0
-        groups.append({"params": [param], "scale": scale})
-    return groups
 
 
 def _resume_point(state_path: Path | None, params, optimizer, steps: int) -> tuple[int, list]:
@@ -311,19 +296,18 @@ def _train(
         optimizer.attach()
     # the lean state under checkpointing: no bf16 copy of every weight for the whole step
     cache = not (lean and options.gradient_checkpointing)
+    schedule = relative_adam.LinearSchedule(options.lr, steps, options.warmup_steps)
     bar = tqdm(range(first, steps), desc="recovery", unit="step", disable=not progress)
     try:
         for step in bar:
-            for group in optimizer.param_groups:
-                factor = _lr_factor(step, steps, options.warmup_steps)
-                group["lr"] = options.lr * factor * group["scale"]
+            schedule.apply(optimizer, step)
             batch = _batch_indices(step, windows.shape[0], batch_size, seed)
             # autocast per step: its cache of bf16 weight copies must not outlive the update
             with precision.bf16_autocast(device, training.bf16, cache):
                 loss = step_loss(student, teacher, windows, batch, options, device, hidden)
             _finish_step(optimizer, params, masked, options, step, loss)
             return_freed_memory()  # the step's freed temporaries, wherever they lie in the heap
-            losses.append(_global_loss(loss, device))
+            losses.append(sum_over_ranks(loss, device))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if _save_due(state_path, step + 1, steps, options.save_every):
                 save_state(state_path, step + 1, params, optimizer, losses)
@@ -358,15 +342,6 @@ def _checkpointing(model: nn.Module, on: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
-def _global_loss(loss: float, device) -> float:
-    """The whole batch's loss (the sum of every rank's share)."""
-    if not distributed.active():
-        return loss
-    total = torch.tensor([loss], dtype=torch.float64, device=device)
-    distributed.all_reduce_sum_([total])
-    return float(total)
-
-
 def _finish_step(optimizer, params, masked, options, step, loss) -> None:
     """Sum gradients over ranks (FSDP has summed the sharded ones), mask them, check them,
     step, re-apply the mask."""
@@ -375,10 +350,8 @@ def _finish_step(optimizer, params, masked, options, step, loss) -> None:
         return
     grads = [p.grad for p in params.values() if p.grad is not None]
     distributed.all_reduce_sum_([g for g in grads if not fsdp.is_sharded(g)])
+    relative_adam.mask_grads_(masked)
     with torch.no_grad():
-        for param, pruned in masked:
-            if param.grad is not None:
-                param.grad.masked_fill_(pruned, 0.0)
         limit = options.grad_clip if options.grad_clip > 0 else math.inf
         if any_sharded(params):
             norm = _clip_sharded(grads, limit)
@@ -387,9 +360,7 @@ def _finish_step(optimizer, params, masked, options, step, loss) -> None:
     _check_finite_step(step, loss, norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        for param, pruned in masked:
-            param.masked_fill_(pruned, 0.0)  # +0.0, never -0.0
+    relative_adam.zero_pruned_(masked)
 
 
 def _finish_lean_step(optimizer: MaskedAdam, options, step, loss) -> None:
