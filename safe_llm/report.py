@@ -73,6 +73,6 @@ class RunReport:
         return document
 
     def __getitem__(self, key: str):
-        """``report["method"]``: the ``report.json`` view, for code written against the dict
-        that :func:`safe_llm.prune` returned before 0.2."""
+        """``report["method"]``: a key of the ``report.json`` document (the same names and
+        values as the file, including the optional ones)."""
         return self.to_dict()[key]
