@@ -187,7 +187,11 @@ class PruneConfig:
             for f in dataclasses.fields(self)
             if f.name not in TREE_FIELDS
         }
-        sections = {k: dataclasses.asdict(v) for k, v in self.stage_options.items()}
+        sections = {
+            k: dataclasses.asdict(v)
+            for k, v in self.stage_options.items()
+            if dataclasses.fields(v)  # a stage without options has no section
+        }
         return {**run, "method_options": dataclasses.asdict(self.method_options), **sections}
 
     def decisive_options(self) -> dict:
