@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,11 +31,20 @@ def cpu_bf16(monkeypatch):
 
 
 def _safe_autocast_dtype(choice: str) -> torch.dtype | None:
+    """The dtype SAFE+'s training loss is computed in on the CPU with ``--autocast choice``
+    (the reduced-precision flag SAFE hands the shared loss, turned into its autocast)."""
+    from safe_llm.methods import safe
+
+    seen = []
     method = build_method("safe+", {"autocast": choice})
-    context = method._autocast(CPU)
-    if not isinstance(context, torch.autocast):
-        return None
-    with context:
+    ctx = SimpleNamespace(device=CPU, forward=None, batch=None)
+    original = safe.mse_loss_and_grads
+    try:
+        safe.mse_loss_and_grads = lambda *args: seen.append(args[4])
+        method._loss_and_grads(ctx, [], None)
+    finally:
+        safe.mse_loss_and_grads = original
+    with precision.bf16_autocast(CPU, seen[0]):
         return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
 
 
@@ -92,7 +102,7 @@ def test_the_capability_check_runs_for_real_and_agrees_with_onednn():
 def test_a_cpu_limited_to_avx2_is_not_native():
     # the plain AVX2 machine, on any CPU: oneDNN and ATen held to AVX2
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
-    code = "from safe_llm import precision; print(precision.cpu_bf16_is_native())"
+    code = "from safe_llm.core import precision; print(precision.cpu_bf16_is_native())"
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
