@@ -264,6 +264,14 @@ def load_recipe(path: str | Path) -> dict:
     return data
 
 
+def unknown_recipe_keys(recipe: dict) -> list[str]:
+    """The top-level keys of ``recipe`` that are no :class:`PruneConfig` option, method
+    options or stage section (sorted)."""
+    known = {f.name for f in dataclasses.fields(PruneConfig) if f.name not in TREE_FIELDS}
+    known |= {"method_options", *(cls.recipe_key() for cls in registered_stages())}
+    return sorted(set(recipe) - known)
+
+
 def make_config(recipe: dict | None = None, overrides: dict | None = None) -> PruneConfig:
     """Defaults < recipe < overrides; validates the result.
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from safe_llm.config import ConfigError, PruneConfig, make_config
+from safe_llm.config import ConfigError, PruneConfig, make_config, unknown_recipe_keys
 from safe_llm.core import distributed, precision
 from safe_llm.core.blocks import check_coverage, find_blocks, prunable_layers, weight_matrix
 from safe_llm.core.memory import StagePeaks, return_freed_memory, serve_large_buffers_from_mmap
@@ -266,7 +266,15 @@ def _read_checkpoint_record(checkpoint: Path) -> tuple[dict, dict]:
             f"{checkpoint} is not a safe-llm checkpoint (no recipe.yaml / report.json): "
             "recover needs the recipe to know the dense model (the teacher)"
         )
-    return yaml.safe_load(recipe_file.read_text()) or {}, json.loads(report_file.read_text())
+    recipe = yaml.safe_load(recipe_file.read_text()) or {}
+    unknown = unknown_recipe_keys(recipe)
+    if unknown:
+        raise ConfigError(
+            f"{recipe_file} has options this safe-llm does not know ({', '.join(unknown)}): "
+            "it was written by an older version; move them into the recipe's sections "
+            "(profile:, joint:, recover:; README 'Options and recipes') or prune again"
+        )
+    return recipe, json.loads(report_file.read_text())
 
 
 def _load_pruned(checkpoint: Path, dtype: str | None, trust_remote_code: bool):

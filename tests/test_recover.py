@@ -351,6 +351,28 @@ def test_recover_command_recovers_an_existing_checkpoint(
     assert cli.main(args) == 2  # the output exists: --overwrite needed
 
 
+def test_recover_on_a_checkpoint_with_an_old_flat_recipe_names_the_keys_and_the_fix(
+    save_tiny_model, calibration_file, tmp_path, capsys
+):
+    import yaml
+
+    pruned = tmp_path / "pruned"
+    assert cli.main(_prune_args(save_tiny_model(), calibration_file, pruned)) == 0
+    recipe = yaml.safe_load((pruned / "recipe.yaml").read_text())
+    recipe.pop("joint")
+    recipe.update(joint_blocks=1, recover_options={})  # the flat keys of older versions
+    (pruned / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    args = ["recover", "--quiet", str(pruned), "--output", str(tmp_path / "recovered")]
+    assert cli.main(args) == 2
+    error = capsys.readouterr().err
+    assert (
+        "recipe.yaml has options this safe-llm does not know (joint_blocks, recover_options)"
+        in error
+    )
+    assert "older version" in error and "joint:" in error and "prune again" in error
+    assert not (tmp_path / "recovered").exists()
+
+
 def test_the_recover_command_under_torchrun_with_fsdp_equals_one_process(
     save_tiny_model, calibration_file, tmp_path
 ):
