@@ -272,7 +272,7 @@ def _read_checkpoint_record(checkpoint: Path) -> tuple[dict, dict]:
         raise ConfigError(
             f"{recipe_file} has options this safe-llm does not know ({', '.join(unknown)}): "
             "it was written by an older version; move them into the recipe's sections "
-            "(profile:, joint:, recover:; README 'Options and recipes') or prune again"
+            "(profile:, joint:, recover:; docs/development.md, 'Options and recipes') or prune again"
         )
     return recipe, json.loads(report_file.read_text())
 
