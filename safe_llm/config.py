@@ -26,7 +26,7 @@ import yaml
 from safe_llm.options import (
     ConfigError,
     build_options,
-    check_type,
+    check_fields,
     flag_dest,
     option,
     parse_list,
@@ -64,8 +64,8 @@ class PruneConfig:
         "file, or a datasets id (name or name:config)",
     )
     text_column: str = option("text", "text column of a JSON/parquet/datasets source")
-    nsamples: int = option(128, "number of calibration windows")
-    seqlen: int = option(2048, "tokens per calibration window")
+    nsamples: int = option(128, "number of calibration windows", at_least=1)
+    seqlen: int = option(2048, "tokens per calibration window", at_least=2)
     seed: int = option(0, "random seed for calibration windows and the solver")
     device: str = option("auto", "compute device: auto, cpu, cuda or cuda:N")
     dtype: str = option(
@@ -73,7 +73,7 @@ class PruneConfig:
         "dtype of the weights: auto (bf16 on CUDA, fp32 on CPU: the master copy; SAFE computes "
         "in bf16 where the CPU has native bf16), float32, bfloat16, float16",
     )
-    batch_size: int = option(8, "calibration windows per forward batch")
+    batch_size: int = option(8, "calibration windows per forward batch", at_least=1)
     ignore: list[str] = option(
         None,
         factory=list,
@@ -109,6 +109,7 @@ class PruneConfig:
         None,
         "prune only the first N decoder blocks (quick studies; the rest stay dense)",
         decisive=False,
+        at_least=1,
     )
     max_shard_size: str = option("2GB", "largest safetensors shard", decisive=False)
     stream_from_disk: bool = option(
@@ -131,10 +132,10 @@ class PruneConfig:
         decisive=False,
     )
     eval_seqlen: int | None = option(
-        None, "window length for --eval (default: --seqlen)", decisive=False
+        None, "window length for --eval (default: --seqlen)", decisive=False, at_least=2
     )
     eval_max_windows: int | None = option(
-        None, "evaluate on at most this many windows", decisive=False
+        None, "evaluate on at most this many windows", decisive=False, at_least=1
     )
     eval_cache: bool = option(
         True,
@@ -159,9 +160,25 @@ class PruneConfig:
         None, "the method's Options (recipe key method_options)", cli=False
     )
     stage_options: dict = option(
-        None, "each stage's Options, by recipe key (joint, profile, recover...)", factory=dict,
+        None,
+        "each stage's Options, by recipe key (joint, profile, recover...)",
+        factory=dict,
         cli=False,
-    )  # fmt: skip
+    )
+
+    def __post_init__(self):
+        """Each option's type, choices and range (:func:`~safe_llm.options.check_fields`),
+        then the options that must fit together; the sections checked themselves when built.
+        What needs the world (the model given, files that must exist, the output directory)
+        is :func:`check_run`'s."""
+        check_fields(self)
+        if self.eval:  # "wikitext2,c4" -> ["wikitext2", "c4"]
+            object.__setattr__(self, "eval", parse_list(self.eval))
+        pattern = self.pattern()
+        parse_size(self.max_shard_size, "--max-shard-size")
+        if self.max_activation_memory is not None:
+            parse_size(self.max_activation_memory, "--max-activation-memory")
+        _check_together(self, pattern)
 
     def __getattr__(self, name: str):
         """A stage's sub-config by its recipe key: ``config.joint``, ``config.recover``."""
@@ -273,29 +290,29 @@ def unknown_recipe_keys(recipe: dict) -> list[str]:
 
 
 def make_config(recipe: dict | None = None, overrides: dict | None = None) -> PruneConfig:
-    """Defaults < recipe < overrides; validates the result.
+    """Defaults < recipe < overrides, each options class checking its own values once
+    (:func:`~safe_llm.options.check_fields`), then :func:`check_run`.
 
     ``recipe`` is nested as :meth:`PruneConfig.to_dict` writes it (``joint: {blocks: 2}``);
     ``overrides`` are flat flag names (``joint_blocks=2``, ``recover=True``) plus a
     ``method_options`` mapping, which merges into the recipe's key by key.
     """
     values, overrides = dict(recipe or {}), dict(overrides or {})
-    stage_options = {cls.recipe_key(): _stage_options(cls, values, overrides) for cls in
-                     registered_stages()}  # fmt: skip
+    stages = registered_stages()
+    stage_options = {cls.recipe_key(): _stage_options(cls, values, overrides) for cls in stages}
     method_values = _mapping(values.pop("method_options", {}), "method_options")
     method_values.update(_mapping(overrides.pop("method_options", {}), "method_options"))
     values.update(overrides)
-    fields = {f.name: f for f in dataclasses.fields(PruneConfig) if f.name not in TREE_FIELDS}
-    unknown = set(values) - set(fields)
+    known = {f.name for f in dataclasses.fields(PruneConfig) if f.name not in TREE_FIELDS}
+    unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    for name, value in values.items():
-        values[name] = check_type(name, value, fields[name])
-    if values.get("eval"):  # "wikitext2,c4" -> ["wikitext2", "c4"]
-        values["eval"] = parse_list(values["eval"])
-    config = PruneConfig(**values, stage_options=stage_options)
-    config.method_options = _method_options(config.method, method_values)
-    validate(config)
+    method = values.get("method", PruneConfig.method)
+    if not isinstance(method, str):
+        raise ConfigError(f"option --method must be a method name, got {method!r}")
+    method_options = _method_options(method, method_values)
+    config = PruneConfig(**values, method_options=method_options, stage_options=stage_options)
+    check_run(config)
     return config
 
 
@@ -307,7 +324,7 @@ def _mapping(value, key: str) -> dict:
 
 def _stage_options(cls: type[Stage], recipe: dict, overrides: dict):
     """Stage ``cls``'s options: its recipe section, then its flags in ``overrides`` (both
-    popped), built and validated."""
+    popped), built (the options check themselves)."""
     key = cls.recipe_key()
     given = _mapping(recipe.pop(key, {}) or {}, f"recipe key {key}")
     for f in dataclasses.fields(cls.Options):
@@ -324,52 +341,54 @@ def _method_options(method: str, values: dict):
     return build_options(get_method_class(method).Options, values, f"method {method!r}")
 
 
-def validate(config: PruneConfig) -> None:
-    """Raise :class:`ConfigError` (or a more specific error) for unusable values; each stage
-    checks its sub-config against the rest (:meth:`~safe_llm.stages.base.Stage.check`)."""
-    if not config.model:
-        raise ConfigError("no model given: use --model (hub id, directory, .gguf or built-in)")
-    config.pattern()
-    for name in ("nsamples", "batch_size"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-    if config.seqlen < 2:
-        raise ConfigError("--seqlen must be at least 2")
-    if config.eval_seqlen is not None and config.eval_seqlen < 2:
-        raise ConfigError("--eval-seqlen must be at least 2")
-    if config.eval_max_windows is not None and config.eval_max_windows < 1:
-        raise ConfigError("--eval-max-windows must be at least 1")
-    from safe_llm.io.data import check_source
-
-    for source in [config.dataset, *config.eval]:
-        check_source(source)
-    if config.max_blocks is not None and config.max_blocks < 1:
-        raise ConfigError("--max-blocks must be at least 1")
-    _check_streaming(config)
-    for cls in registered_stages():
-        cls.check(config)
-    if config.resume and not config.output:
-        raise ConfigError("--resume needs --output (the directory of the interrupted run)")
-    if config.push_to_hub and not (config.output and config.hub_repo_id):
-        raise ConfigError("--push-to-hub needs --output and --hub-repo-id user/name")
-    if config.output:
-        check_output(Path(config.output), config.model, config.overwrite, config.resume)
-
-
-def _check_streaming(config: PruneConfig) -> None:
-    if config.max_activation_memory is not None:
-        parse_size(config.max_activation_memory, "--max-activation-memory")
-    if not config.stream_from_disk:
-        return
-    if not config.output:
+def _check_together(config: PruneConfig, pattern) -> None:
+    """Options that are each valid but do not fit together."""
+    sections = config.stage_options
+    profile, recover = sections.get("profile"), sections.get("recover")
+    if profile is not None and not profile.uniform and pattern.is_nm:
+        raise ConfigError(
+            f"N:M ({config.structure}) is a fixed sparsity: --sparsity-profile "
+            f"{profile.kind} / --sparsity-per-block need --structure unstructured"
+        )
+    if config.stream_from_disk and not config.output:
         raise ConfigError(
             "--stream-from-disk needs --output: each pruned block is written there when done"
         )
-    if config.eval:
+    if config.stream_from_disk and config.eval:
         raise ConfigError(
             "--eval cannot run with --stream-from-disk (the model is never whole in memory); "
             "evaluate the written checkpoint with safe-llm eval"
         )
+    if config.stream_from_disk and recover is not None and recover.enabled:
+        raise ConfigError(
+            "--recover trains the whole model and cannot run with --stream-from-disk; "
+            "prune first, then run safe-llm recover on the checkpoint"
+        )
+    if config.resume and not config.output:
+        raise ConfigError("--resume needs --output (the directory of the interrupted run)")
+    if config.push_to_hub and not (config.output and config.hub_repo_id):
+        raise ConfigError("--push-to-hub needs --output and --hub-repo-id user/name")
+
+
+def check_run(config: PruneConfig) -> None:
+    """What the options name must be there before anything is loaded: a model, the text
+    sources that are local files, torchrun's ranks for ``--recover-fsdp``, a usable
+    ``--output``. Raises :class:`ConfigError`."""
+    if not config.model:
+        raise ConfigError("no model given: use --model (hub id, directory, .gguf or built-in)")
+    from safe_llm.io.data import check_source
+
+    recover = config.stage_options.get("recover")
+    recovering = recover is not None and recover.enabled
+    for source in [config.dataset, *config.eval, *([recover.dataset] if recovering else [])]:
+        if source:
+            check_source(source)
+    if recovering and recover.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        from safe_llm.stages.recover.fsdp import NEEDS_RANKS
+
+        raise ConfigError(NEEDS_RANKS)  # checked before any pruning; recover() checks again
+    if config.output:
+        check_output(Path(config.output), config.model, config.overwrite, config.resume)
 
 
 def check_output(output: Path, model: str | None, overwrite: bool, resume: bool = False) -> None:

@@ -1,10 +1,12 @@
-"""Declaring options: a dataclass field that carries its ``--help`` text and flag metadata,
-and building an options dataclass from recipe/flag values (types checked, unknown names
+"""Declaring options: a dataclass field that carries its ``--help`` text, flag metadata, choices
+and bounds; the check every options class runs on itself in its ``__post_init__``
+(:func:`check_fields`); building an options dataclass from recipe/flag values (unknown names
 refused). Imports nothing of torch: the CLI reads these declarations before any model code."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -22,7 +24,9 @@ def option(default, help: str, factory=None, **metadata):
     """A dataclass field with ``default`` (or ``default_factory=factory``) and the metadata
     ``{"help": help, **metadata}`` the CLI builds its flag from (``choices``, ``nargs``,
     ``flag`` (the flag's name when it is not ``<prefix><field>``), ``cli=False`` (no flag),
-    ``decisive=False`` (does not change the pruned weights)...)."""
+    ``decisive=False`` (does not change the pruned weights)...) and :func:`check_fields`
+    checks a value against (``choices``; bounds ``at_least``, ``above``, ``below``,
+    ``at_most``)."""
     if factory is not None:
         return field(default_factory=factory, metadata={"help": help, **metadata})
     return field(default=default, metadata={"help": help, **metadata})
@@ -47,6 +51,50 @@ def annotation_of(f: dataclasses.Field):
     return annotation
 
 
+def option_name(options, f: dataclasses.Field) -> str:
+    """How the user names field ``f`` of ``options``: its flag (``--joint-blocks``), built from
+    the class's ``flag_prefix`` (a stage's ``joint_``, ``recover_``; none for the run's and
+    the methods' options) or the field's declared ``flag``."""
+    return flag(flag_dest(f, getattr(options, "flag_prefix", "")))
+
+
+def check_fields(options) -> None:
+    """Check every field of the options dataclass ``options`` against its declaration, in
+    place: the annotation (:func:`check_type`; an int given for a float becomes a float),
+    ``choices``, the bounds ``at_least`` / ``above`` / ``below`` / ``at_most`` (a float must
+    also be finite). Every options class calls it first in its ``__post_init__``, so that a
+    value from a flag, a recipe or Python is checked once, where it is declared; the first
+    bad value raises a :class:`ConfigError` naming the option."""
+    for f in dataclasses.fields(options):
+        name = option_name(options, f)
+        value = check_type(name, getattr(options, f.name), f)
+        object.__setattr__(options, f.name, value)  # frozen dataclasses too
+        if value is not None:
+            _check_declared(name, value, f.metadata)
+
+
+def _check_declared(name: str, value, declared: typing.Mapping) -> None:
+    """``value`` within the ``choices`` and bounds ``declared`` in a field's metadata."""
+    choices = declared.get("choices")
+    items = value if isinstance(value, list) else [value]
+    if choices is not None and any(item not in choices for item in items):
+        raise ConfigError(f"{name} takes {', '.join(map(str, choices))}, got {value!r}")
+    for item in items:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        for key, ok, words in _BOUNDS:
+            if key in declared and not ok(item, declared[key]):
+                raise ConfigError(f"{name} must be {words} {declared[key]}, got {value!r}")
+
+
+_BOUNDS = (
+    ("at_least", lambda v, b: v >= b, "at least"),
+    ("above", lambda v, b: v > b, "above"),
+    ("below", lambda v, b: v < b, "below"),
+    ("at_most", lambda v, b: v <= b, "at most"),
+)
+
+
 def check_type(name: str, value, f: dataclasses.Field):
     """``value`` if it fits field ``f``'s annotation (ints pass as floats), else ConfigError."""
     annotation = annotation_of(f)
@@ -58,13 +106,15 @@ def check_type(name: str, value, f: dataclasses.Field):
         if optional or f.metadata.get("nullable"):
             return value
         raise ConfigError(f"option {name} needs a value")
+    if annotation is typing.Any or isinstance(annotation, typing.TypeVar):
+        return value
     origin = typing.get_origin(annotation)
     if origin is list:
         return _check_list(name, value, typing.get_args(annotation)[0])
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if annotation is int and isinstance(value, bool):
-        raise ConfigError(f"option {name} must be an integer, got {value!r}")
+    if annotation in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"option {name} must be a number, got {value!r}")
     if annotation is str and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)  # YAML reads ``max_shard_size: 500`` or ``model: 1234`` as numbers
     if isinstance(annotation, type) and not isinstance(value, annotation):
@@ -93,25 +143,19 @@ def _check_list(name: str, value, item: type) -> list:
 
 
 def build_options(cls: type, values: dict, where: str):
-    """``cls(**values)`` with each value checked against its field; an unknown name or a
-    value the dataclass refuses (its ``__post_init__``) is a :class:`ConfigError` naming
-    ``where`` (e.g. ``recipe key joint``)."""
+    """``cls(**values)``: the class checks its values itself (:func:`check_fields` in its
+    ``__post_init__``); an unknown name is a :class:`ConfigError` naming ``where`` (e.g.
+    ``recipe key joint``)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where} must be a mapping of option: value, got {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(fields)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - fields
     if unknown:
         raise ConfigError(
             f"{where} has no option(s) {', '.join(sorted(unknown))}; "
             f"its options are: {', '.join(sorted(fields)) or 'none'}"
         )
-    checked = {n: check_type(n, v, fields[n]) for n, v in values.items()}
-    try:
-        return cls(**checked)
-    except ConfigError:
-        raise
-    except SafeLLMError as exc:
-        raise ConfigError(str(exc)) from exc
+    return cls(**values)
 
 
 def parse_size(text: str, flag: str = "size") -> int:

@@ -230,7 +230,7 @@ def test_a_loss_that_turns_nan_is_retried_with_a_smaller_lr_then_stops_with_the_
     ctx = _least_squares_context(seed=9)
     dense = ctx.block[0].weight.detach().clone()
     with pytest.raises(NonFiniteLossError, match="block 0"):
-        build_method("safe", _admm_options(lr=float("inf"), nan_retries=2)).prune_block(ctx)
+        build_method("safe", _admm_options(lr=1e30, nan_retries=2)).prune_block(ctx)
     assert caplog.text.count("retrying block 0") == 2
     assert torch.equal(ctx.block[0].weight, dense)  # the block is left as it came
 
@@ -277,24 +277,6 @@ def test_previous_step_ascent_still_beats_one_shot_magnitude():
     build_method("safe", options).prune_block(ctx)
     solved = ctx.block[0].weight.detach()
     assert (x @ solved.T - y).square().mean() < (x @ magnitude.T - y).square().mean()
-
-
-@pytest.mark.parametrize(
-    ("option", "value", "message"),
-    [
-        ("init", "random", "--init 'random' is not one of"),
-        ("lam_schedule", "step", "--lam-schedule"),
-        ("sam_ascent", "future", "--sam-ascent"),
-        ("lr", -1.0, "--lr must be >= 0"),
-        ("rho", float("nan"), "--rho must be >= 0"),
-        ("interval", 0, "--interval must be at least 1"),
-    ],
-)
-def test_bad_solver_options_are_refused_with_the_flag_named(option, value, message):
-    from safe_llm.errors import SafeLLMError
-
-    with pytest.raises(SafeLLMError, match=message):
-        build_method("safe+", {option: value})
 
 
 def test_a_block_worse_than_its_warm_start_on_held_out_windows_returns_the_warm_start(caplog):

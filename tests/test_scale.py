@@ -84,9 +84,9 @@ def test_owl_refuses_a_spread_outside_zero_one():
     [
         ({"structure": "2:4", "sparsity_profile": "owl"}, "N:M"),
         ({"structure": "2:4", "sparsity_per_block": [0.5, 0.5]}, "N:M"),
-        ({"sparsity_profile": "bogus"}, "not one of"),
+        ({"sparsity_profile": "bogus"}, "--sparsity-profile takes uniform, owl"),
         ({"sparsity_profile": "owl", "sparsity_per_block": [0.5]}, "not both"),
-        ({"sparsity_per_block": [0.5, 1.0]}, "outside"),
+        ({"sparsity_per_block": [0.5, 1.0]}, "--sparsity-per-block must be below 1"),
         ({"owl_lambda": 0.7}, "owl-lambda"),
         ({"stream_from_disk": True}, "needs --output"),
         ({"stream_from_disk": True, "output": "o", "eval": ["builtin-wiki"]}, "--eval cannot"),

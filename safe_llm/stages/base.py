@@ -37,8 +37,7 @@ class Stage:
 
     Subclasses set ``name``, ``order``, optionally ``Options`` / ``section`` /
     ``flag_prefix`` and implement :meth:`run`. :meth:`enabled` says whether a config runs the
-    stage; :meth:`check` refuses, before anything is loaded, options that do not fit the rest
-    of the config; :meth:`record` puts the result into the report (default: ``report.stages
+    stage (its options check themselves when built: ``__post_init__``); :meth:`record` puts the result into the report (default: ``report.stages
     [name]``); :meth:`restore` brings the model to the state after the stage when a resumed run
     skips it (default: nothing to do, the stage does not change the weights).
     """
@@ -56,17 +55,16 @@ class Stage:
 
     @classmethod
     def prefix(cls) -> str:
-        return cls.flag_prefix if cls.flag_prefix is not None else cls.name + "_"
+        """The flags' prefix: the stage's ``flag_prefix``, else its options' (which name
+        themselves in their errors with it), else ``<name>_``."""
+        if cls.flag_prefix is not None:
+            return cls.flag_prefix
+        return getattr(cls.Options, "flag_prefix", cls.name + "_")
 
     @classmethod
     def enabled(cls, config) -> bool:
         """Whether ``config`` runs this stage (default: always)."""
         return True
-
-    @classmethod
-    def check(cls, config) -> None:
-        """Raise :class:`~safe_llm.options.ConfigError` for options that do not fit the rest
-        of ``config`` (run before anything is loaded)."""
 
     def run(self, model, context: RunContext) -> dict | None:
         """Do the stage's work on ``model`` (in place); return what the report records."""
@@ -86,8 +84,12 @@ STAGES: dict[str, type[Stage]] = {}
 
 def register_stage(cls: type[Stage]) -> type[Stage]:
     """Class decorator: make ``cls`` a stage of every run whose config enables it."""
-    if cls.name in STAGES and STAGES[cls.name] is not cls:
-        raise SafeLLMError(f"two stages are named {cls.name!r}")
+    if STAGES.get(cls.name, cls) is not cls:
+        raise SafeLLMError(
+            f"two stages are named {cls.name!r} ({STAGES[cls.name].__module__}."
+            f"{STAGES[cls.name].__qualname__} and {cls.__module__}.{cls.__qualname__}); "
+            "rename one"
+        )
     STAGES[cls.name] = cls
     return cls
 

@@ -16,7 +16,6 @@ class PruneStage(Stage):
     order = 30
     Options = JointOptions
     section = "joint"
-    flag_prefix = "joint_"
 
     def run(self, model, context) -> dict:
         from safe_llm.stages.prune.loop import run_block_loop
