@@ -222,9 +222,17 @@ def _prune_parser(sub, with_methods: bool) -> None:
 
 
 RECOVER_RUN_OPTIONS = (
-    "output", "overwrite", "resume", "device", "batch_size", "eval", "eval_seqlen",
-    "eval_max_windows", "eval_cache", "trust_remote_code",
-)  # fmt: skip
+    "output",
+    "overwrite",
+    "resume",
+    "device",
+    "batch_size",
+    "eval",
+    "eval_seqlen",
+    "eval_max_windows",
+    "eval_cache",
+    "trust_remote_code",
+)
 
 
 def _recover_parser(sub) -> None:

@@ -183,9 +183,14 @@ def run_profile(model: nn.Module, context) -> dict:
     config = context.config
     options = engine_options(config, context.device, context.progress)
     sparsities, ratios = block_sparsities(
-        config.profile, config.pattern().sparsity, model, context.windows, options,
-        context.source, config.sparsity,
-    )  # fmt: skip
+        config.profile,
+        config.pattern().sparsity,
+        model,
+        context.windows,
+        options,
+        context.source,
+        config.sparsity,
+    )
     explicit = config.profile.per_block is not None
     _, blocks = find_blocks(model)
     overall = weighted_sparsity(sparsities, block_sizes(blocks, options.ignore))

@@ -147,8 +147,9 @@ def recover(
     ):
         training = _training(student, options, masks, (steps, batch_size, seed), state_path, bf16)
         release = student if release_teacher else None
-        cache = _teacher_cache(teacher, windows, options, batch_size, device, bf16, release,
-                               progress)  # fmt: skip
+        cache = _teacher_cache(
+            teacher, windows, options, batch_size, device, bf16, release, progress
+        )
         _train(student, teacher, windows, training, options, device, cache, state_path, progress)
         names = set(training.params)
     params = {n: p for n, p in student.named_parameters() if n in names}
