@@ -15,7 +15,7 @@ from torch import nn
 from safe_llm.config import ConfigError, PruneConfig, make_config, unknown_recipe_keys
 from safe_llm.core import distributed, precision
 from safe_llm.core.blocks import check_coverage, find_blocks, prunable_layers, weight_matrix
-from safe_llm.core.memory import StagePeaks, return_freed_memory, serve_large_buffers_from_mmap
+from safe_llm.core.memory import StagePeaks, large_buffers_from_mmap, return_freed_memory
 from safe_llm.io import data
 from safe_llm.io.models import load_model, resolve_device, resolve_dtype
 from safe_llm.io.work_area import WorkArea, work_dir
@@ -122,6 +122,7 @@ def precision_report(device: torch.device, dtype: torch.dtype, method) -> dict:
     return info
 
 
+@large_buffers_from_mmap()  # freed activations go back to the OS at once
 def run_prune(
     config: PruneConfig,
     progress: bool = True,
@@ -145,7 +146,6 @@ def run_prune(
     device = distributed.local_device(resolve_device(config.device))
     dtype = resolve_dtype(config.dtype, device)
     method = get_method_class(config.method)(config.method_options)
-    serve_large_buffers_from_mmap()
     peaks = StagePeaks(device)
     with peaks.stage("load"):
         model, tokenizer, source, writer = _load(config, dtype)
@@ -153,10 +153,21 @@ def run_prune(
     with peaks.stage("calibration_data"):
         windows = _calibration_windows(config, tokenizer)
     context = RunContext(
-        config, device, dtype, tokenizer, windows, new_report(config), peaks, method=method,
-        work=work, fresh=fresh, writer=distributed.is_writer(), source=source,
-        progress=progress, should_stop=should_stop,
-    )  # fmt: skip
+        config,
+        device,
+        dtype,
+        tokenizer,
+        windows,
+        new_report(config),
+        peaks,
+        method=method,
+        work=work,
+        fresh=fresh,
+        writer=distributed.is_writer(),
+        source=source,
+        progress=progress,
+        should_stop=should_stop,
+    )
     run_stages(model, context)
     report = context.report
     report.device, report.dtype = str(device), str(dtype).removeprefix("torch.")
@@ -234,10 +245,18 @@ def recover_checkpoint(
     report = RunReport.from_dict(previous)
     report.evaluation["before_recovery"] = report.evaluation.pop("pruned", {})
     context = RunContext(
-        config, device, next(model.parameters()).dtype, tokenizer, None, report,
-        StagePeaks(device), work=work, fresh=fresh, writer=distributed.is_writer(),
+        config,
+        device,
+        next(model.parameters()).dtype,
+        tokenizer,
+        None,
+        report,
+        StagePeaks(device),
+        work=work,
+        fresh=fresh,
+        writer=distributed.is_writer(),
         progress=progress and distributed.is_writer(),
-    )  # fmt: skip
+    )
     run_stages(model, context, "recover")
     report.stage_peak_memory_bytes = {**report.stage_peak_memory_bytes, **context.peaks.bytes}
     report.recovery = {

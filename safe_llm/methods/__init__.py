@@ -14,9 +14,21 @@ METHODS: dict[str, type[PruningMethod]] = {}
 
 
 def register(cls: type[PruningMethod]) -> type[PruningMethod]:
-    """Class decorator: make ``cls`` available as ``--method cls.name``."""
+    """Class decorator: make ``cls`` available as ``--method cls.name``; a second class of
+    the same name is refused (it would silently replace the first)."""
+    if METHODS.get(cls.name, cls) is not cls:
+        raise SafeLLMError(
+            f"two pruning methods are named {cls.name!r} ({METHODS[cls.name].__module__}."
+            f"{METHODS[cls.name].__qualname__} and {cls.__module__}.{cls.__qualname__}); "
+            "rename one"
+        )
     METHODS[cls.name] = cls
     return cls
+
+
+def unregister(name: str) -> None:
+    """Remove method ``name`` (a method registered by a test)."""
+    METHODS.pop(name, None)
 
 
 def _load_all() -> None:
