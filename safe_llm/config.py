@@ -16,7 +16,6 @@ import copy
 import dataclasses
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from safe_llm.options import (
     option,
     parse_list,
     parse_size,
+    read_yaml,
 )
 from safe_llm.stages.base import Stage, registered_stages
 
@@ -233,36 +233,11 @@ def _decisive(options) -> dict:
     }
 
 
-class _RecipeLoader(yaml.SafeLoader):
-    """YAML 1.2 numbers: ``2:4`` stays a string (YAML 1.1 reads it as the base-60 int 124)
-    and ``1e-3`` is a float (YAML 1.1 wants ``1.0e-3``)."""
-
-
-_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
-_RecipeLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in _NUMBER_TAGS]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:int",
-    re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+|0o?[0-7_]+)$"),
-    list("-+0123456789"),
-)
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
-        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-    ),
-    list("-+0123456789."),
-)
-
-
 def parse_value(text: str):
     """A value written on the command line, read as a recipe value (``1e-3`` a float, ``2:4``
     a string, ``true`` a bool)."""
     try:
-        return yaml.load(text, Loader=_RecipeLoader)
+        return read_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"cannot read the value {text!r}: {exc}") from exc
 
@@ -273,7 +248,7 @@ def load_recipe(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist")
     try:
-        data = yaml.load(path.read_text(), Loader=_RecipeLoader) or {}
+        data = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

@@ -13,6 +13,8 @@ import typing
 from collections.abc import Iterable
 from dataclasses import field
 
+import yaml
+
 from safe_llm.errors import SafeLLMError
 
 
@@ -180,3 +182,34 @@ def parse_list(values: str | Iterable[str] | None) -> list[str]:
         values = [values]
     items = (item.strip() for value in values for item in value.replace(",", " ").split())
     return list(dict.fromkeys(item for item in items if item))
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.2 numbers: ``2:4`` stays a string (YAML 1.1 reads it as the base-60 int 124)
+    and ``1e-3`` is a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _NUMBER_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+|0o?[0-7_]+)$"),
+    list("-+0123456789"),
+)
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str):
+    """``text`` read as YAML 1.2 numbers want (:class:`_RecipeLoader`): how every recipe, flag
+    value and checkpoint's ``recipe.yaml`` is read. Raises ``yaml.YAMLError``."""
+    return yaml.load(text, Loader=_RecipeLoader)

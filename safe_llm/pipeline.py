@@ -12,7 +12,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from safe_llm.config import ConfigError, PruneConfig, make_config, unknown_recipe_keys
+from safe_llm.config import (
+    ConfigError,
+    PruneConfig,
+    load_recipe,
+    make_config,
+    unknown_recipe_keys,
+)
 from safe_llm.core import distributed, precision
 from safe_llm.core.blocks import check_coverage, find_blocks, prunable_layers, weight_matrix
 from safe_llm.core.memory import StagePeaks, large_buffers_from_mmap, return_freed_memory
@@ -236,7 +242,7 @@ def recover_checkpoint(
         raise ConfigError("safe-llm recover needs --output, the directory for the result")
     if Path(output).expanduser().resolve() == checkpoint.resolve():
         raise ConfigError("--output is the input checkpoint; choose another directory")
-    recipe, previous = _read_checkpoint_record(checkpoint)
+    recipe, previous = read_checkpoint_record(checkpoint)
     config = make_config(recipe, {**overrides, "recover": True, "command_line": command_line})
     work, fresh = open_work_area(config)
     torch.manual_seed(config.seed)
@@ -273,11 +279,9 @@ def recover_checkpoint(
     return result
 
 
-def _read_checkpoint_record(checkpoint: Path) -> tuple[dict, dict]:
+def read_checkpoint_record(checkpoint: Path) -> tuple[dict, dict]:
     """``(recipe.yaml, report.json)`` of a checkpoint written by safe-llm."""
     import json
-
-    import yaml
 
     recipe_file, report_file = checkpoint / "recipe.yaml", checkpoint / "report.json"
     if not recipe_file.is_file() or not report_file.is_file():
@@ -285,7 +289,7 @@ def _read_checkpoint_record(checkpoint: Path) -> tuple[dict, dict]:
             f"{checkpoint} is not a safe-llm checkpoint (no recipe.yaml / report.json): "
             "recover needs the recipe to know the dense model (the teacher)"
         )
-    recipe = yaml.safe_load(recipe_file.read_text()) or {}
+    recipe = load_recipe(recipe_file)
     unknown = unknown_recipe_keys(recipe)
     if unknown:
         raise ConfigError(

@@ -564,3 +564,16 @@ def test_every_flag_of_every_subcommand_has_a_help_text():
         if not action.help
     ]
     assert missing == []
+
+
+def test_every_recipe_reader_reads_yaml_1_2_numbers(tmp_path):
+    """A checkpoint's recipe.yaml is read like a --recipe (``1e-3`` a float, ``2:4`` text) by
+    ``safe-llm recover`` and ``safe-llm report`` alike."""
+    from safe_llm.evaluation.compare import load_run
+    from safe_llm.pipeline import read_checkpoint_record
+
+    (tmp_path / "recipe.yaml").write_text("model: m\nstructure: 2:4\nrecover:\n  lr: 1e-3\n")
+    (tmp_path / "report.json").write_text('{"method": "magnitude"}')
+    recipe, _ = read_checkpoint_record(tmp_path)
+    assert recipe["structure"] == "2:4" and recipe["recover"]["lr"] == 1e-3
+    assert load_run(tmp_path).recipe == recipe
