@@ -23,7 +23,7 @@ from safe_llm.io.data import builtin_data_dir, calibration_windows, evaluation_w
 from safe_llm.io.models import load_model
 from safe_llm.methods import build_method
 from safe_llm.stages.prune.engine import prune_model
-from safe_llm.stages.prune.joint import JointOptions
+from safe_llm.stages.prune.joint import PruneOptions
 
 
 def main() -> None:
@@ -63,7 +63,7 @@ def main() -> None:
         options = json.loads(text)
         method = options.pop("method")
         dense_targets = options.pop("dense_targets", False)
-        joint = JointOptions(
+        joint = PruneOptions(
             blocks=options.pop("joint_blocks", 1),
             epochs=options.pop("joint_epochs", 1.0),
             lr=options.pop("joint_lr", 2.5e-3),

@@ -1,10 +1,10 @@
 """Run configuration: one tree of typed options, filled from a YAML recipe and then from
 CLI flags (or :func:`safe_llm.prune`'s keywords).
 
-:class:`PruneConfig` holds the run's own options (model, data, device, output, evaluation...;
+:class:`RunConfig` holds the run's own options (model, data, device, output, evaluation...;
 each a flag ``--batch-size`` for ``batch_size`` and a top-level recipe key), the selected
 method's ``Options`` (recipe key ``method_options``, plain flags such as ``--lr``) and one
-typed sub-config per registered stage (:mod:`safe_llm.stages.base`): recipe key
+typed sub-config per registered stage (:mod:`safe_llm.stages.registry`): recipe key
 ``stage.recipe_key()`` (``joint``, ``profile``, ``recover``...), flags
 ``--<prefix><field>`` (``--joint-blocks``, ``--recover-steps``, ``--owl-m``). Each sub-config
 validates itself when built, once; this module imports only the torch-free declarations.
@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -32,19 +32,26 @@ from safe_llm.options import (
     parse_size,
     read_yaml,
 )
-from safe_llm.stages.base import Stage, registered_stages
+from safe_llm.stages.profile.options import ProfileOptions
+from safe_llm.stages.prune.options import PruneOptions
+from safe_llm.stages.recover.options import RecoverOptions
+from safe_llm.stages.registry import registered_stages
 
-__all__ = ["ConfigError", "PruneConfig", "load_recipe", "make_config", "parse_value"]
+if TYPE_CHECKING:
+    from safe_llm.core.sparsity import SparsityPattern
+
+__all__ = ["ConfigError", "PruneConfig", "RunConfig", "load_recipe", "make_config", "parse_value"]
 
 # run fields that are no recipe key of their own: the sub-configs and the command line
 TREE_FIELDS = ("method_options", "stage_options")
 
 
 @dataclass
-class PruneConfig:
-    """The options of a run. A field declared ``decisive=False`` does not change the pruned
-    weights (where the checkpoint goes, evaluation, memory limits...): a ``--resume`` may
-    change it; every other field must match the interrupted run's."""
+class RunConfig:
+    """The options of a run, ``safe-llm prune`` and ``safe-llm recover`` alike (was
+    ``PruneConfig``). A field declared ``decisive=False`` does not change the pruned weights
+    (where the checkpoint goes, evaluation, memory limits...): a ``--resume`` may change it;
+    every other field must match the interrupted run's."""
 
     model: str | None = option(
         None, "Hub id, local model directory, .gguf file or built-in name (smollm2-135m)"
@@ -93,7 +100,13 @@ class PruneConfig:
         False,
         "targets from the dense model's stream (global propagation) instead of the pruned stream",
     )
-    layer_errors: bool = option(True, "report each layer's relative output error (needs X^T X)")
+    layer_errors: bool | None = option(
+        None,
+        "report each layer's relative output error ||(W - W')X||^2 / ||WX||^2, which needs "
+        "X^T X per layer (default: on where the method gathers it anyway: SparseGPT, SAFE "
+        "from the SparseGPT start; off for magnitude and Wanda, which would gather a d x d "
+        "matrix per layer and expert only for the report)",
+    )
     trust_remote_code: bool = option(
         False, "allow model code from the Hub (off unless asked)", decisive=False
     )
@@ -180,14 +193,31 @@ class PruneConfig:
             parse_size(self.max_activation_memory, "--max-activation-memory")
         _check_together(self, pattern)
 
+    @property
+    def profile(self) -> ProfileOptions:
+        """The profile stage's options (recipe key ``profile``)."""
+        return self.stage_options["profile"]
+
+    @property
+    def joint(self) -> PruneOptions:
+        """The prune stage's options: its joint windows (recipe key ``joint``)."""
+        return self.stage_options["joint"]
+
+    @property
+    def recover(self) -> RecoverOptions:
+        """The recover stage's options (recipe key ``recover``)."""
+        return self.stage_options["recover"]
+
     def __getattr__(self, name: str):
-        """A stage's sub-config by its recipe key: ``config.joint``, ``config.recover``."""
+        """The section of a stage registered from outside the package, by its recipe key
+        (``config.count`` for a ``count`` stage); the package's own are the properties
+        above."""
         sections = self.__dict__.get("stage_options", {})
         if name in sections:
             return sections[name]
-        raise AttributeError(f"PruneConfig has no option or stage section {name!r}")
+        raise AttributeError(f"{type(self).__name__} has no option or stage section {name!r}")
 
-    def pattern(self):
+    def pattern(self) -> SparsityPattern:
         """The :class:`~safe_llm.core.sparsity.SparsityPattern` of ``structure`` and
         ``sparsity`` (0.5 unstructured by default)."""
         from safe_llm.core.sparsity import SparsityPattern
@@ -225,6 +255,9 @@ class PruneConfig:
         return json.loads(json.dumps(values))
 
 
+PruneConfig = RunConfig  # its name before issue 26 (it configures recovery runs too)
+
+
 def _decisive(options) -> dict:
     return {
         f.name: getattr(options, f.name)
@@ -243,7 +276,7 @@ def parse_value(text: str):
 
 
 def load_recipe(path: str | Path) -> dict:
-    """Read a YAML recipe: a mapping of :class:`PruneConfig` keys."""
+    """Read a YAML recipe: a mapping of :class:`RunConfig` keys."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist")
@@ -257,18 +290,18 @@ def load_recipe(path: str | Path) -> dict:
 
 
 def unknown_recipe_keys(recipe: dict) -> list[str]:
-    """The top-level keys of ``recipe`` that are no :class:`PruneConfig` option, method
+    """The top-level keys of ``recipe`` that are no :class:`RunConfig` option, method
     options or stage section (sorted)."""
-    known = {f.name for f in dataclasses.fields(PruneConfig) if f.name not in TREE_FIELDS}
+    known = {f.name for f in dataclasses.fields(RunConfig) if f.name not in TREE_FIELDS}
     known |= {"method_options", *(cls.recipe_key() for cls in registered_stages())}
     return sorted(set(recipe) - known)
 
 
-def make_config(recipe: dict | None = None, overrides: dict | None = None) -> PruneConfig:
+def make_config(recipe: dict | None = None, overrides: dict | None = None) -> RunConfig:
     """Defaults < recipe < overrides, each options class checking its own values once
     (:func:`~safe_llm.options.check_fields`), then :func:`check_run`.
 
-    ``recipe`` is nested as :meth:`PruneConfig.to_dict` writes it (``joint: {blocks: 2}``);
+    ``recipe`` is nested as :meth:`RunConfig.to_dict` writes it (``joint: {blocks: 2}``);
     ``overrides`` are flat flag names (``joint_blocks=2``, ``recover=True``) plus a
     ``method_options`` mapping, which merges into the recipe's key by key.
     """
@@ -278,15 +311,15 @@ def make_config(recipe: dict | None = None, overrides: dict | None = None) -> Pr
     method_values = _mapping(values.pop("method_options", {}), "method_options")
     method_values.update(_mapping(overrides.pop("method_options", {}), "method_options"))
     values.update(overrides)
-    known = {f.name for f in dataclasses.fields(PruneConfig) if f.name not in TREE_FIELDS}
+    known = {f.name for f in dataclasses.fields(RunConfig) if f.name not in TREE_FIELDS}
     unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    method = values.get("method", PruneConfig.method)
+    method = values.get("method", RunConfig.method)
     if not isinstance(method, str):
         raise ConfigError(f"option --method must be a method name, got {method!r}")
     method_options = _method_options(method, method_values)
-    config = PruneConfig(**values, method_options=method_options, stage_options=stage_options)
+    config = RunConfig(**values, method_options=method_options, stage_options=stage_options)
     check_run(config)
     return config
 
@@ -297,7 +330,7 @@ def _mapping(value, key: str) -> dict:
     return dict(value)
 
 
-def _stage_options(cls: type[Stage], recipe: dict, overrides: dict):
+def _stage_options(cls: type, recipe: dict, overrides: dict):
     """Stage ``cls``'s options: its recipe section, then its flags in ``overrides`` (both
     popped), built (the options check themselves)."""
     key = cls.recipe_key()
@@ -316,7 +349,7 @@ def _method_options(method: str, values: dict):
     return build_options(get_method_class(method).Options, values, f"method {method!r}")
 
 
-def _check_together(config: PruneConfig, pattern) -> None:
+def _check_together(config: RunConfig, pattern) -> None:
     """Options that are each valid but do not fit together."""
     sections = config.stage_options
     profile, recover = sections.get("profile"), sections.get("recover")
@@ -345,7 +378,7 @@ def _check_together(config: PruneConfig, pattern) -> None:
         raise ConfigError("--push-to-hub needs --output and --hub-repo-id user/name")
 
 
-def check_run(config: PruneConfig) -> None:
+def check_run(config: RunConfig) -> None:
     """What the options name must be there before anything is loaded: a model, the text
     sources that are local files, torchrun's ranks for ``--recover-fsdp``, a usable
     ``--output``. Raises :class:`ConfigError`."""

@@ -36,7 +36,7 @@ def option(default, help: str, factory=None, **metadata):
 
 def flag_dest(f: dataclasses.Field, prefix: str = "") -> str:
     """The flat name of field ``f`` in a section with flag ``prefix``: the flag without its
-    dashes (``joint_blocks`` for JointOptions.blocks), also the ``safe_llm.prune`` keyword."""
+    dashes (``joint_blocks`` for PruneOptions.blocks), also the ``safe_llm.prune`` keyword."""
     return f.metadata.get("flag", prefix + f.name)
 
 

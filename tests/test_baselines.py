@@ -57,7 +57,14 @@ def test_layer_error_orders_sparsegpt_below_wanda_below_magnitude(make_tiny_llam
     for name in ("magnitude", "wanda", "sparsegpt"):
         model = _llama_with_uneven_features(make_tiny_llama)
         report = prune_model(
-            model, windows, build_method(name), pattern, device=CPU, batch_size=4, progress=False
+            model,
+            windows,
+            build_method(name),
+            pattern,
+            device=CPU,
+            batch_size=4,
+            layer_errors=True,
+            progress=False,
         )
         errors[name] = [block.layer_error for block in report.blocks]
     for index, per_layer in enumerate(errors["magnitude"]):

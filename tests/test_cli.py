@@ -17,7 +17,7 @@ import yaml
 
 import safe_llm
 from safe_llm import cli, pipeline
-from safe_llm.config import PruneConfig, load_recipe, make_config
+from safe_llm.config import RunConfig, load_recipe, make_config
 from safe_llm.stages.prune import loop
 
 LAYERS = (
@@ -111,7 +111,7 @@ def test_prune_help_lists_every_config_and_method_option_with_help_text(capsys):
     parser = _prune_parser()
     options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
     flags = {a.dest: a for a in options}
-    expected = {f.name for f in dataclasses.fields(PruneConfig) if f.metadata.get("cli", True)}
+    expected = {f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("cli", True)}
     expected |= {cli.OPTION_DEST + name for name in cli._method_option_fields()} - {
         cli.OPTION_DEST + name for name in expected
     }
@@ -577,3 +577,18 @@ def test_every_recipe_reader_reads_yaml_1_2_numbers(tmp_path):
     recipe, _ = read_checkpoint_record(tmp_path)
     assert recipe["structure"] == "2:4" and recipe["recover"]["lr"] == 1e-3
     assert load_run(tmp_path).recipe == recipe
+
+
+@pytest.mark.parametrize(
+    "method, flags, expected",
+    [("wanda", [], False), ("sparsegpt", [], True), ("wanda", ["--layer-errors"], True)],
+)
+def test_layer_errors_are_on_where_the_method_gathers_x_t_x_and_the_report_says_which(
+    base_args, tmp_path, method, flags, expected
+):
+    out = tmp_path / "out"
+    argv = [*base_args, "--method", method, *flags, "--output", str(out)]
+    assert cli.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["layer_errors"] is expected
+    assert [bool(b["layer_error"]) for b in report["blocks"]] == [expected, expected]

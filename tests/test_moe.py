@@ -413,7 +413,7 @@ def test_a_large_block_weight_the_engine_cannot_interpret_stops_the_run_with_its
     model = _Model()
     pattern = SparsityPattern.parse("unstructured", 0.5)
     for run in (
-        lambda: check_prunable(model, pattern),
+        lambda: check_prunable(find_blocks(model)[1], pattern),
         lambda: prune_model(
             model, make_windows(2, 8), build_method("wanda"), pattern, progress=False
         ),
@@ -428,7 +428,7 @@ def test_a_large_block_weight_the_engine_cannot_interpret_stops_the_run_with_its
 def test_ignore_names_the_weights_left_dense_and_the_run_goes_on():
     model = _Model()
     pattern = SparsityPattern.parse("unstructured", 0.5)
-    check_prunable(model, pattern, ("mixer.mixers",))
+    check_prunable(find_blocks(model)[1], pattern, ("mixer.mixers",))
     report = prune_model(
         model,
         make_windows(2, 8),
@@ -474,7 +474,7 @@ def test_safe_trains_the_experts_and_joint_windows_keep_their_masks():
     for e in range(EXPERTS):
         assert pattern.satisfied_by(mine[e].t())
 
-    from safe_llm.stages.prune.joint import JointOptions
+    from safe_llm.stages.prune.joint import PruneOptions
 
     joint = make_moe("qwen3_moe")
     report = prune_model(
@@ -483,7 +483,7 @@ def test_safe_trains_the_experts_and_joint_windows_keep_their_masks():
         build_method("sparsegpt"),
         pattern,
         progress=False,
-        joint=JointOptions(blocks=3, epochs=1, lr=1e-3, batch_size=4),
+        joint=PruneOptions(blocks=3, epochs=1, lr=1e-3, batch_size=4),
     )
     assert "joint_kept" in report.blocks[-1].extra
     for block in find_blocks(joint)[1]:

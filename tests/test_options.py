@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from safe_llm import cli
-from safe_llm.config import PruneConfig, make_config
+from safe_llm.config import RunConfig, make_config
 from safe_llm.methods import available_methods, get_method_class
 from safe_llm.options import ConfigError, annotation_of, flag, flag_dest
 from safe_llm.stages.base import registered_stages
@@ -46,7 +46,7 @@ def _cases():
         for f in dataclasses.fields(stage.Options):
             for value in _bad_values(f):
                 yield pytest.param("stage", stage, f, value, id=f"{stage.name}.{f.name}={value!r}")
-    for f in dataclasses.fields(PruneConfig):
+    for f in dataclasses.fields(RunConfig):
         if f.name not in TREE:
             for value in _bad_values(f):
                 yield pytest.param("run", None, f, value, id=f"run.{f.name}={value!r}")

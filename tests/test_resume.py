@@ -28,7 +28,7 @@ from safe_llm.io.work_area import (
 from safe_llm.methods import METHODS, register
 from safe_llm.methods.base import PruningMethod
 from safe_llm.stages.prune import engine
-from safe_llm.stages.prune.joint import JointOptions
+from safe_llm.stages.prune.joint import PruneOptions
 
 BLOCKS = 4
 CORPUS = [
@@ -334,7 +334,7 @@ def random_method():
 ENGINE_VARIANTS = {
     "sequential": {},
     "dense-targets": {"dense_targets": True},
-    "joint-windows": {"joint": JointOptions(blocks=2, batch_size=2)},
+    "joint-windows": {"joint": PruneOptions(blocks=2, batch_size=2)},
 }
 
 

@@ -82,6 +82,7 @@ def pruned(smollm2):
                 device=torch.device("cpu"),
                 batch_size=BATCH,
                 seed=SEED,
+                layer_errors=True,  # wanda's too, to compare
                 progress=False,
             )
             results[method] = (model, report, perplexity(model, smollm2["evaluation"], BATCH))

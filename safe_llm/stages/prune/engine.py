@@ -14,8 +14,9 @@ With ``joint.blocks = k > 1`` the blocks go in windows of ``k``: each is pruned 
 the window is reconstructed jointly, its masks frozen (:mod:`safe_llm.stages.prune.joint`), against the
 dense window applied to the pruned stream entering it, and the stream is recomputed.
 
-Only one block (one window) is on the compute device at a time (:func:`block_on_device`,
-shared with the dense pass of :mod:`safe_llm.stages.profile.owl`).
+Only one block (one window) is on the compute device at a time; the walk's scaffolding
+(:mod:`safe_llm.core.walker`) is shared with the dense pass of :mod:`safe_llm.stages.profile.owl`,
+the reports' types (:mod:`safe_llm.core.reports`) with the run report.
 """
 
 from __future__ import annotations
@@ -23,35 +24,39 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from safe_llm.core.activations import Activations, CapturedStreams
+from safe_llm.core.activations import Activations
 from safe_llm.core.blocks import (
     BlockCall,
-    capture_block_inputs,
     check_coverage,
     dense_block_weights,
     find_blocks,
-    iter_batches,
     prunable_layers,
-    run_block,
     weight_matrix,
 )
 from safe_llm.core.layer_stats import collect_input_stats
-from safe_llm.core.memory import process_peak_bytes
+from safe_llm.core.reports import BlockReport, PruneReport
 from safe_llm.core.sparsity import SparsityPattern, achieved_sparsity
+from safe_llm.core.walker import (
+    BlockSource,
+    ResidentBlocks,
+    WalkOptions,
+    block_on_device,
+    captured_inputs,
+    forward_batches,
+    peak_memory_bytes,
+)
 from safe_llm.errors import SafeLLMError
 from safe_llm.io.work_area import EngineState, rng_state, set_rng_state
 from safe_llm.methods.base import BlockContext, PruningMethod
 from safe_llm.stages.prune.joint import Window, reconstruct
-from safe_llm.stages.prune.options import JointOptions
+from safe_llm.stages.prune.options import PruneOptions
 
 log = logging.getLogger(__name__)
 
@@ -61,134 +66,22 @@ class NonFiniteError(SafeLLMError):
 
 
 @dataclass(frozen=True)
-class EngineOptions:
+class EngineOptions(WalkOptions):
     """How the engine runs a model (everything but the model, the data, the method and the
-    patterns). ``activation_budget``: bytes above which the ``[n, seq, d]`` streams are
-    memory-mapped files in a temporary directory under ``spill_dir``."""
+    patterns): the walk's options and the prune stage's own."""
 
-    device: torch.device = torch.device("cpu")
-    batch_size: int = 8
-    ignore: tuple[str, ...] = ()
     dense_targets: bool = False  # targets from the dense stream (global propagation)
-    layer_errors: bool = True  # each layer's relative output error (needs X^T X)
+    # each layer's relative output error (needs X^T X); None: where the method gathers X^T X
+    # anyway (it needs the Hessian), off otherwise
+    layer_errors: bool | None = None
     seed: int = 0
     max_blocks: int | None = None  # prune only the first max_blocks blocks
-    progress: bool = True
-    activation_budget: int | None = None
-    spill_dir: str | Path | None = None
-    joint: JointOptions = JointOptions()  # windows of consecutive blocks reconstructed jointly
+    joint: PruneOptions = PruneOptions()  # windows of consecutive blocks reconstructed jointly
     moe_every_token: bool = False  # experts' statistics from every token, not the routed ones
 
     def __post_init__(self):  # joint windows train on the run's batch size unless told
         if self.joint.batch_size is None:
             object.__setattr__(self, "joint", replace(self.joint, batch_size=self.batch_size))
-
-
-class BlockSource(Protocol):
-    """Hands the engine one decoder block at a time (on the host) and takes it back."""
-
-    def load(self, index: int) -> nn.Module: ...
-
-    def release(self, index: int) -> None: ...
-
-
-class ResidentBlocks:
-    """The default source: blocks that stay in memory all along."""
-
-    def __init__(self, blocks: nn.ModuleList):
-        self.blocks = blocks
-
-    def load(self, index: int) -> nn.Module:
-        return self.blocks[index]
-
-    def release(self, index: int) -> None:
-        pass
-
-
-@dataclass
-class BlockReport:
-    index: int
-    seconds: float
-    reconstruction_error: float
-    layer_sparsity: dict[str, float]
-    layer_error: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class PruneReport:
-    blocks: list[BlockReport]
-    seconds: float
-    peak_memory_bytes: int
-    overall_sparsity: float
-    resumed_from_block: int = 0
-    # zeros over every weight of 2+ dimensions in the blocks, pruned or not
-    all_block_weights_sparsity: float = float("nan")
-    # block weights of 2+ dimensions left dense (routers, convolutions, --ignore): parameters
-    # summed over the blocks, by name relative to the block
-    unpruned_block_weights: dict[str, int] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak accelerator memory on CUDA, else the process's peak resident set size."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return process_peak_bytes()
-
-
-@contextlib.contextmanager
-def block_on_device(source: BlockSource, index: int, device: torch.device) -> Iterator[nn.Module]:
-    """Block ``index`` of ``source``, moved to ``device`` for the ``with`` body; afterwards
-    moved back to where it was (the CUDA cache emptied) and released to ``source``."""
-    block = source.load(index)
-    home = next(block.parameters()).device
-    block.to(device)
-    try:
-        yield block
-    finally:
-        block.to(home)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        source.release(index)
-
-
-@contextlib.contextmanager
-def captured_inputs(
-    model: nn.Module, windows: torch.Tensor, streams: int, options: EngineOptions
-) -> Iterator[tuple[torch.Tensor, list[BlockCall], Activations]]:
-    """``(first-block inputs [n, seq, d], each block's call, the space of ``streams``
-    streams)`` for the calibration windows ``[n, seq]``; the space is closed afterwards."""
-    space = CapturedStreams(options.device, streams, options.activation_budget, options.spill_dir)
-    try:
-        hidden, calls = capture_block_inputs(
-            model, windows, options.device, options.batch_size, allocate=space.allocate
-        )
-        yield hidden, calls, space.space
-    finally:
-        space.close()
-
-
-def forward_batches(
-    block: nn.Module,
-    inputs: torch.Tensor,
-    call: BlockCall,
-    out: torch.Tensor | None,
-    device: torch.device,
-    batch_size: int,
-) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Yield ``(slice, block(inputs[slice]))`` batch by batch, storing results in ``out``.
-
-    ``out`` may be ``inputs`` (in place) or None; results are on ``device``.
-    """
-    for window_slice in iter_batches(inputs, batch_size):
-        with torch.no_grad():
-            result = run_block(block, inputs[window_slice].to(device), call)
-            if out is not None:
-                out[window_slice] = result.to(out.device, out.dtype)
-        yield window_slice, result
 
 
 @torch.no_grad()
@@ -271,6 +164,8 @@ def prune_model(
     if options is not None and settings:
         raise TypeError("give prune_model either options or its fields as keywords, not both")
     options = options or EngineOptions(**settings)
+    if options.layer_errors is None:
+        options = replace(options, layer_errors=method.needs_hessian)
     start = time.perf_counter()
     if options.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(options.device)
@@ -290,6 +185,7 @@ def prune_model(
         seconds=time.perf_counter() - start,
         peak_memory_bytes=peak_memory_bytes(options.device),
         resumed_from_block=run.first,
+        layer_errors=options.layer_errors,
         **_sparsity(blocks, run.reports, options.ignore),
     )
 

@@ -1,4 +1,5 @@
-"""The options of the prune stage's joint windows (torch-free: the CLI reads them)."""
+"""The prune stage's options, :class:`PruneOptions`: today its joint windows (torch-free: the
+CLI reads them)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ AUTOCAST = ("auto", "bf16", "off")
 
 
 @dataclass(frozen=True)
-class JointOptions:
-    """How a window of ``blocks`` consecutive blocks is reconstructed (``blocks == 1``: off).
-    Recipe key ``joint``, CLI flags ``--joint-<name>``."""
+class PruneOptions:
+    """The prune stage's options (recipe key ``joint``, CLI flags ``--joint-<name>``): how a
+    window of ``blocks`` consecutive blocks is reconstructed jointly (``blocks == 1``: off)."""
 
     flag_prefix: ClassVar[str] = "joint_"
 
@@ -52,3 +53,6 @@ class JointOptions:
     @property
     def active(self) -> bool:
         return self.blocks > 1
+
+
+JointOptions = PruneOptions  # its name before issue 26 (they are the prune stage's options)
