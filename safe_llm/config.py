@@ -39,8 +39,17 @@ from safe_llm.stages.registry import registered_stages
 
 if TYPE_CHECKING:
     from safe_llm.core.sparsity import SparsityPattern
+    from safe_llm.methods.base import PruningMethod
 
-__all__ = ["ConfigError", "PruneConfig", "RunConfig", "load_recipe", "make_config", "parse_value"]
+__all__ = [
+    "ConfigError",
+    "PruneConfig",
+    "RunConfig",
+    "load_recipe",
+    "make_config",
+    "make_method",
+    "parse_value",
+]
 
 # run fields that are no recipe key of their own: the sub-configs and the command line
 TREE_FIELDS = ("method_options", "stage_options")
@@ -347,6 +356,18 @@ def _method_options(method: str, values: dict):
     from safe_llm.methods import get_method_class  # the method's module defines its Options
 
     return build_options(get_method_class(method).Options, values, f"method {method!r}")
+
+
+def make_method(name: str, options: dict | Any = None) -> PruningMethod:
+    """Pruning method ``name`` as every run builds it (:func:`~safe_llm.pipeline.run_prune`
+    with the config's ``method_options``): its ``Options`` built from the mapping ``options``
+    (unknown names refused, each value checked by the Options themselves), or given built."""
+    from safe_llm.methods import get_method_class
+
+    cls = get_method_class(name)
+    if not isinstance(options, cls.Options):
+        options = _method_options(name, _mapping(options or {}, "method_options"))
+    return cls(options)
 
 
 def _check_together(config: RunConfig, pattern) -> None:

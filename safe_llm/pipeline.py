@@ -17,6 +17,7 @@ from safe_llm.config import (
     RunConfig,
     load_recipe,
     make_config,
+    make_method,
     unknown_recipe_keys,
 )
 from safe_llm.core import distributed, precision
@@ -27,7 +28,6 @@ from safe_llm.core.walker import WalkOptions
 from safe_llm.io import data
 from safe_llm.io.models import load_model, resolve_device, resolve_dtype
 from safe_llm.io.work_area import WorkArea, work_dir
-from safe_llm.methods import get_method_class
 from safe_llm.options import parse_size
 from safe_llm.report import RunReport
 from safe_llm.stages.base import RunContext, registered_stages
@@ -167,7 +167,7 @@ def run_prune(
     torch.manual_seed(config.seed)
     device = distributed.local_device(resolve_device(config.device))
     dtype = resolve_dtype(config.dtype, device)
-    method = get_method_class(config.method)(config.method_options)
+    method = make_method(config.method, config.method_options)
     pattern, peaks = config.pattern(), StagePeaks(device)
     with peaks.stage("load"):
         model, tokenizer, source, weights_writer = _load(config, dtype)

@@ -465,9 +465,13 @@ def test_multi_line_library_error_is_printed_on_one_line(base_args, monkeypatch,
     sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")),
     ids=lambda path: path.name,
 )
-def test_every_shipped_recipe_is_a_valid_configuration(recipe):
-    config = make_config(load_recipe(recipe))  # builds (and checks) every sub-config
-    assert config.pattern().sparsity > 0
+def test_every_shipped_recipe_is_a_valid_configuration_that_keeps_its_values(recipe):
+    values = load_recipe(recipe)
+    written = make_config(values).to_dict()  # builds (and checks) every sub-config
+    for key, value in values.items():  # no value dropped or changed on the way
+        for name, given in value.items() if isinstance(value, dict) else [(None, value)]:
+            kept = written[key][name] if name is not None else written[key]
+            assert kept == given, f"{recipe.name}: {key} {name or ''}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,10 +29,9 @@ def _prune(model, pattern, joint: PruneOptions | None = None):
         _windows(),
         Magnitude(),
         pattern,
-        device=torch.device("cpu"),
-        batch_size=4,
-        progress=False,
-        joint=joint or PruneOptions(),
+        engine.EngineOptions(
+            device=torch.device("cpu"), batch_size=4, progress=False, joint=joint or PruneOptions()
+        ),
     )
 
 
@@ -137,10 +136,12 @@ def test_the_block_after_a_window_reads_the_trained_windows_outputs(make_tiny_ll
         _windows(),
         method,
         PATTERNS["unstructured"],
-        device=torch.device("cpu"),
-        batch_size=4,
-        progress=False,
-        joint=PruneOptions(blocks=2, epochs=8, lr=1e-2, batch_size=4),
+        engine.EngineOptions(
+            device=torch.device("cpu"),
+            batch_size=4,
+            progress=False,
+            joint=PruneOptions(blocks=2, epochs=8, lr=1e-2, batch_size=4),
+        ),
     )
     assert report.blocks[1].extra["joint_kept"] == 1.0
     _, blocks = find_blocks(model)

@@ -142,7 +142,7 @@ def drop_file_pages(tensor: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _malloc_trim():
+def malloc_trim():
     """glibc's ``malloc_trim``, or None on other C libraries (nothing to trim there)."""
     return getattr(_libc(), "malloc_trim", None)
 
@@ -154,7 +154,7 @@ def return_freed_memory() -> None:
     reuses them only in part: a released streamed block, or the encodings of a 2 MB text
     (about 0.3 GB), would otherwise stay resident (measured in eval/stream_benchmark.py).
     """
-    trim = _malloc_trim()
+    trim = malloc_trim()
     if trim is not None:
         trim(0)
 

@@ -3,7 +3,6 @@ the engine only sees the :class:`~safe_llm.methods.base.PruningMethod` interface
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import pkgutil
 
@@ -42,26 +41,8 @@ def available_methods() -> list[str]:
     return sorted(METHODS)
 
 
-def method_options(name: str) -> list[dataclasses.Field]:
-    """The option fields of method ``name``."""
-    return list(dataclasses.fields(get_method_class(name).Options))
-
-
 def get_method_class(name: str) -> type[PruningMethod]:
     _load_all()
     if name not in METHODS:
         raise SafeLLMError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
     return METHODS[name]
-
-
-def build_method(name: str, options: dict | None = None) -> PruningMethod:
-    """Instantiate method ``name`` with ``options`` (keys must be fields of its Options)."""
-    cls = get_method_class(name)
-    known = {f.name for f in dataclasses.fields(cls.Options)}
-    unknown = set(options or {}) - known
-    if unknown:
-        raise SafeLLMError(
-            f"method {name!r} has no option(s) {', '.join(sorted(unknown))}; "
-            f"its options are: {', '.join(sorted(known)) or 'none'}"
-        )
-    return cls(cls.Options(**(options or {})))

@@ -140,9 +140,7 @@ def prune_model(
     block_patterns: Sequence[SparsityPattern] | None = None,
     source: BlockSource | None = None,
     resume: EngineState | None = None,
-    on_block: Callable[[BlockReport], None] | None = None,
     on_state: Callable[[EngineState, dict[int, nn.Module]], None] | None = None,
-    **settings,
 ) -> PruneReport:
     """Prune every decoder block of ``model`` in place.
 
@@ -150,20 +148,17 @@ def prune_model(
         windows: calibration token ids ``[n, seq]``.
         method: the pruning method applied to each block.
         pattern: the sparsity pattern every prunable layer must meet.
-        options: how to run (:class:`EngineOptions`); or its fields as keywords (``settings``).
+        options: how to run (:class:`EngineOptions`; default: its defaults).
         block_patterns: one pattern per block (a non-uniform profile), else ``pattern`` for all.
         source: where blocks come from and go back to (default: the model's own blocks);
             :class:`safe_llm.io.streaming.DiskBlocks` reads each from disk.
         resume: continue from this state; its blocks must already hold their pruned weights
             (:meth:`safe_llm.io.work_area.WorkArea.load` puts them there).
-        on_block: called with each finished block's report.
         on_state: called after each block (after each joint window) with the state to
             continue from and the blocks pruned since the last call, ``{index: block}`` (to
             save them); a run resumed from that state gives the same bits.
     """
-    if options is not None and settings:
-        raise TypeError("give prune_model either options or its fields as keywords, not both")
-    options = options or EngineOptions(**settings)
+    options = options or EngineOptions()
     if options.layer_errors is None:
         options = replace(options, layer_errors=method.needs_hessian)
     start = time.perf_counter()
@@ -179,7 +174,7 @@ def prune_model(
         space,
     ):
         run = _start(method, options, calls, hidden, space, resume)
-        _run_blocks(run, source or ResidentBlocks(blocks), patterns, on_block, on_state)
+        _run_blocks(run, source or ResidentBlocks(blocks), patterns, on_state)
     return PruneReport(
         blocks=run.reports,
         seconds=time.perf_counter() - start,
@@ -211,7 +206,6 @@ def _run_blocks(
     run: _Run,
     source: BlockSource,
     patterns: list[SparsityPattern],
-    on_block: Callable[[BlockReport], None] | None,
     on_state: Callable[[EngineState, dict[int, nn.Module]], None] | None,
 ) -> None:
     """The block loop of :func:`prune_model`, one window of ``joint.blocks`` consecutive
@@ -236,9 +230,6 @@ def _run_blocks(
                     for i in indices
                 }
                 _run_window(run, blocks, patterns, bar)
-                for report in run.reports[-len(indices) :]:
-                    if on_block is not None:
-                        on_block(report)
                 if on_state is not None:
                     on_state(_state(run, indices.stop), blocks)
 
@@ -485,14 +476,3 @@ def _overall_sparsity(
             elif name in achieved.get(index, {}):
                 zeros += round(achieved[index][name] * numel)
     return zeros, total
-
-
-def model_sparsity(model: nn.Module, ignore: tuple[str, ...] = ()) -> float:
-    """Fraction of zeros over all prunable matrices (linear layers, experts) of all blocks."""
-    _, blocks = find_blocks(model)
-    zeros = total = 0
-    for block in blocks:
-        for layer in prunable_layers(block, ignore).values():
-            zeros += int((layer.weight == 0).sum())
-            total += layer.weight.numel()
-    return zeros / max(total, 1)
