@@ -103,9 +103,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        report = prune_model(
-            model, windows, make_method(method, options), pattern, EngineOptions(device=device, batch_size=8, layer_errors=False, progress=False), 
-        )  # fmt: skip
+        engine = EngineOptions(device=device, batch_size=8, layer_errors=False, progress=False)
+        report = prune_model(model, windows, make_method(method, options), pattern, engine)
         total = time.perf_counter() - start
         block = report.blocks[0]
         row = {

@@ -87,9 +87,8 @@ def main() -> None:
         model.load_state_dict(initial)
         pattern = SparsityPattern.parse(structure, 0.5 if structure == "unstructured" else None)
         start = time.perf_counter()
-        report = prune_model(
-            model, windows, make_method(method, options), pattern, EngineOptions(device=device, batch_size=8, progress=False, moe_every_token=every), 
-        )  # fmt: skip
+        engine = EngineOptions(device=device, batch_size=8, progress=False, moe_every_token=every)
+        report = prune_model(model, windows, make_method(method, options), pattern, engine)
         block = report.blocks[0]
         row = {
             "run": label,

@@ -629,10 +629,8 @@ def test_an_moe_run_stopped_after_a_block_resumes_to_the_same_bits(tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        prune_model(
-            make_moe("gpt_oss"), windows, method, pattern, EngineOptions(progress=False, batch_size=2),  
-            on_state=save_then_stop,
-        )  # fmt: skip
+        options = EngineOptions(progress=False, batch_size=2)
+        prune_model(make_moe("gpt_oss"), windows, method, pattern, options, on_state=save_then_stop)
     resumed = make_moe("gpt_oss")
     state = work.load(find_blocks(resumed)[1])
     report = prune_model(

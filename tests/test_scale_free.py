@@ -129,9 +129,8 @@ def test_safe_plus_defaults_prune_rescaled_smollm2_to_the_same_mask_and_perplexi
     scored = data.evaluation_windows(tokenizer, "builtin-wiki", 256, 16)
     rescaled = rescale_norms(copy.deepcopy(model), c)
     for candidate in (model, rescaled):
-        prune_model(
-            candidate, windows, make_method("safe+"), HALF, EngineOptions(device=CPU, progress=False, max_blocks=2),  
-        )  # fmt: skip
+        options = EngineOptions(device=CPU, progress=False, max_blocks=2)
+        prune_model(candidate, windows, make_method("safe+"), HALF, options)
     same = float((_masks(model, 2) == _masks(rescaled, 2)).float().mean())
     assert same >= 0.99, f"c={c}: same mask on {same:.4f} of the weights"
     assert perplexity(rescaled, scored, 8) == pytest.approx(perplexity(model, scored, 8), rel=0.01)
