@@ -23,9 +23,9 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from safe_llm.config import make_method
 from safe_llm.core.sparsity import SparsityPattern
-from safe_llm.methods import build_method
-from safe_llm.stages.prune.engine import prune_model
+from safe_llm.stages.prune.engine import EngineOptions, prune_model
 
 ABSOLUTE = dict(step_scale="absolute", holdout=0.0)  # the steps the READMEs' figures used
 PAPER = dict(lr=2e-4, epochs=30, train_batch_size=8, lam=1e-3, rho=2e-4, interval=32,
@@ -103,10 +103,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        report = prune_model(
-            model, windows, build_method(method, options), pattern, device=device,
-            batch_size=8, layer_errors=False, progress=False,
-        )  # fmt: skip
+        engine = EngineOptions(device=device, batch_size=8, layer_errors=False, progress=False)
+        report = prune_model(model, windows, make_method(method, options), pattern, engine)
         total = time.perf_counter() - start
         block = report.blocks[0]
         row = {

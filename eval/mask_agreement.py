@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from rescale import rescale_norms
 
+from safe_llm.config import make_method
 from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.io import data
 from safe_llm.io.models import load_model
-from safe_llm.methods import build_method
-from safe_llm.stages.prune.engine import prune_model
+from safe_llm.stages.prune.engine import EngineOptions, prune_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale_benchmark import keep_masks  # noqa: E402
@@ -41,11 +41,9 @@ def agreement(method: str, options: dict, scale: float, args) -> float:
         prune_model(
             candidate,
             windows,
-            build_method(method, options),
+            make_method(method, options),
             pattern,
-            device=torch.device("cpu"),
-            progress=False,
-            max_blocks=args.blocks,
+            EngineOptions(device=torch.device("cpu"), progress=False, max_blocks=args.blocks),
         )
     same = keep_masks(model, args.blocks) == keep_masks(rescaled, args.blocks)
     return float(same.float().mean())

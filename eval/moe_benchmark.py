@@ -26,10 +26,10 @@ import time
 import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+from safe_llm.config import make_method
 from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.io.data import builtin_data_dir
-from safe_llm.methods import build_method
-from safe_llm.stages.prune.engine import prune_model
+from safe_llm.stages.prune.engine import EngineOptions, prune_model
 
 RUNS = [  # (label, method, structure, method options, statistics from every token)
     ("magnitude", "magnitude", "unstructured", None, False),
@@ -87,10 +87,8 @@ def main() -> None:
         model.load_state_dict(initial)
         pattern = SparsityPattern.parse(structure, 0.5 if structure == "unstructured" else None)
         start = time.perf_counter()
-        report = prune_model(
-            model, windows, build_method(method, options), pattern, device=device,
-            batch_size=8, progress=False, moe_every_token=every,
-        )  # fmt: skip
+        engine = EngineOptions(device=device, batch_size=8, progress=False, moe_every_token=every)
+        report = prune_model(model, windows, make_method(method, options), pattern, engine)
         block = report.blocks[0]
         row = {
             "run": label,

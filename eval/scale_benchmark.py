@@ -28,14 +28,13 @@ from pathlib import Path
 import torch
 from rescale import rescale_norms
 
-from safe_llm.config import load_recipe
+from safe_llm.config import load_recipe, make_method
 from safe_llm.core.blocks import find_blocks, prunable_layers, weight_matrix
 from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.evaluation.perplexity import perplexity
 from safe_llm.io.data import calibration_windows
 from safe_llm.io.models import load_model
-from safe_llm.methods import build_method
-from safe_llm.stages.prune.engine import prune_model
+from safe_llm.stages.prune.engine import EngineOptions, prune_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "eval"))
@@ -92,11 +91,9 @@ def run(args, scale: float, structure: str, method: str, tokenizer, base, calib,
     report = prune_model(
         model,
         calib,
-        build_method(method, options),
+        make_method(method, options),
         pattern,
-        device=torch.device("cpu"),
-        progress=False,
-        max_blocks=args.max_blocks,
+        EngineOptions(device=torch.device("cpu"), progress=False, max_blocks=args.max_blocks),
     )
     seconds = time.perf_counter() - start
     masks = keep_masks(model)

@@ -17,13 +17,13 @@ import time
 import torch
 from rescale import rescale_norms
 
+from safe_llm.config import make_method
 from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.evaluation.perplexity import perplexity
 from safe_llm.io.data import builtin_data_dir, calibration_windows, evaluation_windows
 from safe_llm.io.models import load_model
-from safe_llm.methods import build_method
-from safe_llm.stages.prune.engine import prune_model
-from safe_llm.stages.prune.joint import JointOptions
+from safe_llm.stages.prune.engine import EngineOptions, prune_model
+from safe_llm.stages.prune.joint import PruneOptions
 
 
 def main() -> None:
@@ -63,7 +63,7 @@ def main() -> None:
         options = json.loads(text)
         method = options.pop("method")
         dense_targets = options.pop("dense_targets", False)
-        joint = JointOptions(
+        joint = PruneOptions(
             blocks=options.pop("joint_blocks", 1),
             epochs=options.pop("joint_epochs", 1.0),
             lr=options.pop("joint_lr", 2.5e-3),
@@ -73,13 +73,15 @@ def main() -> None:
         report = prune_model(
             model,
             calib,
-            build_method(method, options),
+            make_method(method, options),
             pattern,
-            device=torch.device("cpu"),
-            max_blocks=args.blocks,
-            progress=False,
-            dense_targets=dense_targets,
-            joint=joint,
+            EngineOptions(
+                device=torch.device("cpu"),
+                max_blocks=args.blocks,
+                progress=False,
+                dense_targets=dense_targets,
+                joint=joint,
+            ),
         )
         seconds = time.perf_counter() - start
         ppl = perplexity(model, evalw, 8)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from safe_llm.config import PruneConfig, load_recipe, make_config, parse_value
+from safe_llm.config import RunConfig, load_recipe, make_config, parse_value
 from safe_llm.errors import SafeLLMError
 from safe_llm.options import ConfigError, annotation_of, flag, flag_dest
 from safe_llm.stages.base import Stage, registered_stages
@@ -79,13 +79,13 @@ def _add_field(
     parser.add_argument(flag(name), dest=dest or name, **kwargs)
 
 
-RUN_FIELDS = {f.name: f for f in dataclasses.fields(PruneConfig)}
+RUN_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
 def _add_run_options(
     parser, names: tuple[str, ...], methods: list[str] | None = None, **defaults
 ) -> None:
-    """The flags of the :class:`PruneConfig` fields ``names`` (``defaults``: a value the
+    """The flags of the :class:`RunConfig` fields ``names`` (``defaults``: a value the
     subcommand uses when the flag is not given, instead of leaving it to the recipe;
     ``methods``: the ``--method`` choices)."""
     for name in names:
@@ -120,7 +120,7 @@ def _stage_dests() -> set[str]:
     }
 
 
-# argparse destination of the method option flags: never the same as a PruneConfig field's
+# argparse destination of the method option flags: never the same as a RunConfig field's
 OPTION_DEST = "method_option:"
 
 
@@ -222,9 +222,17 @@ def _prune_parser(sub, with_methods: bool) -> None:
 
 
 RECOVER_RUN_OPTIONS = (
-    "output", "overwrite", "resume", "device", "batch_size", "eval", "eval_seqlen",
-    "eval_max_windows", "eval_cache", "trust_remote_code",
-)  # fmt: skip
+    "output",
+    "overwrite",
+    "resume",
+    "device",
+    "batch_size",
+    "eval",
+    "eval_seqlen",
+    "eval_max_windows",
+    "eval_cache",
+    "trust_remote_code",
+)
 
 
 def _recover_parser(sub) -> None:
@@ -377,7 +385,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _config_from_args(args: argparse.Namespace) -> PruneConfig:
+def _config_from_args(args: argparse.Namespace) -> RunConfig:
     values = {k: v for k, v in vars(args).items() if k not in ("command", "recipe", "quiet")}
     options = {
         k.removeprefix(OPTION_DEST): values.pop(k)
@@ -464,9 +472,9 @@ def _run_prune(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     config = dataclasses.replace(_config_from_args(args), command_line=_command_line(argv))
     with _graceful_stop() as should_stop:
         result = run_prune(config, progress=not args.quiet, should_stop=should_stop)
-        writer = distributed.is_writer()  # data-parallel: rank 0 writes and reports
+        writes = distributed.is_writer()  # data-parallel: rank 0 writes and reports
         url = finish_run(result)
-    if writer:
+    if writes:
         print(_summary(result.report, config.output))
         if url is not None:
             print(f"pushed to {url}")
@@ -475,7 +483,7 @@ def _run_prune(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
 def _run_recover(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from safe_llm.core import distributed
-    from safe_llm.pipeline import recover_checkpoint
+    from safe_llm.pipeline import finish_run, recover_checkpoint
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "quiet")}
     checkpoint = overrides.pop("checkpoint")
@@ -483,10 +491,12 @@ def _run_recover(args: argparse.Namespace, argv: list[str] | None = None) -> int
         result = recover_checkpoint(
             checkpoint, overrides, command_line=_command_line(argv), progress=not args.quiet
         )
-        writer = distributed.is_writer()  # under torchrun rank 0 alone reports
-    finally:
+    except BaseException:
         distributed.shutdown()
-    if not writer:
+        raise
+    writes = distributed.is_writer()  # under torchrun rank 0 alone writes and reports
+    finish_run(result)
+    if not writes:
         return 0
     recovery = result.report["recovery"]
     print(

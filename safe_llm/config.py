@@ -1,10 +1,10 @@
 """Run configuration: one tree of typed options, filled from a YAML recipe and then from
 CLI flags (or :func:`safe_llm.prune`'s keywords).
 
-:class:`PruneConfig` holds the run's own options (model, data, device, output, evaluation...;
+:class:`RunConfig` holds the run's own options (model, data, device, output, evaluation...;
 each a flag ``--batch-size`` for ``batch_size`` and a top-level recipe key), the selected
 method's ``Options`` (recipe key ``method_options``, plain flags such as ``--lr``) and one
-typed sub-config per registered stage (:mod:`safe_llm.stages.base`): recipe key
+typed sub-config per registered stage (:mod:`safe_llm.stages.registry`): recipe key
 ``stage.recipe_key()`` (``joint``, ``profile``, ``recover``...), flags
 ``--<prefix><field>`` (``--joint-blocks``, ``--recover-steps``, ``--owl-m``). Each sub-config
 validates itself when built, once; this module imports only the torch-free declarations.
@@ -16,35 +16,51 @@ import copy
 import dataclasses
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from safe_llm.options import (
     ConfigError,
     build_options,
-    check_type,
+    check_fields,
     flag_dest,
     option,
     parse_list,
     parse_size,
+    read_yaml,
 )
-from safe_llm.stages.base import Stage, registered_stages
+from safe_llm.stages.profile.options import ProfileOptions
+from safe_llm.stages.prune.options import PruneOptions
+from safe_llm.stages.recover.options import RecoverOptions
+from safe_llm.stages.registry import registered_stages
 
-__all__ = ["ConfigError", "PruneConfig", "load_recipe", "make_config", "parse_value"]
+if TYPE_CHECKING:
+    from safe_llm.core.sparsity import SparsityPattern
+    from safe_llm.methods.base import PruningMethod
+
+__all__ = [
+    "ConfigError",
+    "PruneConfig",
+    "RunConfig",
+    "load_recipe",
+    "make_config",
+    "make_method",
+    "parse_value",
+]
 
 # run fields that are no recipe key of their own: the sub-configs and the command line
 TREE_FIELDS = ("method_options", "stage_options")
 
 
 @dataclass
-class PruneConfig:
-    """The options of a run. A field declared ``decisive=False`` does not change the pruned
-    weights (where the checkpoint goes, evaluation, memory limits...): a ``--resume`` may
-    change it; every other field must match the interrupted run's."""
+class RunConfig:
+    """The options of a run, ``safe-llm prune`` and ``safe-llm recover`` alike (was
+    ``PruneConfig``). A field declared ``decisive=False`` does not change the pruned weights
+    (where the checkpoint goes, evaluation, memory limits...): a ``--resume`` may change it;
+    every other field must match the interrupted run's."""
 
     model: str | None = option(
         None, "Hub id, local model directory, .gguf file or built-in name (smollm2-135m)"
@@ -64,8 +80,8 @@ class PruneConfig:
         "file, or a datasets id (name or name:config)",
     )
     text_column: str = option("text", "text column of a JSON/parquet/datasets source")
-    nsamples: int = option(128, "number of calibration windows")
-    seqlen: int = option(2048, "tokens per calibration window")
+    nsamples: int = option(128, "number of calibration windows", at_least=1)
+    seqlen: int = option(2048, "tokens per calibration window", at_least=2)
     seed: int = option(0, "random seed for calibration windows and the solver")
     device: str = option("auto", "compute device: auto, cpu, cuda or cuda:N")
     dtype: str = option(
@@ -73,7 +89,7 @@ class PruneConfig:
         "dtype of the weights: auto (bf16 on CUDA, fp32 on CPU: the master copy; SAFE computes "
         "in bf16 where the CPU has native bf16), float32, bfloat16, float16",
     )
-    batch_size: int = option(8, "calibration windows per forward batch")
+    batch_size: int = option(8, "calibration windows per forward batch", at_least=1)
     ignore: list[str] = option(
         None,
         factory=list,
@@ -93,7 +109,13 @@ class PruneConfig:
         False,
         "targets from the dense model's stream (global propagation) instead of the pruned stream",
     )
-    layer_errors: bool = option(True, "report each layer's relative output error (needs X^T X)")
+    layer_errors: bool | None = option(
+        None,
+        "report each layer's relative output error ||(W - W')X||^2 / ||WX||^2, which needs "
+        "X^T X per layer (default: on where the method gathers it anyway: SparseGPT, SAFE "
+        "from the SparseGPT start; off for magnitude and Wanda, which would gather a d x d "
+        "matrix per layer and expert only for the report)",
+    )
     trust_remote_code: bool = option(
         False, "allow model code from the Hub (off unless asked)", decisive=False
     )
@@ -109,6 +131,7 @@ class PruneConfig:
         None,
         "prune only the first N decoder blocks (quick studies; the rest stay dense)",
         decisive=False,
+        at_least=1,
     )
     max_shard_size: str = option("2GB", "largest safetensors shard", decisive=False)
     stream_from_disk: bool = option(
@@ -131,10 +154,10 @@ class PruneConfig:
         decisive=False,
     )
     eval_seqlen: int | None = option(
-        None, "window length for --eval (default: --seqlen)", decisive=False
+        None, "window length for --eval (default: --seqlen)", decisive=False, at_least=2
     )
     eval_max_windows: int | None = option(
-        None, "evaluate on at most this many windows", decisive=False
+        None, "evaluate on at most this many windows", decisive=False, at_least=1
     )
     eval_cache: bool = option(
         True,
@@ -159,18 +182,51 @@ class PruneConfig:
         None, "the method's Options (recipe key method_options)", cli=False
     )
     stage_options: dict = option(
-        None, "each stage's Options, by recipe key (joint, profile, recover...)", factory=dict,
+        None,
+        "each stage's Options, by recipe key (joint, profile, recover...)",
+        factory=dict,
         cli=False,
-    )  # fmt: skip
+    )
+
+    def __post_init__(self):
+        """Each option's type, choices and range (:func:`~safe_llm.options.check_fields`),
+        then the options that must fit together; the sections checked themselves when built.
+        What needs the world (the model given, files that must exist, the output directory)
+        is :func:`check_run`'s."""
+        check_fields(self)
+        if self.eval:  # "wikitext2,c4" -> ["wikitext2", "c4"]
+            object.__setattr__(self, "eval", parse_list(self.eval))
+        pattern = self.pattern()
+        parse_size(self.max_shard_size, "--max-shard-size")
+        if self.max_activation_memory is not None:
+            parse_size(self.max_activation_memory, "--max-activation-memory")
+        _check_together(self, pattern)
+
+    @property
+    def profile(self) -> ProfileOptions:
+        """The profile stage's options (recipe key ``profile``)."""
+        return self.stage_options["profile"]
+
+    @property
+    def joint(self) -> PruneOptions:
+        """The prune stage's options: its joint windows (recipe key ``joint``)."""
+        return self.stage_options["joint"]
+
+    @property
+    def recover(self) -> RecoverOptions:
+        """The recover stage's options (recipe key ``recover``)."""
+        return self.stage_options["recover"]
 
     def __getattr__(self, name: str):
-        """A stage's sub-config by its recipe key: ``config.joint``, ``config.recover``."""
+        """The section of a stage registered from outside the package, by its recipe key
+        (``config.count`` for a ``count`` stage); the package's own are the properties
+        above."""
         sections = self.__dict__.get("stage_options", {})
         if name in sections:
             return sections[name]
-        raise AttributeError(f"PruneConfig has no option or stage section {name!r}")
+        raise AttributeError(f"{type(self).__name__} has no option or stage section {name!r}")
 
-    def pattern(self):
+    def pattern(self) -> SparsityPattern:
         """The :class:`~safe_llm.core.sparsity.SparsityPattern` of ``structure`` and
         ``sparsity`` (0.5 unstructured by default)."""
         from safe_llm.core.sparsity import SparsityPattern
@@ -208,6 +264,9 @@ class PruneConfig:
         return json.loads(json.dumps(values))
 
 
+PruneConfig = RunConfig  # its name before issue 26 (it configures recovery runs too)
+
+
 def _decisive(options) -> dict:
     return {
         f.name: getattr(options, f.name)
@@ -216,47 +275,22 @@ def _decisive(options) -> dict:
     }
 
 
-class _RecipeLoader(yaml.SafeLoader):
-    """YAML 1.2 numbers: ``2:4`` stays a string (YAML 1.1 reads it as the base-60 int 124)
-    and ``1e-3`` is a float (YAML 1.1 wants ``1.0e-3``)."""
-
-
-_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
-_RecipeLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in _NUMBER_TAGS]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:int",
-    re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+|0o?[0-7_]+)$"),
-    list("-+0123456789"),
-)
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
-        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-    ),
-    list("-+0123456789."),
-)
-
-
 def parse_value(text: str):
     """A value written on the command line, read as a recipe value (``1e-3`` a float, ``2:4``
     a string, ``true`` a bool)."""
     try:
-        return yaml.load(text, Loader=_RecipeLoader)
+        return read_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"cannot read the value {text!r}: {exc}") from exc
 
 
 def load_recipe(path: str | Path) -> dict:
-    """Read a YAML recipe: a mapping of :class:`PruneConfig` keys."""
+    """Read a YAML recipe: a mapping of :class:`RunConfig` keys."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist")
     try:
-        data = yaml.load(path.read_text(), Loader=_RecipeLoader) or {}
+        data = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -265,37 +299,37 @@ def load_recipe(path: str | Path) -> dict:
 
 
 def unknown_recipe_keys(recipe: dict) -> list[str]:
-    """The top-level keys of ``recipe`` that are no :class:`PruneConfig` option, method
+    """The top-level keys of ``recipe`` that are no :class:`RunConfig` option, method
     options or stage section (sorted)."""
-    known = {f.name for f in dataclasses.fields(PruneConfig) if f.name not in TREE_FIELDS}
+    known = {f.name for f in dataclasses.fields(RunConfig) if f.name not in TREE_FIELDS}
     known |= {"method_options", *(cls.recipe_key() for cls in registered_stages())}
     return sorted(set(recipe) - known)
 
 
-def make_config(recipe: dict | None = None, overrides: dict | None = None) -> PruneConfig:
-    """Defaults < recipe < overrides; validates the result.
+def make_config(recipe: dict | None = None, overrides: dict | None = None) -> RunConfig:
+    """Defaults < recipe < overrides, each options class checking its own values once
+    (:func:`~safe_llm.options.check_fields`), then :func:`check_run`.
 
-    ``recipe`` is nested as :meth:`PruneConfig.to_dict` writes it (``joint: {blocks: 2}``);
+    ``recipe`` is nested as :meth:`RunConfig.to_dict` writes it (``joint: {blocks: 2}``);
     ``overrides`` are flat flag names (``joint_blocks=2``, ``recover=True``) plus a
     ``method_options`` mapping, which merges into the recipe's key by key.
     """
     values, overrides = dict(recipe or {}), dict(overrides or {})
-    stage_options = {cls.recipe_key(): _stage_options(cls, values, overrides) for cls in
-                     registered_stages()}  # fmt: skip
+    stages = registered_stages()
+    stage_options = {cls.recipe_key(): _stage_options(cls, values, overrides) for cls in stages}
     method_values = _mapping(values.pop("method_options", {}), "method_options")
     method_values.update(_mapping(overrides.pop("method_options", {}), "method_options"))
     values.update(overrides)
-    fields = {f.name: f for f in dataclasses.fields(PruneConfig) if f.name not in TREE_FIELDS}
-    unknown = set(values) - set(fields)
+    known = {f.name for f in dataclasses.fields(RunConfig) if f.name not in TREE_FIELDS}
+    unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    for name, value in values.items():
-        values[name] = check_type(name, value, fields[name])
-    if values.get("eval"):  # "wikitext2,c4" -> ["wikitext2", "c4"]
-        values["eval"] = parse_list(values["eval"])
-    config = PruneConfig(**values, stage_options=stage_options)
-    config.method_options = _method_options(config.method, method_values)
-    validate(config)
+    method = values.get("method", RunConfig.method)
+    if not isinstance(method, str):
+        raise ConfigError(f"option --method must be a method name, got {method!r}")
+    method_options = _method_options(method, method_values)
+    config = RunConfig(**values, method_options=method_options, stage_options=stage_options)
+    check_run(config)
     return config
 
 
@@ -305,9 +339,9 @@ def _mapping(value, key: str) -> dict:
     return dict(value)
 
 
-def _stage_options(cls: type[Stage], recipe: dict, overrides: dict):
+def _stage_options(cls: type, recipe: dict, overrides: dict):
     """Stage ``cls``'s options: its recipe section, then its flags in ``overrides`` (both
-    popped), built and validated."""
+    popped), built (the options check themselves)."""
     key = cls.recipe_key()
     given = _mapping(recipe.pop(key, {}) or {}, f"recipe key {key}")
     for f in dataclasses.fields(cls.Options):
@@ -324,52 +358,66 @@ def _method_options(method: str, values: dict):
     return build_options(get_method_class(method).Options, values, f"method {method!r}")
 
 
-def validate(config: PruneConfig) -> None:
-    """Raise :class:`ConfigError` (or a more specific error) for unusable values; each stage
-    checks its sub-config against the rest (:meth:`~safe_llm.stages.base.Stage.check`)."""
-    if not config.model:
-        raise ConfigError("no model given: use --model (hub id, directory, .gguf or built-in)")
-    config.pattern()
-    for name in ("nsamples", "batch_size"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-    if config.seqlen < 2:
-        raise ConfigError("--seqlen must be at least 2")
-    if config.eval_seqlen is not None and config.eval_seqlen < 2:
-        raise ConfigError("--eval-seqlen must be at least 2")
-    if config.eval_max_windows is not None and config.eval_max_windows < 1:
-        raise ConfigError("--eval-max-windows must be at least 1")
-    from safe_llm.io.data import check_source
+def make_method(name: str, options: dict | Any = None) -> PruningMethod:
+    """Pruning method ``name`` as every run builds it (:func:`~safe_llm.pipeline.run_prune`
+    with the config's ``method_options``): its ``Options`` built from the mapping ``options``
+    (unknown names refused, each value checked by the Options themselves), or given built."""
+    from safe_llm.methods import get_method_class
 
-    for source in [config.dataset, *config.eval]:
-        check_source(source)
-    if config.max_blocks is not None and config.max_blocks < 1:
-        raise ConfigError("--max-blocks must be at least 1")
-    _check_streaming(config)
-    for cls in registered_stages():
-        cls.check(config)
-    if config.resume and not config.output:
-        raise ConfigError("--resume needs --output (the directory of the interrupted run)")
-    if config.push_to_hub and not (config.output and config.hub_repo_id):
-        raise ConfigError("--push-to-hub needs --output and --hub-repo-id user/name")
-    if config.output:
-        check_output(Path(config.output), config.model, config.overwrite, config.resume)
+    cls = get_method_class(name)
+    if not isinstance(options, cls.Options):
+        options = _method_options(name, _mapping(options or {}, "method_options"))
+    return cls(options)
 
 
-def _check_streaming(config: PruneConfig) -> None:
-    if config.max_activation_memory is not None:
-        parse_size(config.max_activation_memory, "--max-activation-memory")
-    if not config.stream_from_disk:
-        return
-    if not config.output:
+def _check_together(config: RunConfig, pattern) -> None:
+    """Options that are each valid but do not fit together."""
+    sections = config.stage_options
+    profile, recover = sections.get("profile"), sections.get("recover")
+    if profile is not None and not profile.uniform and pattern.is_nm:
+        raise ConfigError(
+            f"N:M ({config.structure}) is a fixed sparsity: --sparsity-profile "
+            f"{profile.kind} / --sparsity-per-block need --structure unstructured"
+        )
+    if config.stream_from_disk and not config.output:
         raise ConfigError(
             "--stream-from-disk needs --output: each pruned block is written there when done"
         )
-    if config.eval:
+    if config.stream_from_disk and config.eval:
         raise ConfigError(
             "--eval cannot run with --stream-from-disk (the model is never whole in memory); "
             "evaluate the written checkpoint with safe-llm eval"
         )
+    if config.stream_from_disk and recover is not None and recover.enabled:
+        raise ConfigError(
+            "--recover trains the whole model and cannot run with --stream-from-disk; "
+            "prune first, then run safe-llm recover on the checkpoint"
+        )
+    if config.resume and not config.output:
+        raise ConfigError("--resume needs --output (the directory of the interrupted run)")
+    if config.push_to_hub and not (config.output and config.hub_repo_id):
+        raise ConfigError("--push-to-hub needs --output and --hub-repo-id user/name")
+
+
+def check_run(config: RunConfig) -> None:
+    """What the options name must be there before anything is loaded: a model, the text
+    sources that are local files, torchrun's ranks for ``--recover-fsdp``, a usable
+    ``--output``. Raises :class:`ConfigError`."""
+    if not config.model:
+        raise ConfigError("no model given: use --model (hub id, directory, .gguf or built-in)")
+    from safe_llm.io.data import check_source
+
+    recover = config.stage_options.get("recover")
+    recovering = recover is not None and recover.enabled
+    for source in [config.dataset, *config.eval, *([recover.dataset] if recovering else [])]:
+        if source:
+            check_source(source)
+    if recovering and recover.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        from safe_llm.stages.recover.fsdp import NEEDS_RANKS
+
+        raise ConfigError(NEEDS_RANKS)  # checked before any pruning; recover() checks again
+    if config.output:
+        check_output(Path(config.output), config.model, config.overwrite, config.resume)
 
 
 def check_output(output: Path, model: str | None, overwrite: bool, resume: bool = False) -> None:

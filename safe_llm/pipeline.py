@@ -12,18 +12,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from safe_llm.config import ConfigError, PruneConfig, make_config, unknown_recipe_keys
+from safe_llm.config import (
+    ConfigError,
+    RunConfig,
+    load_recipe,
+    make_config,
+    make_method,
+    unknown_recipe_keys,
+)
 from safe_llm.core import distributed, precision
 from safe_llm.core.blocks import check_coverage, find_blocks, prunable_layers, weight_matrix
-from safe_llm.core.memory import StagePeaks, return_freed_memory, serve_large_buffers_from_mmap
+from safe_llm.core.memory import StagePeaks, large_buffers_from_mmap, return_freed_memory
+from safe_llm.core.sparsity import SparsityPattern
+from safe_llm.core.walker import WalkOptions
 from safe_llm.io import data
 from safe_llm.io.models import load_model, resolve_device, resolve_dtype
 from safe_llm.io.work_area import WorkArea, work_dir
-from safe_llm.methods import get_method_class
 from safe_llm.options import parse_size
 from safe_llm.report import RunReport
 from safe_llm.stages.base import RunContext, registered_stages
-from safe_llm.stages.prune.loop import blocks_to_prune
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +39,17 @@ log = logging.getLogger(__name__)
 class PruneResult:
     model: nn.Module
     tokenizer: object
-    config: PruneConfig
+    config: RunConfig
     report: RunReport
     # writes config.json and the weights into a directory (given the max shard size), for a
     # model that is not whole in memory (--stream-from-disk); None: model.save_pretrained
     write_weights: Callable[[Path, str], None] | None = None
 
 
-def check_prunable(model: nn.Module, pattern, ignore: tuple[str, ...] = ()) -> None:
-    """Raise before any calibration work if a block's layer cannot take ``pattern``."""
-    _, blocks = find_blocks(model)
+def check_prunable(
+    blocks: nn.ModuleList, pattern: SparsityPattern, ignore: tuple[str, ...] = ()
+) -> None:
+    """Raise before any calibration work if a layer of ``blocks`` cannot take ``pattern``."""
     layers = [prunable_layers(block, ignore) for block in blocks]
     if not any(layers):
         raise ConfigError("--ignore excludes every layer of every block; nothing would be pruned")
@@ -51,7 +59,7 @@ def check_prunable(model: nn.Module, pattern, ignore: tuple[str, ...] = ()) -> N
     check_coverage(blocks, ignore)
 
 
-def open_work_area(config: PruneConfig) -> tuple[WorkArea | None, bool]:
+def open_work_area(config: RunConfig) -> tuple[WorkArea | None, bool]:
     """``(work area, fresh)`` of a run with ``--output``; on ``--resume`` the saved options
     must match (checked before anything is loaded)."""
     if not config.output:
@@ -82,21 +90,22 @@ def run_stages(model: nn.Module, context: RunContext, command: str = "prune") ->
             continue
         stage = cls()
         if cls.name in finished:
-            result = finished[cls.name]
+            result = stage.from_document(finished[cls.name])
             stage.restore(model, context, result)
             log.info("stage %s: finished before the resume", cls.name)
         else:
             with context.peaks.stage(cls.name):
                 result = stage.run(model, context)
-            if work is not None and context.writer:
+            if work is not None and context.writes:
                 context.start_work_area()
-                work.finish_stage(cls.name, result)
+                work.finish_stage(cls.name, stage.document(result))
         context.results[cls.name] = result
         stage.record(context.report, result)
 
 
-def _load(config: PruneConfig, dtype: torch.dtype):
-    """``(model, tokenizer, block source or None, weight writer factory or None)``."""
+def _load(config: RunConfig, dtype: torch.dtype):
+    """``(model, tokenizer, block source or None, weights writer or None)``: the writer, given
+    the work area and the number of pruned blocks, writes the streamed checkpoint's weights."""
     if not config.stream_from_disk:
         model, tokenizer, _ = load_model(config.model, dtype, config.trust_remote_code)
         return model, tokenizer, None, None
@@ -104,12 +113,12 @@ def _load(config: PruneConfig, dtype: torch.dtype):
 
     model, tokenizer, files = load_skeleton(config.model, dtype, config.trust_remote_code)
 
-    def writer(work: WorkArea, pruned: int) -> Callable[[Path, str], None]:
+    def weights_writer(work: WorkArea, pruned: int) -> Callable[[Path, str], None]:
         return lambda directory, size: write_weights(
             model, files, work, pruned, directory, parse_size(size, "--max-shard-size")
         )
 
-    return model, tokenizer, DiskBlocks(model, files), writer
+    return model, tokenizer, DiskBlocks(model, files), weights_writer
 
 
 def precision_report(device: torch.device, dtype: torch.dtype, method) -> dict:
@@ -122,8 +131,23 @@ def precision_report(device: torch.device, dtype: torch.dtype, method) -> dict:
     return info
 
 
+def walk_options(config: RunConfig, device: torch.device, progress: bool) -> WalkOptions:
+    """How the run walks the blocks (the memory-mapped activation streams of
+    ``--max-activation-memory`` sit next to ``--output``)."""
+    budget = config.max_activation_memory
+    return WalkOptions(
+        device=device,
+        batch_size=config.batch_size,
+        ignore=tuple(config.ignore),
+        progress=progress,
+        activation_budget=parse_size(budget) if budget else None,
+        spill_dir=Path(config.output).expanduser().parent if config.output else None,
+    )
+
+
+@large_buffers_from_mmap()  # freed activations go back to the OS at once
 def run_prune(
-    config: PruneConfig,
+    config: RunConfig,
     progress: bool = True,
     should_stop: Callable[[], int | None] | None = None,
 ) -> PruneResult:
@@ -139,39 +163,52 @@ def run_prune(
     """
     start = time.perf_counter()
     distributed.init_from_env()
-    progress = progress and distributed.is_writer()
     work, fresh = open_work_area(config)
     torch.manual_seed(config.seed)
     device = distributed.local_device(resolve_device(config.device))
     dtype = resolve_dtype(config.dtype, device)
-    method = get_method_class(config.method)(config.method_options)
-    serve_large_buffers_from_mmap()
-    peaks = StagePeaks(device)
+    method = make_method(config.method, config.method_options)
+    pattern, peaks = config.pattern(), StagePeaks(device)
     with peaks.stage("load"):
-        model, tokenizer, source, writer = _load(config, dtype)
-    check_prunable(model, config.pattern(), tuple(config.ignore))
+        model, tokenizer, source, weights_writer = _load(config, dtype)
+    _, blocks = find_blocks(model)
+    check_prunable(blocks, pattern, tuple(config.ignore))
     with peaks.stage("calibration_data"):
         windows = _calibration_windows(config, tokenizer)
+    walk = walk_options(config, device, progress and distributed.is_writer())
     context = RunContext(
-        config, device, dtype, tokenizer, windows, new_report(config), peaks, method=method,
-        work=work, fresh=fresh, writer=distributed.is_writer(), source=source,
-        progress=progress, should_stop=should_stop,
-    )  # fmt: skip
+        config,
+        device,
+        dtype,
+        tokenizer,
+        windows,
+        new_report(config, pattern),
+        peaks,
+        pattern,
+        blocks,
+        walk,
+        method=method,
+        work=work,
+        fresh=fresh,
+        writes=distributed.is_writer(),
+        source=source,
+        should_stop=should_stop,
+    )
     run_stages(model, context)
     report = context.report
     report.device, report.dtype = str(device), str(dtype).removeprefix("torch.")
     report.precision = precision_report(device, dtype, method)
     report.stage_peak_memory_bytes = peaks.to_dict()
     report.total_seconds = time.perf_counter() - start
-    total = blocks_to_prune(model, config)
-    write_weights = writer(work, total) if writer is not None and work is not None else None
+    write_weights = None
+    if weights_writer is not None and work is not None:
+        write_weights = weights_writer(work, context.blocks_to_prune)
     return PruneResult(model, tokenizer, config, report, write_weights)
 
 
-def new_report(config: PruneConfig) -> RunReport:
+def new_report(config: RunConfig, pattern: SparsityPattern) -> RunReport:
     """The run's report before any stage ran: what the options say (the stages fill in the
     rest)."""
-    pattern = config.pattern()
     return RunReport(
         model=config.model,
         command=config.command_line,
@@ -190,7 +227,7 @@ def new_report(config: PruneConfig) -> RunReport:
     )
 
 
-def _calibration_windows(config: PruneConfig, tokenizer) -> torch.Tensor:
+def _calibration_windows(config: RunConfig, tokenizer) -> torch.Tensor:
     """The calibration token ids ``[nsamples, seqlen]`` of ``config``."""
     windows = data.calibration_windows(
         tokenizer,
@@ -216,8 +253,9 @@ def recover_checkpoint(
     through the same stages and run context as a prune run. The teacher is the dense model
     named in its ``recipe.yaml``, whose options are the defaults under ``overrides`` (flag
     names: ``output``, ``recover_steps``...). The checkpoint is written like ``safe-llm
-    prune`` writes one (atomically), with the recovery in ``report.json``, ``recipe.yaml`` and
-    the model card; the checkpoint's perplexities become ``evaluation.before_recovery``."""
+    prune`` writes one, by :func:`finish_run` (atomically), with the recovery in
+    ``report.json``, ``recipe.yaml`` and the model card; the checkpoint's perplexities become
+    ``evaluation.before_recovery``."""
     start, checkpoint = time.perf_counter(), Path(checkpoint).expanduser()
     distributed.init_from_env()
     output = overrides.get("output")
@@ -225,19 +263,32 @@ def recover_checkpoint(
         raise ConfigError("safe-llm recover needs --output, the directory for the result")
     if Path(output).expanduser().resolve() == checkpoint.resolve():
         raise ConfigError("--output is the input checkpoint; choose another directory")
-    recipe, previous = _read_checkpoint_record(checkpoint)
-    config = make_config(recipe, {**overrides, "recover": True, "command_line": command_line})
+    recipe, previous = read_checkpoint_record(checkpoint)
+    given = {"push_to_hub": False, **overrides, "recover": True, "command_line": command_line}
+    config = make_config(recipe, given)  # the pruned run's push is not this one's
     work, fresh = open_work_area(config)
     torch.manual_seed(config.seed)
     device = distributed.local_device(resolve_device(config.device))
     model, tokenizer = _load_pruned(checkpoint, previous.get("dtype"), config.trust_remote_code)
     report = RunReport.from_dict(previous)
     report.evaluation["before_recovery"] = report.evaluation.pop("pruned", {})
+    walk = walk_options(config, device, progress and distributed.is_writer())
+    dtype, blocks = next(model.parameters()).dtype, find_blocks(model)[1]
     context = RunContext(
-        config, device, next(model.parameters()).dtype, tokenizer, None, report,
-        StagePeaks(device), work=work, fresh=fresh, writer=distributed.is_writer(),
-        progress=progress and distributed.is_writer(),
-    )  # fmt: skip
+        config,
+        device,
+        dtype,
+        tokenizer,
+        None,
+        report,
+        StagePeaks(device),
+        config.pattern(),
+        blocks,
+        walk,
+        work=work,
+        fresh=fresh,
+        writes=distributed.is_writer(),
+    )
     run_stages(model, context, "recover")
     report.stage_peak_memory_bytes = {**report.stage_peak_memory_bytes, **context.peaks.bytes}
     report.recovery = {
@@ -246,19 +297,12 @@ def recover_checkpoint(
         "from_checkpoint": str(checkpoint),
         "total_seconds": time.perf_counter() - start,
     }
-    result = PruneResult(model, tokenizer, config, report)
-    if distributed.is_writer():  # under torchrun rank 0 alone writes
-        from safe_llm.io.checkpoint import save_checkpoint
-
-        save_checkpoint(result)  # replaces the output directory, its work area included
-    return result
+    return PruneResult(model, tokenizer, config, report)
 
 
-def _read_checkpoint_record(checkpoint: Path) -> tuple[dict, dict]:
+def read_checkpoint_record(checkpoint: Path) -> tuple[dict, dict]:
     """``(recipe.yaml, report.json)`` of a checkpoint written by safe-llm."""
     import json
-
-    import yaml
 
     recipe_file, report_file = checkpoint / "recipe.yaml", checkpoint / "report.json"
     if not recipe_file.is_file() or not report_file.is_file():
@@ -266,7 +310,7 @@ def _read_checkpoint_record(checkpoint: Path) -> tuple[dict, dict]:
             f"{checkpoint} is not a safe-llm checkpoint (no recipe.yaml / report.json): "
             "recover needs the recipe to know the dense model (the teacher)"
         )
-    recipe = yaml.safe_load(recipe_file.read_text()) or {}
+    recipe = load_recipe(recipe_file)
     unknown = unknown_recipe_keys(recipe)
     if unknown:
         raise ConfigError(
@@ -288,20 +332,21 @@ def _load_pruned(checkpoint: Path, dtype: str | None, trust_remote_code: bool):
 
 
 def finish_run(result: PruneResult) -> str | None:
-    """The one way a run ends, for the CLI and :func:`prune` alike: the writing rank (rank 0,
+    """The one way a run ends (a prune run or a recovery; the CLI and :func:`prune` alike):
+    the writing rank (rank 0,
     or the only process) saves the checkpoint when ``config.output`` is set, the process group
     is released, then the writing rank uploads the checkpoint with ``config.push_to_hub``.
     Returns the Hub commit URL when it pushed, else None."""
     from safe_llm.io.checkpoint import save_checkpoint
 
     config = result.config
-    writer = distributed.is_writer()
+    writes = distributed.is_writer()
     try:
-        if writer and config.output:
-            save_checkpoint(result)
+        if writes and config.output:
+            save_checkpoint(result)  # replaces the output directory, its work area included
     finally:
         distributed.shutdown()
-    if not (writer and config.push_to_hub):
+    if not (writes and config.push_to_hub):
         return None
     from safe_llm.io.hub import push_checkpoint
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from safe_llm.stages.prune.engine import BlockReport
+from safe_llm.core.reports import BlockReport, PruneReport
 
 
 @dataclass
@@ -41,15 +41,15 @@ class RunReport:
     resumed_from_block: int = 0
     all_block_weights_sparsity: float = float("nan")  # every block weight of 2+ dimensions
     unpruned_block_weights: dict = field(default_factory=dict)  # left dense: {name: params}
+    layer_errors: bool = False  # whether the blocks report each layer's error
     stage_peak_memory_bytes: dict = field(default_factory=dict)  # per stage of the run
     total_seconds: float = 0.0
     stages: dict = field(default_factory=dict)  # what each other stage returned, by name
 
-    def add_engine(self, engine: dict) -> None:
-        """Set the engine's fields from its report (``asdict(PruneReport)``)."""
-        for name, value in engine.items():
-            setattr(self, name, value)
-        self.blocks = [BlockReport(**b) for b in engine["blocks"]]
+    def add_prune(self, pruned: PruneReport) -> None:
+        """Record the prune stage's walk over the blocks (its fields are the report's)."""
+        for f in fields(pruned):
+            setattr(self, f.name, getattr(pruned, f.name))
 
     @classmethod
     def from_dict(cls, document: dict) -> RunReport:

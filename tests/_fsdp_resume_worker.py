@@ -43,7 +43,7 @@ def main(state_dir: str) -> None:
     loop.recover(whole, teacher, windows, options, progress=False)
 
     killed, teacher = pruned_pair()
-    real_step, calls = loop._finish_step, {"n": 0}
+    real_step, calls = loop.finish_step, {"n": 0}
 
     def dies_at_step_five(*args):
         calls["n"] += 1
@@ -51,13 +51,13 @@ def main(state_dir: str) -> None:
             raise KeyboardInterrupt
         return real_step(*args)
 
-    loop._finish_step = dies_at_step_five
+    loop.finish_step = dies_at_step_five
     try:
         loop.recover(killed, teacher, windows, options, state_dir=state_dir, progress=False)
         raise AssertionError("the recovery was not interrupted")
     except KeyboardInterrupt:
         pass
-    loop._finish_step = real_step
+    loop.finish_step = real_step
     dist.barrier()
     resumed, teacher = pruned_pair()
     report = loop.recover(resumed, teacher, windows, options, state_dir=state_dir, progress=False)

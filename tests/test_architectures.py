@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from safe_llm.config import make_method
 from safe_llm.core.blocks import (
     BlockDiscoveryError,
     capture_block_inputs,
@@ -17,8 +18,7 @@ from safe_llm.core.blocks import (
     weight_matrix,
 )
 from safe_llm.core.sparsity import SparsityPattern
-from safe_llm.methods import build_method
-from safe_llm.stages.prune.engine import prune_model
+from safe_llm.stages.prune.engine import EngineOptions, prune_model
 
 CPU = torch.device("cpu")
 SEQ = 24
@@ -220,7 +220,11 @@ def test_pruning_meets_pattern_exactly_and_leaves_the_rest_untouched(arch, metho
     outside = _non_block_state(model)
 
     prune_model(
-        model, windows, build_method(method), pattern, device=CPU, batch_size=3, progress=False
+        model,
+        windows,
+        make_method(method),
+        pattern,
+        EngineOptions(device=CPU, batch_size=3, progress=False),
     )
 
     for i, block in enumerate(blocks):
@@ -270,10 +274,9 @@ def test_model_without_decoder_blocks_raises_block_discovery_error(body):
         prune_model(
             model,
             torch.zeros(1, 4, dtype=torch.long),
-            build_method("magnitude"),
+            make_method("magnitude"),
             pattern,
-            device=CPU,
-            progress=False,
+            EngineOptions(device=CPU, progress=False),
         )
 
 
@@ -281,14 +284,12 @@ def test_model_without_decoder_blocks_raises_block_discovery_error(body):
 @pytest.mark.parametrize("method", ["safe", "safe+"])
 def test_safe_prunes_gpt2_conv1d_through_the_contexts_layout_conversion(method):
     """GPT-2 stores ``Conv1D`` weights ``[in, out]``; SAFE trains the stored parameter and
-    projects through ``ctx.as_matrix`` / ``ctx.as_stored``: the pattern holds on ``[out, in]``."""
+    projects through ``ctx.as_matrix``: the pattern holds on ``[out, in]``."""
     model = make_model("gpt2")
     pattern = SparsityPattern.parse("2:4")
-    options = {"epochs": 1, "warmup_epochs": 0, "train_batch_size": 3}
-    prune_model(
-        model, make_windows(6), build_method(method, options), pattern, device=CPU, batch_size=3,
-        progress=False,
-    )  # fmt: skip
+    solver = {"epochs": 1, "warmup_epochs": 0, "train_batch_size": 3}
+    options = EngineOptions(device=CPU, batch_size=3, progress=False)
+    prune_model(model, make_windows(6), make_method(method, solver), pattern, options)
     for block in find_blocks(model)[1]:
         for name, layer in prunable_layers(block).items():
             matrix = weight_matrix(layer).detach()
@@ -306,6 +307,9 @@ def test_block_context_turns_a_conv1d_layout_into_out_in_and_back():
     )  # noqa: E501
     for name, layer in layers.items():
         stored = torch.randn_like(layer.weight)
+        before = stored.clone()
         matrix = ctx.as_matrix(name, stored)
         assert matrix.shape == ctx.matrix(name).shape  # [out, in]
-        assert torch.equal(ctx.as_stored(name, matrix), stored)
+        assert torch.equal(matrix, before.t() if ctx.layers[name].transposed else before)
+        matrix.mul_(2)  # a view: writing it writes the stored tensor, in its own layout
+        assert torch.equal(stored, 2 * before)

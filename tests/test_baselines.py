@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
+from safe_llm.config import make_method
 from safe_llm.core.blocks import find_blocks, prunable_layers, weight_matrix
 from safe_llm.core.layer_stats import collect_input_stats
 from safe_llm.core.sparsity import SparsityPattern
-from safe_llm.methods import build_method
 from safe_llm.methods.sparsegpt import inverse_hessian_factor, sparsegpt_prune
-from safe_llm.stages.prune.engine import prune_model
+from safe_llm.stages.prune.engine import EngineOptions, prune_model
 
 CPU = torch.device("cpu")
 PATTERNS = {
@@ -57,7 +57,11 @@ def test_layer_error_orders_sparsegpt_below_wanda_below_magnitude(make_tiny_llam
     for name in ("magnitude", "wanda", "sparsegpt"):
         model = _llama_with_uneven_features(make_tiny_llama)
         report = prune_model(
-            model, windows, build_method(name), pattern, device=CPU, batch_size=4, progress=False
+            model,
+            windows,
+            make_method(name),
+            pattern,
+            EngineOptions(device=CPU, batch_size=4, layer_errors=True, progress=False),
         )
         errors[name] = [block.layer_error for block in report.blocks]
     for index, per_layer in enumerate(errors["magnitude"]):
@@ -174,10 +178,9 @@ def test_engine_sparsegpt_with_zero_damping_on_repetitive_data_warns_and_stays_e
         prune_model(
             model,
             windows,
-            build_method("sparsegpt", {"damping": 0.0}),
+            make_method("sparsegpt", {"damping": 0.0}),
             pattern,
-            device=CPU,
-            progress=False,
+            EngineOptions(device=CPU, progress=False),
         )
     for block in find_blocks(model)[1]:
         for layer in prunable_layers(block).values():
@@ -209,11 +212,9 @@ def test_engine_leaves_ignored_layers_dense(make_tiny_llama, method):
     report = prune_model(
         model,
         _zipf_windows(n=2, seq=16),
-        build_method(method),
+        make_method(method),
         PATTERNS["2:4"],
-        device=CPU,
-        ignore=ignore,
-        progress=False,
+        EngineOptions(device=CPU, ignore=ignore, progress=False),
     )
     for i, block in enumerate(blocks):
         for name, layer in prunable_layers(block).items():

@@ -17,7 +17,7 @@ import yaml
 
 import safe_llm
 from safe_llm import cli, pipeline
-from safe_llm.config import PruneConfig, load_recipe, make_config
+from safe_llm.config import RunConfig, load_recipe, make_config
 from safe_llm.stages.prune import loop
 
 LAYERS = (
@@ -111,7 +111,7 @@ def test_prune_help_lists_every_config_and_method_option_with_help_text(capsys):
     parser = _prune_parser()
     options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
     flags = {a.dest: a for a in options}
-    expected = {f.name for f in dataclasses.fields(PruneConfig) if f.metadata.get("cli", True)}
+    expected = {f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("cli", True)}
     expected |= {cli.OPTION_DEST + name for name in cli._method_option_fields()} - {
         cli.OPTION_DEST + name for name in expected
     }
@@ -465,9 +465,13 @@ def test_multi_line_library_error_is_printed_on_one_line(base_args, monkeypatch,
     sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")),
     ids=lambda path: path.name,
 )
-def test_every_shipped_recipe_is_a_valid_configuration(recipe):
-    config = make_config(load_recipe(recipe))  # builds (and checks) every sub-config
-    assert config.pattern().sparsity > 0
+def test_every_shipped_recipe_is_a_valid_configuration_that_keeps_its_values(recipe):
+    values = load_recipe(recipe)
+    written = make_config(values).to_dict()  # builds (and checks) every sub-config
+    for key, value in values.items():  # no value dropped or changed on the way
+        for name, given in value.items() if isinstance(value, dict) else [(None, value)]:
+            kept = written[key][name] if name is not None else written[key]
+            assert kept == given, f"{recipe.name}: {key} {name or ''}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -564,3 +568,31 @@ def test_every_flag_of_every_subcommand_has_a_help_text():
         if not action.help
     ]
     assert missing == []
+
+
+def test_every_recipe_reader_reads_yaml_1_2_numbers(tmp_path):
+    """A checkpoint's recipe.yaml is read like a --recipe (``1e-3`` a float, ``2:4`` text) by
+    ``safe-llm recover`` and ``safe-llm report`` alike."""
+    from safe_llm.evaluation.compare import load_run
+    from safe_llm.pipeline import read_checkpoint_record
+
+    (tmp_path / "recipe.yaml").write_text("model: m\nstructure: 2:4\nrecover:\n  lr: 1e-3\n")
+    (tmp_path / "report.json").write_text('{"method": "magnitude"}')
+    recipe, _ = read_checkpoint_record(tmp_path)
+    assert recipe["structure"] == "2:4" and recipe["recover"]["lr"] == 1e-3
+    assert load_run(tmp_path).recipe == recipe
+
+
+@pytest.mark.parametrize(
+    "method, flags, expected",
+    [("wanda", [], False), ("sparsegpt", [], True), ("wanda", ["--layer-errors"], True)],
+)
+def test_layer_errors_are_on_where_the_method_gathers_x_t_x_and_the_report_says_which(
+    base_args, tmp_path, method, flags, expected
+):
+    out = tmp_path / "out"
+    argv = [*base_args, "--method", method, *flags, "--output", str(out)]
+    assert cli.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["layer_errors"] is expected
+    assert [bool(b["layer_error"]) for b in report["blocks"]] == [expected, expected]

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from safe_llm.config import make_method
 from safe_llm.core.blocks import find_blocks, prunable_layers, weight_matrix
 from safe_llm.core.sparsity import SparsityPattern
-from safe_llm.methods import build_method
-from safe_llm.stages.prune.engine import model_sparsity, prune_model
+from safe_llm.stages.prune.engine import EngineOptions, prune_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -30,11 +30,9 @@ def _prune(model, method: str, structure: str, options=None, **kw):
     return prune_model(
         model,
         _windows(model.config.vocab_size),
-        build_method(method, options),
+        make_method(method, options),
         pattern,
-        device=CUDA,
-        progress=False,
-        **kw,
+        EngineOptions(device=CUDA, progress=False, **kw),
     )
 
 
@@ -55,7 +53,7 @@ def test_every_method_prunes_a_bf16_model_on_cuda_to_the_exact_pattern(
             matrix = weight_matrix(layer)
             assert matrix.device.type == "cuda" and matrix.dtype == torch.bfloat16, name
             assert pattern.satisfied_by(matrix) or pattern.satisfied_by(matrix, per_row=True)
-    assert model_sparsity(model) == pytest.approx(0.5, abs=1e-6)
+    assert report.overall_sparsity == pytest.approx(0.5, abs=1e-6)
     assert all(torch.isfinite(torch.tensor(b.reconstruction_error)) for b in report.blocks)
     assert report.peak_memory_bytes > 0
     logits = model(_windows(model.config.vocab_size, n=2).to(CUDA)).logits
@@ -67,9 +65,15 @@ def test_sparsegpt_on_cuda_matches_the_cpu_solution(make_tiny_llama):
     cpu_model = make_tiny_llama(hidden_size=64, intermediate_size=128)
     gpu_model = make_tiny_llama(hidden_size=64, intermediate_size=128).to(CUDA)
     windows = _windows(cpu_model.config.vocab_size)
-    method, pattern = build_method("sparsegpt"), SparsityPattern.parse("unstructured", 0.5)
+    method, pattern = make_method("sparsegpt"), SparsityPattern.parse("unstructured", 0.5)
     for model, device in [(cpu_model, torch.device("cpu")), (gpu_model, CUDA)]:
-        prune_model(model, windows, method, pattern, device=device, progress=False)
+        prune_model(
+            model,
+            windows,
+            method,
+            pattern,
+            EngineOptions(device=device, progress=False),
+        )
     for (name, cpu_param), gpu_param in zip(
         cpu_model.named_parameters(), gpu_model.parameters(), strict=True
     ):

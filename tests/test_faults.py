@@ -22,9 +22,8 @@ from safe_llm import cli
 from safe_llm.core import atomic
 from safe_llm.io import work_area as resume
 from safe_llm.io.work_area import WORK_DIR, WorkArea
-from safe_llm.methods import METHODS, register
+from safe_llm.methods import METHODS, get_method_class, register
 from safe_llm.methods.base import PruningMethod
-from safe_llm.stages.prune import engine
 
 
 @pytest.fixture
@@ -231,10 +230,10 @@ def test_disk_full_at_the_end_of_a_run_keeps_every_block_and_resume_only_writes(
     assert "No space left on device" in line and "--resume" in line
     assert WorkArea(out / WORK_DIR).finished_blocks() == 3
     monkeypatch.undo()
-    pruned = []
-    original = engine._prune_block
+    method, pruned = get_method_class("safe+"), []  # the run's method (the default)
+    original = method.prune_block
     monkeypatch.setattr(
-        engine, "_prune_block", lambda index, *a: pruned.append(index) or original(index, *a)
+        method, "prune_block", lambda self, ctx: pruned.append(ctx.index) or original(self, ctx)
     )
     assert cli.main(prune_argv(model_dir, out, "--resume")) == 0
     assert pruned == [] and (out / "model.safetensors").is_file()

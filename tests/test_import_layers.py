@@ -16,8 +16,10 @@ LAYERS = [
     ("safe_llm.io", "safe_llm.evaluation"),
     ("safe_llm.train",),
     ("safe_llm.methods",),
-    ("safe_llm.stages",),
-    ("safe_llm.config", "safe_llm.report", "safe_llm.pipeline", "safe_llm.cli"),
+    # the run config and the run report sit with the stages: the run context the stages share
+    # is typed with them (the config reads only the stage registry, the report only core)
+    ("safe_llm.stages", "safe_llm.config", "safe_llm.report"),
+    ("safe_llm.pipeline", "safe_llm.cli"),
     ("safe_llm", "safe_llm.__main__"),  # the package's face: the Python API and ``python -m``
 ]
 TOP = "safe_llm"  # the package itself matches exactly, not as a prefix of every module
@@ -93,6 +95,35 @@ def test_no_modules_import_each_other_in_a_circle():
     graph = imports()
     cycles = {" -> ".join(c) for m in graph if (c := _cycle_from(m, graph)) is not None}
     assert cycles == set(), "import cycles:\n" + "\n".join(sorted(cycles))
+
+
+def _stage_of(module: str) -> str | None:
+    """``profile`` for ``safe_llm.stages.profile.owl``; None outside a stage's folder (the
+    shared ``stages.base`` / ``stages.registry`` included)."""
+    parts = module.split(".")
+    if parts[:2] == ["safe_llm", "stages"] and len(parts) > 3:
+        return parts[2]
+    if parts[:2] == ["safe_llm", "stages"] and len(parts) == 3 and module + ".stage" in MODULES:
+        return parts[2]  # the stage's package itself
+    return None
+
+
+def test_no_stage_imports_another_stage():
+    """Stages import ``stages.base``, ``core`` and the layers below, never each other: what
+    two stages share lives in ``core/`` (the block walker, the report types)."""
+    sideways = [
+        f"{module} imports {target}"
+        for module, targets in imports().items()
+        for target in sorted(targets)
+        if _stage_of(module) and _stage_of(target) and _stage_of(module) != _stage_of(target)
+    ]
+    assert sideways == [], "stages that reach into other stages:\n" + "\n".join(sideways)
+
+
+def test_nothing_below_the_pipeline_imports_the_prune_engine_but_its_stage():
+    engine = "safe_llm.stages.prune.engine"
+    users = {m for m, targets in imports().items() if engine in targets}
+    assert {u for u in users if not u.startswith("safe_llm.stages.prune")} == set()
 
 
 def test_the_layer_check_sees_imports_inside_functions():

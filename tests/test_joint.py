@@ -10,7 +10,7 @@ from safe_llm.core.blocks import find_blocks, prunable_layers
 from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.methods.magnitude import Magnitude
 from safe_llm.stages.prune import engine
-from safe_llm.stages.prune.joint import JointOptions, NonFiniteJointLossError
+from safe_llm.stages.prune.joint import NonFiniteJointLossError, PruneOptions
 
 PATTERNS = {
     "unstructured": SparsityPattern.parse("unstructured", 0.5),
@@ -22,17 +22,16 @@ def _windows(count: int = 16, seqlen: int = 16) -> torch.Tensor:
     return torch.randint(0, 128, (count, seqlen), generator=torch.Generator().manual_seed(3))
 
 
-def _prune(model, pattern, joint: JointOptions | None = None):
+def _prune(model, pattern, joint: PruneOptions | None = None):
     """Magnitude pruning (its masks do not depend on the data) with or without joint windows."""
     return engine.prune_model(
         model,
         _windows(),
         Magnitude(),
         pattern,
-        device=torch.device("cpu"),
-        batch_size=4,
-        progress=False,
-        joint=joint or JointOptions(),
+        engine.EngineOptions(
+            device=torch.device("cpu"), batch_size=4, progress=False, joint=joint or PruneOptions()
+        ),
     )
 
 
@@ -53,7 +52,7 @@ def test_joint_windows_keep_every_mask_bitwise_and_train_the_kept_weights(
     alone = make_tiny_llama(num_hidden_layers=4)
     _prune(alone, pattern)
     jointly = make_tiny_llama(num_hidden_layers=4)
-    report = _prune(jointly, pattern, JointOptions(blocks=2, epochs=8, lr=1e-2, batch_size=4))
+    report = _prune(jointly, pattern, PruneOptions(blocks=2, epochs=8, lr=1e-2, batch_size=4))
 
     windows = [b.extra for b in report.blocks if "joint_kept" in b.extra]
     assert [w["joint_first_block"] for w in windows] == [0.0, 2.0]
@@ -72,7 +71,7 @@ def test_a_window_trained_with_lr_0_is_the_block_by_block_result_bit_for_bit(mak
     alone = make_tiny_llama(num_hidden_layers=4)
     _prune(alone, pattern)
     jointly = make_tiny_llama(num_hidden_layers=4)
-    report = _prune(jointly, pattern, JointOptions(blocks=2, lr=0.0, batch_size=4))
+    report = _prune(jointly, pattern, PruneOptions(blocks=2, lr=0.0, batch_size=4))
 
     assert [b.extra.get("joint_kept") for b in report.blocks] == [None, 0.0, None, 0.0]
     expected, got = alone.state_dict(), jointly.state_dict()
@@ -101,7 +100,7 @@ def test_the_window_is_scored_against_the_dense_window_on_the_held_out_windows(m
     pruned = make_tiny_llama(num_hidden_layers=2)
     _prune(pruned, pattern)
     jointly = make_tiny_llama(num_hidden_layers=2)
-    options = JointOptions(blocks=2, epochs=8, lr=1e-2, batch_size=4)
+    options = PruneOptions(blocks=2, epochs=8, lr=1e-2, batch_size=4)
     extra = _prune(jointly, pattern, options).blocks[-1].extra
 
     held = _windows()[-2:]  # round(0.125 * 16) held-out windows: the last two
@@ -137,10 +136,12 @@ def test_the_block_after_a_window_reads_the_trained_windows_outputs(make_tiny_ll
         _windows(),
         method,
         PATTERNS["unstructured"],
-        device=torch.device("cpu"),
-        batch_size=4,
-        progress=False,
-        joint=JointOptions(blocks=2, epochs=8, lr=1e-2, batch_size=4),
+        engine.EngineOptions(
+            device=torch.device("cpu"),
+            batch_size=4,
+            progress=False,
+            joint=PruneOptions(blocks=2, epochs=8, lr=1e-2, batch_size=4),
+        ),
     )
     assert report.blocks[1].extra["joint_kept"] == 1.0
     _, blocks = find_blocks(model)
@@ -158,7 +159,7 @@ def test_a_window_whose_loss_turns_non_finite_stops_the_run_with_the_block_named
 ):
     model = make_tiny_llama(num_hidden_layers=2)
     with pytest.raises(NonFiniteJointLossError, match="from block 0.*--joint-lr"):
-        _prune(model, PATTERNS["unstructured"], JointOptions(blocks=2, lr=1e30, batch_size=4))
+        _prune(model, PATTERNS["unstructured"], PruneOptions(blocks=2, lr=1e30, batch_size=4))
 
 
 @pytest.mark.parametrize(

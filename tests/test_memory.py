@@ -34,3 +34,16 @@ def test_a_stage_reports_a_peak_reached_inside_it():
         del block
     assert peaks.bytes["big"] >= peaks.bytes["small"] + 200 * 2**20
     assert list(peaks.to_dict()) == ["small", "big"]
+
+
+def test_the_mmap_threshold_is_set_inside_its_scope_only_and_scopes_nest():
+    import sys
+
+    assert memory.mmap_threshold() is None
+    with memory.large_buffers_from_mmap() as took:
+        assert took is (sys.platform == "linux")  # glibc's mallopt is there to take it
+        assert memory.mmap_threshold() == memory.MMAP_THRESHOLD_BYTES
+        with memory.large_buffers_from_mmap(128 * 2**10):
+            assert memory.mmap_threshold() == 128 * 2**10
+        assert memory.mmap_threshold() == memory.MMAP_THRESHOLD_BYTES
+    assert memory.mmap_threshold() is None

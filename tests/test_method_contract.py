@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from safe_llm.config import make_config
 from safe_llm.core.blocks import find_blocks, prunable_layers, weight_matrix
 from safe_llm.io.work_area import Interrupted
-from safe_llm.methods import METHODS, available_methods, get_method_class
+from safe_llm.methods import available_methods, get_method_class, register, unregister
 from safe_llm.methods.base import BlockContext, PruningMethod
 from safe_llm.pipeline import finish_run, run_prune
 
@@ -172,9 +172,32 @@ class _RandomColumns(PruningMethod):
         return {}
 
 
-def test_a_throwaway_method_gets_every_check_for_free(run, make_dense, tmp_path, monkeypatch):
+def test_a_throwaway_method_gets_every_check_for_free(run, make_dense, tmp_path, request):
     available_methods()
-    monkeypatch.setitem(METHODS, _RandomColumns.name, _RandomColumns)
+    register(_RandomColumns)
+    request.addfinalizer(lambda: unregister(_RandomColumns.name))
     check_exact_pattern_and_reload(_RandomColumns.name, run, tmp_path)
     check_ignore_leaves_layers_unpruned(_RandomColumns.name, run, make_dense)
     check_resume_after_a_stop_gives_the_same_bits(_RandomColumns.name, run, tmp_path)
+
+
+def test_a_second_method_or_stage_of_a_taken_name_is_refused():
+    from safe_llm.errors import SafeLLMError
+    from safe_llm.stages.base import Stage, register_stage, registered_stages
+
+    available_methods()
+
+    class Impostor(PruningMethod):
+        name = "wanda"
+
+    with pytest.raises(SafeLLMError, match="two pruning methods are named 'wanda'"):
+        register(Impostor)
+    assert get_method_class("wanda") is not Impostor
+    register(get_method_class("wanda"))  # the same class again is no duplicate
+
+    class Prune(Stage):
+        name, order = "prune", 1
+
+    registered_stages()
+    with pytest.raises(SafeLLMError, match="two stages are named 'prune'"):
+        register_stage(Prune)

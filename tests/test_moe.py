@@ -18,6 +18,7 @@ import transformers
 from safetensors import safe_open
 
 from safe_llm import cli
+from safe_llm.config import make_method
 from safe_llm.core.blocks import (
     CoverageError,
     capture_block_inputs,
@@ -27,9 +28,9 @@ from safe_llm.core.blocks import (
 )
 from safe_llm.core.layer_stats import collect_input_stats
 from safe_llm.core.sparsity import SparsityPattern
-from safe_llm.methods import build_method, get_method_class
+from safe_llm.methods import get_method_class
 from safe_llm.pipeline import check_prunable
-from safe_llm.stages.prune.engine import prune_model
+from safe_llm.stages.prune.engine import EngineOptions, prune_model
 from safe_llm.stages.recover.parameters import sparsity_masks, trainable_parameters
 
 CPU = torch.device("cpu")
@@ -192,8 +193,14 @@ def test_every_expert_matrix_is_pruned_and_the_report_counts_every_block_weight(
 ):
     model = make_moe(arch)
     pattern = SparsityPattern.parse(structure, 0.5 if structure == "unstructured" else None)
-    pruner = build_method(method, METHOD_OPTIONS.get(method))
-    report = prune_model(model, make_windows(), pruner, pattern, progress=False, batch_size=4)
+    pruner = make_method(method, METHOD_OPTIONS.get(method))
+    report = prune_model(
+        model,
+        make_windows(),
+        pruner,
+        pattern,
+        EngineOptions(progress=False, batch_size=4),
+    )
 
     _, blocks = find_blocks(model)
     counted = pattern.counting_per_row(get_method_class(method).per_row)
@@ -339,7 +346,11 @@ def test_an_expert_without_calibration_tokens_is_pruned_by_magnitude_and_counted
     }
     pattern = SparsityPattern.parse("unstructured", 0.5)
     report = prune_model(
-        model, windows, build_method("sparsegpt"), pattern, progress=False, batch_size=1
+        model,
+        windows,
+        make_method("sparsegpt"),
+        pattern,
+        EngineOptions(progress=False, batch_size=1),
     )
     for i, block in enumerate(blocks):
         silent = EXPERTS - len(routed[i])
@@ -359,7 +370,11 @@ def test_every_token_option_gives_every_expert_the_whole_stream():
     windows = make_windows(1, 2)
     pattern = SparsityPattern.parse("2:4")
     report = prune_model(
-        model, windows, build_method("wanda"), pattern, progress=False, moe_every_token=True
+        model,
+        windows,
+        make_method("wanda"),
+        pattern,
+        EngineOptions(progress=False, moe_every_token=True),
     )
     for block_report in report.blocks:
         assert block_report.extra["experts_without_tokens"] == 0
@@ -413,9 +428,13 @@ def test_a_large_block_weight_the_engine_cannot_interpret_stops_the_run_with_its
     model = _Model()
     pattern = SparsityPattern.parse("unstructured", 0.5)
     for run in (
-        lambda: check_prunable(model, pattern),
+        lambda: check_prunable(find_blocks(model)[1], pattern),
         lambda: prune_model(
-            model, make_windows(2, 8), build_method("wanda"), pattern, progress=False
+            model,
+            make_windows(2, 8),
+            make_method("wanda"),
+            pattern,
+            EngineOptions(progress=False),
         ),
     ):
         with pytest.raises(CoverageError) as error:
@@ -428,14 +447,13 @@ def test_a_large_block_weight_the_engine_cannot_interpret_stops_the_run_with_its
 def test_ignore_names_the_weights_left_dense_and_the_run_goes_on():
     model = _Model()
     pattern = SparsityPattern.parse("unstructured", 0.5)
-    check_prunable(model, pattern, ("mixer.mixers",))
+    check_prunable(find_blocks(model)[1], pattern, ("mixer.mixers",))
     report = prune_model(
         model,
         make_windows(2, 8),
-        build_method("wanda"),
+        make_method("wanda"),
         pattern,
-        progress=False,
-        ignore=("mixer.*",),
+        EngineOptions(progress=False, ignore=("mixer.*",)),
     )
     assert report.overall_sparsity == 0.5
     assert report.unpruned_block_weights == {"mixer.mixers": 2 * 4 * 16 * 16}
@@ -464,26 +482,39 @@ def test_safe_trains_the_experts_and_joint_windows_keep_their_masks():
     pattern = SparsityPattern.parse("2:4")
     windows = make_windows()
     one_shot = make_moe("gpt_oss")
-    prune_model(one_shot, windows, build_method("sparsegpt"), pattern, progress=False)
+    prune_model(
+        one_shot,
+        windows,
+        make_method("sparsegpt"),
+        pattern,
+        EngineOptions(progress=False),
+    )
     model = make_moe("gpt_oss")
     options = {"epochs": 2, "holdout": 0.0, "train_batch_size": 4}
-    prune_model(model, windows, build_method("safe+", options), pattern, progress=False)
+    prune_model(
+        model,
+        windows,
+        make_method("safe+", options),
+        pattern,
+        EngineOptions(progress=False),
+    )
     mine = find_blocks(model)[1][0].mlp.experts.down_proj
     theirs = find_blocks(one_shot)[1][0].mlp.experts.down_proj
     assert not torch.equal(mine, theirs)  # trained beyond the SparseGPT start
     for e in range(EXPERTS):
         assert pattern.satisfied_by(mine[e].t())
 
-    from safe_llm.stages.prune.joint import JointOptions
+    from safe_llm.stages.prune.joint import PruneOptions
 
     joint = make_moe("qwen3_moe")
     report = prune_model(
         joint,
         windows,
-        build_method("sparsegpt"),
+        make_method("sparsegpt"),
         pattern,
-        progress=False,
-        joint=JointOptions(blocks=3, epochs=1, lr=1e-3, batch_size=4),
+        EngineOptions(
+            progress=False, joint=PruneOptions(blocks=3, epochs=1, lr=1e-3, batch_size=4)
+        ),
     )
     assert "joint_kept" in report.blocks[-1].extra
     for block in find_blocks(joint)[1]:
@@ -494,7 +525,13 @@ def test_safe_trains_the_experts_and_joint_windows_keep_their_masks():
 def test_recovery_masks_and_trains_the_fused_expert_parameters():
     model = make_moe("gpt_oss")
     pattern = SparsityPattern.parse("unstructured", 0.5)
-    prune_model(model, make_windows(4, 16), build_method("magnitude"), pattern, progress=False)
+    prune_model(
+        model,
+        make_windows(4, 16),
+        make_method("magnitude"),
+        pattern,
+        EngineOptions(progress=False),
+    )
     masks = sparsity_masks(model)
     name = "model.layers.1.mlp.experts.gate_up_proj"
     assert masks[name].shape == (EXPERTS, 64, 64)
@@ -547,7 +584,13 @@ def test_bitmask_export_packs_the_experts_and_loads_back_bit_for_bit(arch, tmp_p
 
     model = make_moe(arch)
     pattern = SparsityPattern.parse("2:4")
-    prune_model(model, make_windows(4, 16), build_method("magnitude"), pattern, progress=False)
+    prune_model(
+        model,
+        make_windows(4, 16),
+        make_method("magnitude"),
+        pattern,
+        EngineOptions(progress=False),
+    )
     model.save_pretrained(tmp_path / "ckpt")
     sizes = export_bitmask(tmp_path / "ckpt", tmp_path / "packed")
     # the experts hold most of the weights: packed, the file is well under the dense size
@@ -564,9 +607,15 @@ def test_an_moe_run_stopped_after_a_block_resumes_to_the_same_bits(tmp_path):
 
     pattern = SparsityPattern.parse("2:4")
     windows = make_windows(4, 16)
-    method = build_method("safe+", {"epochs": 1, "train_batch_size": 2})
+    method = make_method("safe+", {"epochs": 1, "train_batch_size": 2})
     reference = make_moe("gpt_oss")
-    prune_model(reference, windows, method, pattern, progress=False, batch_size=2)
+    prune_model(
+        reference,
+        windows,
+        method,
+        pattern,
+        EngineOptions(progress=False, batch_size=2),
+    )
 
     work = WorkArea(tmp_path / "work")
     work.start({"seed": 0})
@@ -580,14 +629,12 @@ def test_an_moe_run_stopped_after_a_block_resumes_to_the_same_bits(tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        prune_model(
-            make_moe("gpt_oss"), windows, method, pattern, progress=False, batch_size=2,
-            on_state=save_then_stop,
-        )  # fmt: skip
+        options = EngineOptions(progress=False, batch_size=2)
+        prune_model(make_moe("gpt_oss"), windows, method, pattern, options, on_state=save_then_stop)
     resumed = make_moe("gpt_oss")
     state = work.load(find_blocks(resumed)[1])
     report = prune_model(
-        resumed, windows, method, pattern, progress=False, batch_size=2, resume=state
+        resumed, windows, method, pattern, EngineOptions(progress=False, batch_size=2), resume=state
     )
     assert report.resumed_from_block == 2
     assert report.overall_sparsity == 0.5
@@ -607,7 +654,13 @@ def test_recovery_trains_the_experts_and_keeps_every_experts_zeros(tmp_path, lea
     teacher = make_moe("qwen3_moe")
     student = copy.deepcopy(teacher)
     pattern = SparsityPattern.parse("2:4")
-    prune_model(student, make_windows(4, 16), build_method("wanda"), pattern, progress=False)
+    prune_model(
+        student,
+        make_windows(4, 16),
+        make_method("wanda"),
+        pattern,
+        EngineOptions(progress=False),
+    )
     before = sparsity_masks(student)
     weights = {n: p.detach().clone() for n, p in student.named_parameters()}
     options = RecoverOptions(steps=4, lr=3e-3, batch_size=8, lean=lean)
@@ -639,7 +692,13 @@ def test_declared_experts_whose_inputs_cannot_be_seen_stop_the_run_instead_of_a_
     assert "mixer.mixers[3]" in prunable_layers(model.layers[0])
     pattern = SparsityPattern.parse("unstructured", 0.5)
     with pytest.raises(SafeLLMError, match="_EinsumExperts ran during calibration"):
-        prune_model(model, make_windows(2, 8), build_method("wanda"), pattern, progress=False)
+        prune_model(
+            model,
+            make_windows(2, 8),
+            make_method("wanda"),
+            pattern,
+            EngineOptions(progress=False),
+        )
 
 
 def _saved_moe(arch: str, path, tokenizer):

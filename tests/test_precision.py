@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from safe_llm.config import make_method
 from safe_llm.core import precision
 from safe_llm.io.models import resolve_dtype
-from safe_llm.methods import build_method
 
 CPU = torch.device("cpu")
 
@@ -36,7 +36,7 @@ def _safe_autocast_dtype(choice: str) -> torch.dtype | None:
     from safe_llm.methods import safe
 
     seen = []
-    method = build_method("safe+", {"autocast": choice})
+    method = make_method("safe+", {"autocast": choice})
     ctx = SimpleNamespace(device=CPU, forward=None, batch=None)
     original = safe.mse_loss_and_grads
     try:

@@ -49,6 +49,7 @@ def _peak_rss(*command: str) -> int:
     return int(kib) * 1024
 
 
+@pytest.mark.slow  # a 41M-parameter model pruned and recovered in subprocesses
 @pytest.mark.skipif(not shutil.which("/usr/bin/time"), reason="needs /usr/bin/time -v")
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "adam"])
 def test_the_planned_peak_is_within_a_quarter_of_the_measured_one(
@@ -65,6 +66,7 @@ def test_the_planned_peak_is_within_a_quarter_of_the_measured_one(
     assert plan["peak_bytes"] == pytest.approx(measured, rel=0.25), (plan, measured)
 
 
+@pytest.mark.slow  # a 41M-parameter model pruned in a subprocess
 def test_a_recovery_that_will_not_fit_stops_in_one_line_before_the_teacher_is_loaded(
     save_tiny_model, calibration_file, tmp_path, monkeypatch, capsys
 ):

@@ -66,17 +66,3 @@ def test_weights_of_a_model_not_in_memory_have_no_fingerprint(make_tiny_llama):
     assert result_cache.weights_fingerprint(model) is not None
     model.model.layers[0].to("meta")
     assert result_cache.weights_fingerprint(model) is None
-
-
-def test_large_buffers_are_served_by_mmap_on_glibc(monkeypatch):
-    import sys
-
-    from safe_llm.core import memory
-
-    if sys.platform == "linux":  # glibc: the setting is there to make
-        assert memory._mallopt() is not None
-        assert memory.serve_large_buffers_from_mmap() is True
-    calls = []
-    monkeypatch.setattr(memory, "_mallopt", lambda: lambda *a: calls.append(a) or 1)
-    assert memory.serve_large_buffers_from_mmap()
-    assert calls == [(memory.M_MMAP_THRESHOLD, memory.MMAP_THRESHOLD_BYTES)]

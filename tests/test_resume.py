@@ -25,10 +25,10 @@ from safe_llm.io.work_area import (
     WorkArea,
     config_differences,
 )
-from safe_llm.methods import METHODS, register
+from safe_llm.methods import METHODS, get_method_class, register
 from safe_llm.methods.base import PruningMethod
 from safe_llm.stages.prune import engine
-from safe_llm.stages.prune.joint import JointOptions
+from safe_llm.stages.prune.joint import PruneOptions
 
 BLOCKS = 4
 CORPUS = [
@@ -43,19 +43,20 @@ CORPUS = [
 RUNNER = """
 import os, signal, sys
 from safe_llm import cli
-from safe_llm.stages.prune import engine
 from safe_llm.io import work_area as resume
+from safe_llm.methods import get_method_class
 
 sig = getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL"))
 kill_block = os.environ.get("KILL_IN_BLOCK")
 kill_write = os.environ.get("KILL_AT_WRITE")
-original_block, original_write = engine._prune_block, resume.atomic_write
+method = get_method_class("safe+")  # the run's method (the default)
+original_block, original_write = method.prune_block, resume.atomic_write
 writes = []
 
-def prune_block(index, *args, **kwargs):
-    if kill_block is not None and index == int(kill_block):
+def prune_block(self, ctx):
+    if kill_block is not None and ctx.index == int(kill_block):
         os.kill(os.getpid(), sig)
-    return original_block(index, *args, **kwargs)
+    return original_block(self, ctx)
 
 def atomic_write(path, write):
     writes.append(path)
@@ -64,10 +65,34 @@ def atomic_write(path, write):
         os.kill(os.getpid(), sig)
     return original_write(path, write)
 
-engine._prune_block = prune_block
+method.prune_block = prune_block
 resume.atomic_write = atomic_write
 sys.exit(cli.main(sys.argv[1:]))
 """
+
+
+def _record_pruned_blocks(monkeypatch) -> list[int]:
+    """The index of every block the run's method (the default, SAFE+) prunes, in order:
+    recorded through the method's own ``prune_block``, as every run calls it."""
+    method, pruned = get_method_class("safe+"), []
+    original = method.prune_block
+    monkeypatch.setattr(
+        method, "prune_block", lambda self, ctx: pruned.append(ctx.index) or original(self, ctx)
+    )
+    return pruned
+
+
+def _signal_in_block(monkeypatch, index: int, signum: int) -> None:
+    """Send ``signum`` to this process while the run's method prunes block ``index``."""
+    method = get_method_class("safe+")
+    original = method.prune_block
+
+    def prune_block(self, ctx):
+        if ctx.index == index:
+            os.kill(os.getpid(), signum)
+        return original(self, ctx)
+
+    monkeypatch.setattr(method, "prune_block", prune_block)
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +203,7 @@ KILLS = {
 }
 
 
+@pytest.mark.slow  # a SIGKILLed subprocess
 @pytest.mark.parametrize("kill", list(KILLS))
 def test_run_killed_at_any_point_and_resumed_is_bitwise_identical_to_an_uninterrupted_run(
     kill, prune_args, reference, tmp_path
@@ -195,15 +221,12 @@ def test_run_killed_at_any_point_and_resumed_is_bitwise_identical_to_an_uninterr
     assert not (out / WORK_DIR).exists()
 
 
+@pytest.mark.slow  # a SIGKILLed subprocess
 def test_resume_restarts_at_the_block_after_the_last_saved_one(
     interrupted, prune_args, reference, monkeypatch
 ):
     assert WorkArea(interrupted / WORK_DIR).finished_blocks() == 2
-    pruned = []
-    original = engine._prune_block
-    monkeypatch.setattr(
-        engine, "_prune_block", lambda index, *a: pruned.append(index) or original(index, *a)
-    )
+    pruned = _record_pruned_blocks(monkeypatch)
     assert cli.main(prune_args(interrupted, "--resume")) == 0
     assert pruned == [2, 3]
     assert json.loads((interrupted / "report.json").read_text())["resumed_from_block"] == 2
@@ -217,14 +240,7 @@ def test_signal_finishes_the_current_block_saves_it_and_says_how_to_resume(
     signame, code, prune_args, reference, tmp_path, monkeypatch, capsys
 ):
     out = tmp_path / "out"
-    original = engine._prune_block
-
-    def prune_block(index, *args):
-        if index == 1:
-            os.kill(os.getpid(), getattr(signal, signame))
-        return original(index, *args)
-
-    monkeypatch.setattr(engine, "_prune_block", prune_block)
+    _signal_in_block(monkeypatch, 1, getattr(signal, signame))
     assert cli.main(prune_args(out)) == code
     assert WorkArea(out / WORK_DIR).finished_blocks() == 2  # block 1 finished and was saved
     last = capsys.readouterr().err.strip().splitlines()[-1]
@@ -233,7 +249,7 @@ def test_signal_finishes_the_current_block_saves_it_and_says_how_to_resume(
     assert not (out / "model.safetensors").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers put back
 
-    monkeypatch.setattr(engine, "_prune_block", original)
+    monkeypatch.undo()
     assert cli.main(prune_args(out, "--resume")) == 0
     _assert_same_weights(reference(), out)
 
@@ -241,14 +257,7 @@ def test_signal_finishes_the_current_block_saves_it_and_says_how_to_resume(
 def test_signal_without_output_stops_after_the_block_and_says_nothing_was_saved(
     prune_args, monkeypatch, capsys
 ):
-    original = engine._prune_block
-
-    def prune_block(index, *args):
-        if index == 0:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(index, *args)
-
-    monkeypatch.setattr(engine, "_prune_block", prune_block)
+    _signal_in_block(monkeypatch, 0, signal.SIGINT)
     argv = [a for a in prune_args("x") if a not in ("--output", "x")]
     assert cli.main(argv) == 130
     last = capsys.readouterr().err.strip().splitlines()[-1]
@@ -283,6 +292,7 @@ def test_options_that_do_not_change_the_weights_may_differ_on_resume():
     assert config_differences(saved, seeded) == ["seed: 0 -> 1"]
 
 
+@pytest.mark.slow  # a SIGKILLed subprocess
 def test_unfinished_run_in_output_needs_resume_or_overwrite(interrupted, prune_args, capsys):
     assert cli.main(prune_args(interrupted)) == 2
     err = capsys.readouterr().err
@@ -334,7 +344,7 @@ def random_method():
 ENGINE_VARIANTS = {
     "sequential": {},
     "dense-targets": {"dense_targets": True},
-    "joint-windows": {"joint": JointOptions(blocks=2, batch_size=2)},
+    "joint-windows": {"joint": PruneOptions(blocks=2, batch_size=2)},
 }
 
 
@@ -344,13 +354,13 @@ def test_engine_state_after_block_k_continues_bitwise_with_restored_rng(
 ):
     pattern = SparsityPattern.parse("unstructured", 0.5)
     windows = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(1))
-    options = dict(device=torch.device("cpu"), batch_size=2, progress=False)
-    options |= ENGINE_VARIANTS[variant]
-    dense_targets = options.get("dense_targets", False)
+    settings = dict(device=torch.device("cpu"), batch_size=2, progress=False)
+    options = engine.EngineOptions(**settings, **ENGINE_VARIANTS[variant])
+    dense_targets = options.dense_targets
 
     # make_tiny_llama seeds the global RNG: each run below starts from the same RNG state
     reference = make_tiny_llama(num_hidden_layers=BLOCKS)
-    engine.prune_model(reference, windows, random_method, pattern, **options)
+    engine.prune_model(reference, windows, random_method, pattern, options)
 
     work = WorkArea(tmp_path / "work")
     work.start({"seed": 0})
@@ -369,13 +379,13 @@ def test_engine_state_after_block_k_continues_bitwise_with_restored_rng(
             windows,
             random_method,
             pattern,
+            options,
             on_state=save_then_stop,
-            **options,
         )
     resumed = make_tiny_llama(num_hidden_layers=BLOCKS)
     state = work.load(find_blocks(resumed)[1])
     assert state.next_block == 2 and (state.dense_stream is not None) == dense_targets
-    report = engine.prune_model(resumed, windows, random_method, pattern, resume=state, **options)
+    report = engine.prune_model(resumed, windows, random_method, pattern, options, resume=state)
     assert [b.index for b in report.blocks] == [0, 1, 2, 3] and report.resumed_from_block == 2
     expected, got = reference.state_dict(), resumed.state_dict()
     assert expected.keys() == got.keys()

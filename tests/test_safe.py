@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+from safe_llm.config import make_method
 from safe_llm.core.blocks import BlockCall, find_blocks, prunable_layers, weight_matrix
 from safe_llm.core.layer_stats import InputStats
 from safe_llm.core.sparsity import SparsityPattern
-from safe_llm.methods import build_method
 from safe_llm.methods.base import BlockContext
 from safe_llm.methods.safe import NonFiniteLossError
-from safe_llm.stages.prune.engine import prune_model
+from safe_llm.stages.prune.engine import EngineOptions, prune_model
 
 CPU = torch.device("cpu")
 HALF = SparsityPattern.parse("unstructured", 0.5)
@@ -104,14 +104,14 @@ def test_with_rho_zero_safe_is_the_admm_written_out_by_hand():
     opts = _admm_options()
     ctx = _least_squares_context()
     expected = _direct_admm(copy.deepcopy(ctx), opts)
-    build_method("safe", opts).prune_block(ctx)
+    make_method("safe", opts).prune_block(ctx)
     torch.testing.assert_close(ctx.block[0].weight.detach(), expected, rtol=1e-5, atol=1e-6)
     assert HALF.satisfied_by(expected)
 
 
 def test_admm_primal_residual_falls_over_the_run():
     ctx = _least_squares_context(seed=1)
-    extra = build_method("safe", _admm_options(lam=1.0, epochs=80)).prune_block(ctx)
+    extra = make_method("safe", _admm_options(lam=1.0, epochs=80)).prune_block(ctx)
     assert extra["primal_residual"] < 0.6 * extra["primal_residual_first"]
 
 
@@ -119,7 +119,7 @@ def test_safe_beats_one_shot_magnitude_on_least_squares():
     ctx = _least_squares_context(seed=2)
     x, y = ctx.inputs, ctx.targets
     magnitude = HALF.project(ctx.block[0].weight.detach())
-    build_method("safe", _admm_options(rho=1e-3, epochs=120)).prune_block(ctx)
+    make_method("safe", _admm_options(rho=1e-3, epochs=120)).prune_block(ctx)
     solved = ctx.block[0].weight.detach()
     assert (x @ solved.T - y).square().mean() < (x @ magnitude.T - y).square().mean()
 
@@ -128,8 +128,8 @@ def test_safe_plus_with_equal_activation_norms_equals_safe():
     opts = _admm_options(rho=1e-3)
     plain = _least_squares_context(seed=3, norms=torch.full((16,), 3.0))
     weighted = copy.deepcopy(plain)
-    build_method("safe", opts).prune_block(plain)
-    build_method("safe+", opts).prune_block(weighted)
+    make_method("safe", opts).prune_block(plain)
+    make_method("safe+", opts).prune_block(weighted)
     assert torch.equal(plain.block[0].weight, weighted.block[0].weight)
 
 
@@ -140,7 +140,7 @@ def test_safe_plus_projection_follows_activation_norms():
     ctx = _least_squares_context(seed=4, norms=norms)
     with torch.no_grad():
         ctx.block[0].weight[:, 0] = 10.0  # the largest weights, on a silent input
-    build_method("safe+", _admm_options(epochs=8)).prune_block(ctx)
+    make_method("safe+", _admm_options(epochs=8)).prune_block(ctx)
     assert (ctx.block[0].weight[:, 0] == 0).all()
 
 
@@ -149,7 +149,11 @@ def _prune_tiny(make_tiny_llama, method: str, pattern: SparsityPattern, **option
     windows = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(6))
     opts = dict(epochs=2, interval=2, train_batch_size=2, lr=1e-3, **options)
     report = prune_model(
-        model, windows, build_method(method, opts), pattern, device=CPU, progress=False
+        model,
+        windows,
+        make_method(method, opts),
+        pattern,
+        EngineOptions(device=CPU, progress=False),
     )
     return model, report
 
@@ -199,8 +203,8 @@ def test_masked_final_phase_keeps_the_support_and_lowers_the_loss():
     ctx = _least_squares_context(seed=7)
     opts = _admm_options(epochs=8)
     without = copy.deepcopy(ctx)
-    build_method("safe", opts).prune_block(without)
-    extra = build_method("safe", {**opts, "final_epochs": 40}).prune_block(ctx)
+    make_method("safe", opts).prune_block(without)
+    extra = make_method("safe", {**opts, "final_epochs": 40}).prune_block(ctx)
     kept = without.block[0].weight != 0
     assert torch.equal(ctx.block[0].weight != 0, kept)
     x, y = ctx.inputs, ctx.targets
@@ -217,8 +221,8 @@ def test_gradient_accumulation_uses_each_micro_batch_with_its_own_targets():
     ctx = _least_squares_context(seed=8, n=2)
     opts = _admm_options(train_batch_size=2, epochs=6)
     accumulated = copy.deepcopy(ctx)
-    build_method("safe", opts).prune_block(ctx)
-    build_method("safe", {**opts, "grad_accum": 2}).prune_block(accumulated)
+    make_method("safe", opts).prune_block(ctx)
+    make_method("safe", {**opts, "grad_accum": 2}).prune_block(accumulated)
     torch.testing.assert_close(
         accumulated.block[0].weight, ctx.block[0].weight, rtol=1e-4, atol=1e-5
     )
@@ -230,7 +234,7 @@ def test_a_loss_that_turns_nan_is_retried_with_a_smaller_lr_then_stops_with_the_
     ctx = _least_squares_context(seed=9)
     dense = ctx.block[0].weight.detach().clone()
     with pytest.raises(NonFiniteLossError, match="block 0"):
-        build_method("safe", _admm_options(lr=float("inf"), nan_retries=2)).prune_block(ctx)
+        make_method("safe", _admm_options(lr=1e30, nan_retries=2)).prune_block(ctx)
     assert caplog.text.count("retrying block 0") == 2
     assert torch.equal(ctx.block[0].weight, dense)  # the block is left as it came
 
@@ -239,7 +243,7 @@ def test_a_block_that_recovers_with_a_smaller_lr_is_finished(monkeypatch, caplog
     from safe_llm.methods import safe
 
     ctx = _least_squares_context(seed=10)
-    method = build_method("safe", _admm_options(epochs=4))
+    method = make_method("safe", _admm_options(epochs=4))
     real = safe.SAFE._solve
     lrs = []
 
@@ -265,7 +269,7 @@ def _forward_count(ctx: BlockContext) -> list[int]:
 def test_sam_ascent_from_the_previous_step_costs_one_pass_a_step(ascent, passes):
     ctx = _least_squares_context(seed=11)
     calls = _forward_count(ctx)
-    build_method("safe", _admm_options(epochs=8, rho=1e-2, sam_ascent=ascent)).prune_block(ctx)
+    make_method("safe", _admm_options(epochs=8, rho=1e-2, sam_ascent=ascent)).prune_block(ctx)
     assert calls[0] == passes
 
 
@@ -274,27 +278,9 @@ def test_previous_step_ascent_still_beats_one_shot_magnitude():
     x, y = ctx.inputs, ctx.targets
     magnitude = HALF.project(ctx.block[0].weight.detach())
     options = _admm_options(rho=1e-2, epochs=120, sam_ascent="previous")
-    build_method("safe", options).prune_block(ctx)
+    make_method("safe", options).prune_block(ctx)
     solved = ctx.block[0].weight.detach()
     assert (x @ solved.T - y).square().mean() < (x @ magnitude.T - y).square().mean()
-
-
-@pytest.mark.parametrize(
-    ("option", "value", "message"),
-    [
-        ("init", "random", "--init 'random' is not one of"),
-        ("lam_schedule", "step", "--lam-schedule"),
-        ("sam_ascent", "future", "--sam-ascent"),
-        ("lr", -1.0, "--lr must be >= 0"),
-        ("rho", float("nan"), "--rho must be >= 0"),
-        ("interval", 0, "--interval must be at least 1"),
-    ],
-)
-def test_bad_solver_options_are_refused_with_the_flag_named(option, value, message):
-    from safe_llm.errors import SafeLLMError
-
-    with pytest.raises(SafeLLMError, match=message):
-        build_method("safe+", {option: value})
 
 
 def test_a_block_worse_than_its_warm_start_on_held_out_windows_returns_the_warm_start(caplog):
@@ -306,7 +292,7 @@ def test_a_block_worse_than_its_warm_start_on_held_out_windows_returns_the_warm_
     warm = sparsegpt_prune(ctx.block[0].weight.detach(), ctx.stats["0"].hessian, HALF)
     options = _admm_options(init="sparsegpt", lr=1.0, epochs=4, step_scale="relative")
     with caplog.at_level("INFO", logger="safe_llm.methods.safe"):
-        extra = build_method("safe", {**options, "holdout": 0.25}).prune_block(ctx)
+        extra = make_method("safe", {**options, "holdout": 0.25}).prune_block(ctx)
     assert extra["kept_warm_start"] == 1.0
     assert extra["holdout_error"] == extra["holdout_error_warm_start"]
     assert torch.equal(ctx.block[0].weight, warm)
@@ -316,7 +302,7 @@ def test_a_block_worse_than_its_warm_start_on_held_out_windows_returns_the_warm_
 def test_a_block_better_than_its_warm_start_keeps_the_solver_result():
     ctx = _least_squares_context(seed=13, n=8, noise=0.2)
     options = _admm_options(init="wanda", epochs=20, step_scale="relative", lr=1e-2)
-    extra = build_method("safe", {**options, "holdout": 0.25}).prune_block(ctx)
+    extra = make_method("safe", {**options, "holdout": 0.25}).prune_block(ctx)
     assert extra["kept_warm_start"] == 0.0
     assert extra["holdout_error"] < extra["holdout_error_warm_start"]
     assert extra["holdout_best_epoch"] >= 1
@@ -335,5 +321,5 @@ def test_held_out_windows_are_not_trained_on(monkeypatch):
     monkeypatch.setattr(safe.SAFE, "_loss_and_grads", record)
     ctx = _least_squares_context(seed=14, n=8)
     options = {**_admm_options(epochs=4, train_batch_size=2, rho=1e-2), "holdout": 0.25}
-    build_method("safe", options).prune_block(ctx)
+    make_method("safe", options).prune_block(ctx)
     assert trained == set(range(6))  # the last 2 of 8 windows are held out

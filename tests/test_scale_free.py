@@ -10,11 +10,11 @@ import pytest
 import torch
 from rescale import norm_consumers, rescale_norms
 
+from safe_llm.config import make_method
 from safe_llm.core.blocks import find_blocks, prunable_layers, weight_matrix
 from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.evaluation.perplexity import perplexity
-from safe_llm.methods import build_method
-from safe_llm.stages.prune.engine import prune_model
+from safe_llm.stages.prune.engine import EngineOptions, prune_model
 
 CPU = torch.device("cpu")
 HALF = SparsityPattern.parse("unstructured", 0.5)
@@ -61,7 +61,13 @@ def _masks(model, blocks: int | None = None) -> torch.Tensor:
 
 
 def _prune(model, windows, options) -> None:
-    prune_model(model, windows, build_method("safe+", options), HALF, device=CPU, progress=False)
+    prune_model(
+        model,
+        windows,
+        make_method("safe+", options),
+        HALF,
+        EngineOptions(device=CPU, progress=False),
+    )
 
 
 @pytest.mark.parametrize("c", [0.1, 10.0])
@@ -123,10 +129,8 @@ def test_safe_plus_defaults_prune_rescaled_smollm2_to_the_same_mask_and_perplexi
     scored = data.evaluation_windows(tokenizer, "builtin-wiki", 256, 16)
     rescaled = rescale_norms(copy.deepcopy(model), c)
     for candidate in (model, rescaled):
-        prune_model(
-            candidate, windows, build_method("safe+"), HALF, device=CPU, progress=False,
-            max_blocks=2,
-        )  # fmt: skip
+        options = EngineOptions(device=CPU, progress=False, max_blocks=2)
+        prune_model(candidate, windows, make_method("safe+"), HALF, options)
     same = float((_masks(model, 2) == _masks(rescaled, 2)).float().mean())
     assert same >= 0.99, f"c={c}: same mask on {same:.4f} of the weights"
     assert perplexity(rescaled, scored, 8) == pytest.approx(perplexity(model, scored, 8), rel=0.01)

@@ -64,10 +64,10 @@ def smollm2(smollm2_cache):
 @pytest.fixture(scope="session")
 def pruned(smollm2):
     """pruned(method) -> (model, report, perplexity), pruning a deep copy once per method."""
+    from safe_llm.config import make_method
     from safe_llm.core.sparsity import SparsityPattern
     from safe_llm.evaluation.perplexity import perplexity
-    from safe_llm.methods import build_method
-    from safe_llm.stages.prune.engine import prune_model
+    from safe_llm.stages.prune.engine import EngineOptions, prune_model
 
     results = {}
 
@@ -77,12 +77,16 @@ def pruned(smollm2):
             report = prune_model(
                 model,
                 smollm2["calibration"],
-                build_method(method),
+                make_method(method),
                 SparsityPattern.parse("unstructured", 0.5),
-                device=torch.device("cpu"),
-                batch_size=BATCH,
-                seed=SEED,
-                progress=False,
+                EngineOptions(
+                    device=torch.device("cpu"),
+                    batch_size=BATCH,
+                    seed=SEED,
+                    layer_errors=True,
+                    progress=False,
+                ),
+                # wanda's too, to compare
             )
             results[method] = (model, report, perplexity(model, smollm2["evaluation"], BATCH))
         return results[method]
@@ -184,10 +188,9 @@ def test_safe_plus_cpu_recipe_reconstructs_the_first_blocks_better_than_sparsegp
     keeps whichever of its result and the warm start is better on its held-out windows, so a
     block may end a hair above SparseGPT on all windows (2:4 block 2: 0.005704 vs 0.005682),
     never far above."""
-    from safe_llm.config import load_recipe
+    from safe_llm.config import load_recipe, make_method
     from safe_llm.core.sparsity import SparsityPattern
-    from safe_llm.methods import build_method
-    from safe_llm.stages.prune.engine import prune_model
+    from safe_llm.stages.prune.engine import EngineOptions, prune_model
 
     tag = "50" if structure == "unstructured" else "2-4"
     recipe = load_recipe(RECIPES / f"smollm2-135m-safe+-{tag}.yaml")
@@ -197,13 +200,15 @@ def test_safe_plus_cpu_recipe_reconstructs_the_first_blocks_better_than_sparsegp
         report = prune_model(
             copy.deepcopy(smollm2["model"]),
             smollm2["calibration"],
-            build_method(method, options),
+            make_method(method, options),
             pattern,
-            device=torch.device("cpu"),
-            batch_size=BATCH,
-            seed=SEED,
-            max_blocks=3,
-            progress=False,
+            EngineOptions(
+                device=torch.device("cpu"),
+                batch_size=BATCH,
+                seed=SEED,
+                max_blocks=3,
+                progress=False,
+            ),
         )
         errors[method] = [b.reconstruction_error for b in report.blocks]
     print(f"\n{structure} block errors: {errors}")

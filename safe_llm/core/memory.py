@@ -66,17 +66,44 @@ def _mallopt():
     return getattr(_libc(), "mallopt", None)
 
 
-def serve_large_buffers_from_mmap(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Have glibc serve every allocation of ``threshold`` bytes or more by ``mmap``.
+GLIBC_MMAP_THRESHOLD_BYTES = 128 * 2**10  # glibc's default (then adjusted as buffers are freed)
+_thresholds: list[int] = []  # the thresholds set by the scopes now open, innermost last
+
+
+def _set_mmap_threshold(threshold: int) -> bool:
+    mallopt = _mallopt()
+    return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, threshold) == 1)
+
+
+@contextmanager
+def large_buffers_from_mmap(threshold: int = MMAP_THRESHOLD_BYTES) -> Iterator[bool]:
+    """Have glibc serve every allocation of ``threshold`` bytes or more by ``mmap`` inside the
+    ``with`` body; yields whether the setting took effect (glibc only).
 
     By default glibc raises its mmap threshold (up to 32 MB) after the first large buffers are
     freed, and from then on keeps freed activations, gradients and logit chunks in its heap:
     the resident memory of a SmolLM2 run rose by 0.2-0.45 GB over the model that way. Fixed at
     1 MB, a freed tensor goes back to the OS at once (measured: pruning-stage peak 1.46 ->
-    1.30 GiB, evaluation 1.24 -> 1.18 GiB). Returns whether the setting took effect.
-    """
-    mallopt = _mallopt()
-    return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, threshold) == 1)
+    1.30 GiB, evaluation 1.24 -> 1.18 GiB).
+
+    Afterwards the threshold of the enclosing scope is set again, or outside every scope
+    glibc's default of 128 KiB: glibc can neither report its threshold nor turn its dynamic
+    adjustment back on once a threshold was set, so a library user gets the default value
+    back, fixed."""
+    took = _set_mmap_threshold(threshold)
+    _thresholds.append(threshold)
+    try:
+        yield took
+    finally:
+        _thresholds.pop()
+        if took:
+            _set_mmap_threshold(_thresholds[-1] if _thresholds else GLIBC_MMAP_THRESHOLD_BYTES)
+
+
+def mmap_threshold() -> int | None:
+    """The threshold :func:`large_buffers_from_mmap` set for the scope now open, or None
+    outside every such scope."""
+    return _thresholds[-1] if _thresholds else None
 
 
 MADV_DONTNEED = 4
@@ -115,7 +142,7 @@ def drop_file_pages(tensor: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _malloc_trim():
+def malloc_trim():
     """glibc's ``malloc_trim``, or None on other C libraries (nothing to trim there)."""
     return getattr(_libc(), "malloc_trim", None)
 
@@ -127,7 +154,7 @@ def return_freed_memory() -> None:
     reuses them only in part: a released streamed block, or the encodings of a 2 MB text
     (about 0.3 GB), would otherwise stay resident (measured in eval/stream_benchmark.py).
     """
-    trim = _malloc_trim()
+    trim = malloc_trim()
     if trim is not None:
         trim(0)
 

@@ -28,6 +28,7 @@ import yaml
 
 from safe_llm.core.atomic import umask
 from safe_llm.errors import SafeLLMError
+from safe_llm.options import read_yaml
 
 INSTALL_HINT = "pip install 'safe-llm[eval]'"
 PLOTS = ("reconstruction_error.png", "layer_sparsity.png", "perplexity.png")
@@ -60,7 +61,7 @@ def load_run(path: str | os.PathLike) -> Run:
     try:
         report = json.loads(report_file.read_text())
         recipe_file = path / "recipe.yaml"
-        recipe = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else {}
+        recipe = read_yaml(recipe_file.read_text()) if recipe_file.is_file() else {}
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ReportError(f"{path}: cannot read the run files: {exc}") from exc
     if not isinstance(report, dict) or "method" not in report:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from safe_llm.core.atomic import atomic_write
-from safe_llm.core.memory import return_freed_memory, serve_large_buffers_from_mmap
+from safe_llm.core.memory import large_buffers_from_mmap, return_freed_memory
 from safe_llm.errors import SafeLLMError
 from safe_llm.evaluation.cache import cached_perplexity
 from safe_llm.evaluation.perplexity import check_seqlen, perplexity
@@ -201,6 +201,7 @@ def check_request(
     return sources, task_names
 
 
+@large_buffers_from_mmap()
 def evaluate(
     model: str,
     datasets: str | Iterable[str] | None = None,
@@ -229,7 +230,6 @@ def evaluate(
 
     sizes = {"seqlen": seqlen, "batch_size": batch_size, "max_windows": max_windows}
     sources, task_names = check_request(datasets, tasks, {**sizes, "limit": limit}, num_fewshot)
-    serve_large_buffers_from_mmap()
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     loaded, tokenizer, _ = load_model(model, dtype, trust_remote_code)

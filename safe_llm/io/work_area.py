@@ -100,7 +100,7 @@ def work_dir(output: str | os.PathLike) -> Path:
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     """``key: saved -> current`` for every option that differs, sorted by key (``saved``
-    and ``current``: the decisive options, e.g. ``PruneConfig.decisive_options()``)."""
+    and ``current``: the decisive options, e.g. ``RunConfig.decisive_options()``)."""
     keys = sorted(set(saved) | set(current))
     missing = "(unset)"
     return [

@@ -3,7 +3,6 @@ the engine only sees the :class:`~safe_llm.methods.base.PruningMethod` interface
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import pkgutil
 
@@ -14,9 +13,21 @@ METHODS: dict[str, type[PruningMethod]] = {}
 
 
 def register(cls: type[PruningMethod]) -> type[PruningMethod]:
-    """Class decorator: make ``cls`` available as ``--method cls.name``."""
+    """Class decorator: make ``cls`` available as ``--method cls.name``; a second class of
+    the same name is refused (it would silently replace the first)."""
+    if METHODS.get(cls.name, cls) is not cls:
+        raise SafeLLMError(
+            f"two pruning methods are named {cls.name!r} ({METHODS[cls.name].__module__}."
+            f"{METHODS[cls.name].__qualname__} and {cls.__module__}.{cls.__qualname__}); "
+            "rename one"
+        )
     METHODS[cls.name] = cls
     return cls
+
+
+def unregister(name: str) -> None:
+    """Remove method ``name`` (a method registered by a test)."""
+    METHODS.pop(name, None)
 
 
 def _load_all() -> None:
@@ -30,26 +41,8 @@ def available_methods() -> list[str]:
     return sorted(METHODS)
 
 
-def method_options(name: str) -> list[dataclasses.Field]:
-    """The option fields of method ``name``."""
-    return list(dataclasses.fields(get_method_class(name).Options))
-
-
 def get_method_class(name: str) -> type[PruningMethod]:
     _load_all()
     if name not in METHODS:
         raise SafeLLMError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
     return METHODS[name]
-
-
-def build_method(name: str, options: dict | None = None) -> PruningMethod:
-    """Instantiate method ``name`` with ``options`` (keys must be fields of its Options)."""
-    cls = get_method_class(name)
-    known = {f.name for f in dataclasses.fields(cls.Options)}
-    unknown = set(options or {}) - known
-    if unknown:
-        raise SafeLLMError(
-            f"method {name!r} has no option(s) {', '.join(sorted(unknown))}; "
-            f"its options are: {', '.join(sorted(known)) or 'none'}"
-        )
-    return cls(cls.Options(**(options or {})))

@@ -79,15 +79,6 @@ class BlockContext:
         state), or like the whole fused parameter it lives in, as an ``[out, in]`` view."""
         return self.layers[name].matrix(stored)
 
-    def as_stored(self, name: str, matrix: torch.Tensor) -> torch.Tensor:
-        """An ``[out, in]`` matrix laid out like layer ``name``'s weight (inverse of
-        :meth:`as_matrix`)."""
-        return matrix.t() if self._transposed(name) else matrix
-
-    def _transposed(self, name: str) -> bool:
-        """Whether layer ``name`` stores its weight ``[in, out]`` (the view is a transpose)."""
-        return self.layers[name].transposed
-
 
 @dataclass
 class NoOptions:

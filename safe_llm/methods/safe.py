@@ -42,7 +42,7 @@ from safe_llm.errors import SafeLLMError
 from safe_llm.methods import register
 from safe_llm.methods.base import BlockContext, PruningMethod
 from safe_llm.methods.sparsegpt import sparsegpt_prune
-from safe_llm.options import option
+from safe_llm.options import check_fields, option
 from safe_llm.train import holdout, relative_adam
 from safe_llm.train.data_parallel import mse_loss_and_grads
 
@@ -53,50 +53,69 @@ class NonFiniteLossError(SafeLLMError):
     """The block's loss stayed NaN/Inf after the retries with smaller learning rates."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class SAFEOptions:
     lr: float = option(
-        2.5e-3, "SAFE: Adam learning rate (relative steps: a fraction of each tensor's RMS)"
+        2.5e-3,
+        "SAFE: Adam learning rate (relative steps: a fraction of each tensor's RMS)",
+        at_least=0,
     )
-    epochs: float = option(2, "SAFE: passes over the calibration windows per block (paper: 30)")
-    train_batch_size: int = option(8, "SAFE: windows per optimisation step")
-    grad_accum: int = option(1, "SAFE: micro-batches accumulated per step")
+    epochs: float = option(
+        2, "SAFE: passes over the calibration windows per block (paper: 30)", at_least=0
+    )
+    train_batch_size: int = option(8, "SAFE: windows per optimisation step", at_least=1)
+    grad_accum: int = option(1, "SAFE: micro-batches accumulated per step", at_least=1)
     lam: float = option(
-        2e-6, "SAFE: augmented-Lagrangian penalty lambda (start value; paper: 1e-3 absolute)"
+        2e-6,
+        "SAFE: augmented-Lagrangian penalty lambda (start value; paper: 1e-3 absolute)",
+        at_least=0,
     )
     lam_schedule: str = option(
         "constant",
         "SAFE: lambda schedule: constant, cosine or linear (both rise from --lam to --lam-max)",
+        choices=("constant", "linear", "cosine"),
     )
-    lam_max: float = option(1e-1, "SAFE: final lambda of a rising schedule")
+    lam_max: float = option(1e-1, "SAFE: final lambda of a rising schedule", at_least=0)
     rho: float = option(
-        1e-3, "SAFE: SAM perturbation radius (0 = plain ADMM; paper: 2e-4 absolute)"
+        1e-3, "SAFE: SAM perturbation radius (0 = plain ADMM; paper: 2e-4 absolute)", at_least=0
     )
-    interval: int = option(2, "SAFE: steps between ADMM projection/dual updates (paper: 32)")
-    warmup_epochs: float = option(0, "SAFE: epochs of linear learning-rate warm-up (paper: 2)")
+    interval: int = option(
+        2, "SAFE: steps between ADMM projection/dual updates (paper: 32)", at_least=1
+    )
+    warmup_epochs: float = option(
+        0, "SAFE: epochs of linear learning-rate warm-up (paper: 2)", at_least=0
+    )
     init: str = option(
         "sparsegpt",
         "SAFE: starting weights: dense (paper), wanda or sparsegpt (one-shot solution)",
+        choices=("dense", "wanda", "sparsegpt"),
     )
     final_epochs: float = option(
-        0, "SAFE: epochs of masked reconstruction of the kept weights after the projection"
+        0,
+        "SAFE: epochs of masked reconstruction of the kept weights after the projection",
+        at_least=0,
     )
     patience: int = option(
         0,
         "SAFE: stop a block after this many epochs without 0.5%% improvement of the loss "
         "(of the held-out error with --holdout) (0 = off)",
+        at_least=0,
     )
     autocast: str = option(
         "auto",
         "SAFE: bf16 autocast with fp32 master weights: auto (where the device computes bf16 "
         "natively: CUDA, CPUs with AVX-512-BF16/AMX), bf16, off",
+        choices=("auto", "bf16", "off"),
     )
     sam_ascent: str = option(
         "previous",
         "SAFE: SAM ascent direction: exact (this batch's gradient, two passes a step) or "
         "previous (the last step's gradient, one pass a step; paper: exact)",
+        choices=("exact", "previous"),
     )
-    nan_retries: int = option(2, "SAFE: retries of a block whose loss turns NaN/Inf (lr / 10 each)")
+    nan_retries: int = option(
+        2, "SAFE: retries of a block whose loss turns NaN/Inf (lr / 10 each)", at_least=0
+    )
     train_others: bool = option(
         True, "SAFE: also train the block's norms and biases (unconstrained)"
     )
@@ -105,20 +124,19 @@ class SAFEOptions:
         "SAFE: relative (lr and rho in units of each tensor's RMS at the block's start, lam "
         "relative to the block's output power: the same steps on any weight scale) or absolute "
         "(the paper's: lr, rho and lam as absolute lengths)",
+        choices=("relative", "absolute"),
     )
     holdout: float = option(
         0.125,
         "SAFE: fraction of the calibration windows held out of each block's optimisation; on "
         "them the result is compared with its warm start and with each epoch's projection, "
         "and the best is kept (0 = off)",
+        at_least=0,
+        below=1,
     )
 
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise SafeLLMError(
-            f"--{name.replace('_', '-')} {value!r} is not one of: {', '.join(choices)}"
-        )
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass
@@ -272,33 +290,6 @@ class SAFE(PruningMethod):
     @property
     def needs_hessian(self) -> bool:  # type: ignore[override]
         return self.options.init == "sparsegpt"
-
-    def __init__(self, options: SAFEOptions | None = None):
-        super().__init__(options)
-        _check_choice("init", self.options.init, ("dense", "wanda", "sparsegpt"))
-        _check_choice("lam_schedule", self.options.lam_schedule, ("constant", "linear", "cosine"))
-        _check_choice("autocast", self.options.autocast, ("auto", "bf16", "off"))
-        _check_choice("sam_ascent", self.options.sam_ascent, ("exact", "previous"))
-        _check_choice("step_scale", self.options.step_scale, ("relative", "absolute"))
-        if not 0 <= self.options.holdout < 1:
-            raise SafeLLMError(f"--holdout must be in [0, 1), got {self.options.holdout}")
-        o = self.options
-        for name, value, low in [
-            ("lr", o.lr, 0.0),
-            ("epochs", o.epochs, 0.0),
-            ("final_epochs", o.final_epochs, 0.0),
-            ("rho", o.rho, 0.0),
-            ("lam", o.lam, 0.0),
-            ("lam_max", o.lam_max, 0.0),
-            ("warmup_epochs", o.warmup_epochs, 0.0),
-            ("patience", o.patience, 0),
-            ("nan_retries", o.nan_retries, 0),
-        ]:
-            if not value >= low:
-                raise SafeLLMError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-        for name in ("train_batch_size", "grad_accum", "interval"):
-            if getattr(o, name) < 1:
-                raise SafeLLMError(f"--{name.replace('_', '-')} must be at least 1")
 
     def prune_block(self, ctx: BlockContext) -> dict[str, float]:
         """Solve the block; on a non-finite loss retry from the dense block with a tenth of

@@ -10,23 +10,27 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.methods import register
 from safe_llm.methods.base import BlockContext, PruningMethod
+from safe_llm.options import check_fields, option
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SparseGPTOptions:
-    blocksize: int = field(default=128, metadata={"help": "SparseGPT: columns per OBS block"})
-    damping: float = field(
-        default=0.01, metadata={"help": "SparseGPT: Hessian damping as a fraction of mean diag"}
+    blocksize: int = option(128, "SparseGPT: columns per OBS block", at_least=1)
+    damping: float = option(
+        0.01, "SparseGPT: Hessian damping as a fraction of mean diag", at_least=0
     )
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damping: float, name: str) -> torch.Tensor:

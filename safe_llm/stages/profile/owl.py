@@ -2,7 +2,7 @@
 OWL (outlier-weighted layerwise sparsity, Yin et al. 2023).
 
 OWL takes a dense pass of the calibration windows through every block (:func:`dense_pass`,
-on the engine's block scaffolding), scores each block's outlier ratio from the Wanda scores
+on the block walker of :mod:`safe_llm.core.walker`), scores each block's outlier ratio from the Wanda scores
 ``|W_ij| ||X_j||`` and spreads the sparsity linearly over ``target -/+ lambda``, blocks with
 more outliers keeping more weights, the overall sparsity staying the target.
 """
@@ -20,16 +20,17 @@ from tqdm.auto import tqdm
 from safe_llm.core.blocks import find_blocks, prunable_layers, weight_matrix
 from safe_llm.core.layer_stats import InputStats, collect_input_stats
 from safe_llm.core.sparsity import PatternError
-from safe_llm.options import ConfigError
-from safe_llm.stages.profile.options import ProfileOptions
-from safe_llm.stages.prune.engine import (
+from safe_llm.core.walker import (
     BlockSource,
-    EngineOptions,
     ResidentBlocks,
+    WalkOptions,
     block_on_device,
     captured_inputs,
     forward_batches,
 )
+from safe_llm.options import ConfigError
+from safe_llm.stages.base import RunContext
+from safe_llm.stages.profile.options import ProfileOptions
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +102,14 @@ def dense_pass(
     model: nn.Module,
     windows: torch.Tensor,
     visit: Callable[[int, dict[str, nn.Module], dict[str, InputStats]], T],
-    options: EngineOptions,
+    options: WalkOptions,
     source: BlockSource | None = None,
 ) -> list[T]:
     """Run the calibration windows ``[n, seq]`` through the dense model block by block and
     return ``visit(index, layers, stats)`` of every block, ``stats`` being its layers' input
     statistics (norms, no Hessian). One block is on ``options.device`` at a time; nothing
     changes. One ``[n, seq, d]`` stream, memory-mapped above ``options.activation_budget``."""
-    _, blocks = find_blocks(model)
+    _, blocks = find_blocks(model)  # dense_pass is also a function of its own (benchmarks)
     source = source or ResidentBlocks(blocks)
     device, batch_size = options.device, options.batch_size
     results = []
@@ -131,7 +132,7 @@ def block_sparsities(
     target: float,
     model: nn.Module,
     windows: torch.Tensor,
-    options: EngineOptions,
+    options: WalkOptions,
     source: BlockSource | None = None,
     given_sparsity: float | None = None,
 ) -> tuple[list[float], list[float] | None]:
@@ -175,23 +176,24 @@ def _explicit(given: list[float], sizes: list[int], sparsity: float | None) -> l
     return list(given)
 
 
-def run_profile(model: nn.Module, context) -> dict:
-    """The profile stage on ``context`` (:class:`~safe_llm.stages.base.RunContext`): the
-    block sparsities, OWL's ratios, the overall sparsity and the profile's name."""
-    from safe_llm.stages.prune.loop import engine_options
-
-    config = context.config
-    options = engine_options(config, context.device, context.progress)
+def run_profile(model: nn.Module, context: RunContext) -> dict:
+    """The profile stage on ``context``: the block sparsities, OWL's ratios, the overall
+    sparsity and the profile's name."""
+    config, target = context.config, context.pattern.sparsity
     sparsities, ratios = block_sparsities(
-        config.profile, config.pattern().sparsity, model, context.windows, options,
-        context.source, config.sparsity,
-    )  # fmt: skip
+        config.profile,
+        target,
+        model,
+        context.windows,
+        context.walk,
+        context.source,
+        config.sparsity,
+    )
     explicit = config.profile.per_block is not None
-    _, blocks = find_blocks(model)
-    overall = weighted_sparsity(sparsities, block_sizes(blocks, options.ignore))
+    overall = weighted_sparsity(sparsities, block_sizes(context.blocks, context.walk.ignore))
     return {
         "block_sparsity": sparsities,
         "owl_outlier_ratios": ratios,
-        "sparsity": overall if explicit else config.pattern().sparsity,
+        "sparsity": overall if explicit else target,
         "sparsity_profile": "explicit" if explicit else config.profile.kind,
     }

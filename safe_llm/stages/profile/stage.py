@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from safe_llm.options import ConfigError
 from safe_llm.stages.base import Stage, register_stage
 from safe_llm.stages.profile.options import ProfileOptions
 
@@ -16,15 +15,6 @@ class ProfileStage(Stage):
     name = "profile"
     order = 20
     Options = ProfileOptions
-    flag_prefix = ""
-
-    @classmethod
-    def check(cls, config) -> None:
-        if not config.profile.uniform and config.pattern().is_nm:
-            raise ConfigError(
-                f"N:M ({config.structure}) is a fixed sparsity: --sparsity-profile "
-                f"{config.profile.kind} / sparsity_per_block need --structure unstructured"
-            )
 
     def run(self, model, context) -> dict:
         from safe_llm.stages.profile.owl import run_profile

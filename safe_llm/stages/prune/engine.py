@@ -14,8 +14,9 @@ With ``joint.blocks = k > 1`` the blocks go in windows of ``k``: each is pruned 
 the window is reconstructed jointly, its masks frozen (:mod:`safe_llm.stages.prune.joint`), against the
 dense window applied to the pruned stream entering it, and the stream is recomputed.
 
-Only one block (one window) is on the compute device at a time (:func:`block_on_device`,
-shared with the dense pass of :mod:`safe_llm.stages.profile.owl`).
+Only one block (one window) is on the compute device at a time; the walk's scaffolding
+(:mod:`safe_llm.core.walker`) is shared with the dense pass of :mod:`safe_llm.stages.profile.owl`,
+the reports' types (:mod:`safe_llm.core.reports`) with the run report.
 """
 
 from __future__ import annotations
@@ -23,35 +24,39 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from safe_llm.core.activations import Activations, CapturedStreams
+from safe_llm.core.activations import Activations
 from safe_llm.core.blocks import (
     BlockCall,
-    capture_block_inputs,
     check_coverage,
     dense_block_weights,
     find_blocks,
-    iter_batches,
     prunable_layers,
-    run_block,
     weight_matrix,
 )
 from safe_llm.core.layer_stats import collect_input_stats
-from safe_llm.core.memory import process_peak_bytes
+from safe_llm.core.reports import BlockReport, PruneReport
 from safe_llm.core.sparsity import SparsityPattern, achieved_sparsity
+from safe_llm.core.walker import (
+    BlockSource,
+    ResidentBlocks,
+    WalkOptions,
+    block_on_device,
+    captured_inputs,
+    forward_batches,
+    peak_memory_bytes,
+)
 from safe_llm.errors import SafeLLMError
 from safe_llm.io.work_area import EngineState, rng_state, set_rng_state
 from safe_llm.methods.base import BlockContext, PruningMethod
 from safe_llm.stages.prune.joint import Window, reconstruct
-from safe_llm.stages.prune.options import JointOptions
+from safe_llm.stages.prune.options import PruneOptions
 
 log = logging.getLogger(__name__)
 
@@ -61,134 +66,22 @@ class NonFiniteError(SafeLLMError):
 
 
 @dataclass(frozen=True)
-class EngineOptions:
+class EngineOptions(WalkOptions):
     """How the engine runs a model (everything but the model, the data, the method and the
-    patterns). ``activation_budget``: bytes above which the ``[n, seq, d]`` streams are
-    memory-mapped files in a temporary directory under ``spill_dir``."""
+    patterns): the walk's options and the prune stage's own."""
 
-    device: torch.device = torch.device("cpu")
-    batch_size: int = 8
-    ignore: tuple[str, ...] = ()
     dense_targets: bool = False  # targets from the dense stream (global propagation)
-    layer_errors: bool = True  # each layer's relative output error (needs X^T X)
+    # each layer's relative output error (needs X^T X); None: where the method gathers X^T X
+    # anyway (it needs the Hessian), off otherwise
+    layer_errors: bool | None = None
     seed: int = 0
     max_blocks: int | None = None  # prune only the first max_blocks blocks
-    progress: bool = True
-    activation_budget: int | None = None
-    spill_dir: str | Path | None = None
-    joint: JointOptions = JointOptions()  # windows of consecutive blocks reconstructed jointly
+    joint: PruneOptions = PruneOptions()  # windows of consecutive blocks reconstructed jointly
     moe_every_token: bool = False  # experts' statistics from every token, not the routed ones
 
     def __post_init__(self):  # joint windows train on the run's batch size unless told
         if self.joint.batch_size is None:
             object.__setattr__(self, "joint", replace(self.joint, batch_size=self.batch_size))
-
-
-class BlockSource(Protocol):
-    """Hands the engine one decoder block at a time (on the host) and takes it back."""
-
-    def load(self, index: int) -> nn.Module: ...
-
-    def release(self, index: int) -> None: ...
-
-
-class ResidentBlocks:
-    """The default source: blocks that stay in memory all along."""
-
-    def __init__(self, blocks: nn.ModuleList):
-        self.blocks = blocks
-
-    def load(self, index: int) -> nn.Module:
-        return self.blocks[index]
-
-    def release(self, index: int) -> None:
-        pass
-
-
-@dataclass
-class BlockReport:
-    index: int
-    seconds: float
-    reconstruction_error: float
-    layer_sparsity: dict[str, float]
-    layer_error: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class PruneReport:
-    blocks: list[BlockReport]
-    seconds: float
-    peak_memory_bytes: int
-    overall_sparsity: float
-    resumed_from_block: int = 0
-    # zeros over every weight of 2+ dimensions in the blocks, pruned or not
-    all_block_weights_sparsity: float = float("nan")
-    # block weights of 2+ dimensions left dense (routers, convolutions, --ignore): parameters
-    # summed over the blocks, by name relative to the block
-    unpruned_block_weights: dict[str, int] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak accelerator memory on CUDA, else the process's peak resident set size."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return process_peak_bytes()
-
-
-@contextlib.contextmanager
-def block_on_device(source: BlockSource, index: int, device: torch.device) -> Iterator[nn.Module]:
-    """Block ``index`` of ``source``, moved to ``device`` for the ``with`` body; afterwards
-    moved back to where it was (the CUDA cache emptied) and released to ``source``."""
-    block = source.load(index)
-    home = next(block.parameters()).device
-    block.to(device)
-    try:
-        yield block
-    finally:
-        block.to(home)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        source.release(index)
-
-
-@contextlib.contextmanager
-def captured_inputs(
-    model: nn.Module, windows: torch.Tensor, streams: int, options: EngineOptions
-) -> Iterator[tuple[torch.Tensor, list[BlockCall], Activations]]:
-    """``(first-block inputs [n, seq, d], each block's call, the space of ``streams``
-    streams)`` for the calibration windows ``[n, seq]``; the space is closed afterwards."""
-    space = CapturedStreams(options.device, streams, options.activation_budget, options.spill_dir)
-    try:
-        hidden, calls = capture_block_inputs(
-            model, windows, options.device, options.batch_size, allocate=space.allocate
-        )
-        yield hidden, calls, space.space
-    finally:
-        space.close()
-
-
-def forward_batches(
-    block: nn.Module,
-    inputs: torch.Tensor,
-    call: BlockCall,
-    out: torch.Tensor | None,
-    device: torch.device,
-    batch_size: int,
-) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Yield ``(slice, block(inputs[slice]))`` batch by batch, storing results in ``out``.
-
-    ``out`` may be ``inputs`` (in place) or None; results are on ``device``.
-    """
-    for window_slice in iter_batches(inputs, batch_size):
-        with torch.no_grad():
-            result = run_block(block, inputs[window_slice].to(device), call)
-            if out is not None:
-                out[window_slice] = result.to(out.device, out.dtype)
-        yield window_slice, result
 
 
 @torch.no_grad()
@@ -247,9 +140,7 @@ def prune_model(
     block_patterns: Sequence[SparsityPattern] | None = None,
     source: BlockSource | None = None,
     resume: EngineState | None = None,
-    on_block: Callable[[BlockReport], None] | None = None,
     on_state: Callable[[EngineState, dict[int, nn.Module]], None] | None = None,
-    **settings,
 ) -> PruneReport:
     """Prune every decoder block of ``model`` in place.
 
@@ -257,20 +148,19 @@ def prune_model(
         windows: calibration token ids ``[n, seq]``.
         method: the pruning method applied to each block.
         pattern: the sparsity pattern every prunable layer must meet.
-        options: how to run (:class:`EngineOptions`); or its fields as keywords (``settings``).
+        options: how to run (:class:`EngineOptions`; default: its defaults).
         block_patterns: one pattern per block (a non-uniform profile), else ``pattern`` for all.
         source: where blocks come from and go back to (default: the model's own blocks);
             :class:`safe_llm.io.streaming.DiskBlocks` reads each from disk.
         resume: continue from this state; its blocks must already hold their pruned weights
             (:meth:`safe_llm.io.work_area.WorkArea.load` puts them there).
-        on_block: called with each finished block's report.
         on_state: called after each block (after each joint window) with the state to
             continue from and the blocks pruned since the last call, ``{index: block}`` (to
             save them); a run resumed from that state gives the same bits.
     """
-    if options is not None and settings:
-        raise TypeError("give prune_model either options or its fields as keywords, not both")
-    options = options or EngineOptions(**settings)
+    options = options or EngineOptions()
+    if options.layer_errors is None:
+        options = replace(options, layer_errors=method.needs_hessian)
     start = time.perf_counter()
     if options.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(options.device)
@@ -284,12 +174,13 @@ def prune_model(
         space,
     ):
         run = _start(method, options, calls, hidden, space, resume)
-        _run_blocks(run, source or ResidentBlocks(blocks), patterns, on_block, on_state)
+        _run_blocks(run, source or ResidentBlocks(blocks), patterns, on_state)
     return PruneReport(
         blocks=run.reports,
         seconds=time.perf_counter() - start,
         peak_memory_bytes=peak_memory_bytes(options.device),
         resumed_from_block=run.first,
+        layer_errors=options.layer_errors,
         **_sparsity(blocks, run.reports, options.ignore),
     )
 
@@ -315,7 +206,6 @@ def _run_blocks(
     run: _Run,
     source: BlockSource,
     patterns: list[SparsityPattern],
-    on_block: Callable[[BlockReport], None] | None,
     on_state: Callable[[EngineState, dict[int, nn.Module]], None] | None,
 ) -> None:
     """The block loop of :func:`prune_model`, one window of ``joint.blocks`` consecutive
@@ -340,9 +230,6 @@ def _run_blocks(
                     for i in indices
                 }
                 _run_window(run, blocks, patterns, bar)
-                for report in run.reports[-len(indices) :]:
-                    if on_block is not None:
-                        on_block(report)
                 if on_state is not None:
                     on_state(_state(run, indices.stop), blocks)
 
@@ -589,14 +476,3 @@ def _overall_sparsity(
             elif name in achieved.get(index, {}):
                 zeros += round(achieved[index][name] * numel)
     return zeros, total
-
-
-def model_sparsity(model: nn.Module, ignore: tuple[str, ...] = ()) -> float:
-    """Fraction of zeros over all prunable matrices (linear layers, experts) of all blocks."""
-    _, blocks = find_blocks(model)
-    zeros = total = 0
-    for block in blocks:
-        for layer in prunable_layers(block, ignore).values():
-            zeros += int((layer.weight == 0).sum())
-            total += layer.weight.numel()
-    return zeros / max(total, 1)

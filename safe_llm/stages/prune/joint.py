@@ -30,7 +30,7 @@ from torch import nn
 from safe_llm.core import precision
 from safe_llm.core.blocks import BlockCall, run_block
 from safe_llm.errors import SafeLLMError
-from safe_llm.stages.prune.options import JointOptions
+from safe_llm.stages.prune.options import PruneOptions
 from safe_llm.train import holdout, relative_adam
 from safe_llm.train.data_parallel import mse_loss_and_grads
 
@@ -73,7 +73,7 @@ class Window:
         return holdout.relative_error(self.forward, self.batch, indices, batch_size)
 
 
-def reconstruct(window: Window, options: JointOptions, seed: int) -> dict[str, float]:
+def reconstruct(window: Window, options: PruneOptions, seed: int) -> dict[str, float]:
     """Train the window in place (masks frozen) and keep the better of before and after on
     the held-out windows; return the window's errors for the report."""
     home = [p.dtype for p in window.parameters()]
@@ -86,7 +86,7 @@ def reconstruct(window: Window, options: JointOptions, seed: int) -> dict[str, f
             p.data = p.data.to(dtype)
 
 
-def _reconstruct(window: Window, options: JointOptions, seed: int) -> dict[str, float]:
+def _reconstruct(window: Window, options: PruneOptions, seed: int) -> dict[str, float]:
     train, held = holdout.split_windows(window.inputs.shape[0], options.holdout)
     check = held if len(held) else train
     best = holdout.KeepBest()
@@ -120,7 +120,7 @@ def _reconstruct(window: Window, options: JointOptions, seed: int) -> dict[str, 
     }
 
 
-def _train(window: Window, options: JointOptions, train: torch.Tensor, seed: int) -> float:
+def _train(window: Window, options: PruneOptions, train: torch.Tensor, seed: int) -> float:
     """Adam on the window's parameters over ``train``; returns the last epoch's mean loss."""
     params = window.parameters()
     masked = [(weight, relative_adam.pruned_mask(weight)) for weight in window.pruned]

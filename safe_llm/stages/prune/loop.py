@@ -1,72 +1,56 @@
-"""The prune stage's run: the engine's options from the run's config, the per-block
-sparsity patterns from the profile stage, and the work area's saves and resume."""
+"""The prune stage's run: the engine's options from the run context, the per-block sparsity
+patterns from the profile stage, and the work area's saves and resume."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict
-from pathlib import Path
+from dataclasses import fields
 
-import torch
 from torch import nn
 
-from safe_llm.core.blocks import find_blocks
+from safe_llm.core.reports import PruneReport
 from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.io.work_area import EngineState, Interrupted
-from safe_llm.options import parse_size
 from safe_llm.stages.base import RunContext
 from safe_llm.stages.prune.engine import EngineOptions, prune_model
 
 
-def engine_options(config, device: torch.device, progress: bool) -> EngineOptions:
-    """The engine's options for ``config`` (the memory-mapped activation streams of
-    ``--max-activation-memory`` sit next to ``--output``)."""
-    budget = config.max_activation_memory
+def engine_options(context: RunContext) -> EngineOptions:
+    """The engine's options: the run's walk and the prune stage's own options."""
+    config = context.config
+    walk = {f.name: getattr(context.walk, f.name) for f in fields(context.walk)}
     return EngineOptions(
-        device=device,
-        batch_size=config.batch_size,
-        ignore=tuple(config.ignore),
+        **walk,
         dense_targets=config.dense_targets,
         moe_every_token=config.moe_every_token,
         joint=config.joint,
         layer_errors=config.layer_errors,
         seed=config.seed,
         max_blocks=config.max_blocks,
-        progress=progress,
-        activation_budget=parse_size(budget) if budget else None,
-        spill_dir=Path(config.output).expanduser().parent if config.output else None,
     )
 
 
-def blocks_to_prune(model: nn.Module, config) -> int:
-    _, blocks = find_blocks(model)
-    return len(blocks) if config.max_blocks is None else min(config.max_blocks, len(blocks))
-
-
-def run_block_loop(model: nn.Module, context: RunContext) -> dict:
+def run_block_loop(model: nn.Module, context: RunContext) -> PruneReport:
     """Prune every block of ``model`` with the context's method and the profile's block
     sparsities, saving each finished block in the work area; returns the engine's report."""
-    config = context.config
     sparsities = context.results["profile"]["block_sparsity"]
-    total = blocks_to_prune(model, config)
-    report = prune_model(
+    return prune_model(
         model,
         context.windows,
         context.method,
-        config.pattern(),
-        engine_options(config, context.device, context.progress),
-        block_patterns=_patterns(config.pattern(), sparsities),
+        context.pattern,
+        engine_options(context),
+        block_patterns=_patterns(context.pattern, sparsities),
         source=context.source,
-        resume=_resume_state(context, model),
-        on_state=_state_saver(context, total),
+        resume=_resume_state(context),
+        on_state=_state_saver(context, context.blocks_to_prune),
     )
-    return asdict(report)
 
 
 def restore_pruned_blocks(model: nn.Module, context: RunContext) -> None:
     """Put the finished run's pruned blocks from the work area into ``model`` (a resume that
     skips the finished prune stage; a streamed model's blocks stay in the work area)."""
-    _resume_state(context, model)
+    _resume_state(context)
 
 
 def _patterns(pattern: SparsityPattern, sparsities: list[float]) -> list[SparsityPattern] | None:
@@ -76,13 +60,12 @@ def _patterns(pattern: SparsityPattern, sparsities: list[float]) -> list[Sparsit
     return [SparsityPattern.parse("unstructured", s) for s in sparsities]
 
 
-def _resume_state(context: RunContext, model: nn.Module) -> EngineState | None:
-    """The state a resumed run continues from (its finished blocks put into ``model``,
+def _resume_state(context: RunContext) -> EngineState | None:
+    """The state a resumed run continues from (its finished blocks put into the model's,
     unless streamed: those stay in the work area), or None for a fresh run."""
     if context.work is None or context.fresh:
         return None
-    _, blocks = find_blocks(model)
-    return context.work.load(None if context.source is not None else blocks)
+    return context.work.load(None if context.source is not None else context.blocks)
 
 
 def _state_saver(
@@ -90,7 +73,7 @@ def _state_saver(
 ) -> Callable[[EngineState, dict[int, nn.Module]], None]:
     """The engine's ``on_state``: save the finished blocks and the state (the writing rank),
     then stop if a signal asked to."""
-    work = context.work if context.writer else None
+    work = context.work if context.writes else None
 
     def on_state(state: EngineState, blocks: dict[int, nn.Module]) -> None:
         if work is not None:

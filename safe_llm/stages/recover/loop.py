@@ -147,8 +147,9 @@ def recover(
     ):
         training = _training(student, options, masks, (steps, batch_size, seed), state_path, bf16)
         release = student if release_teacher else None
-        cache = _teacher_cache(teacher, windows, options, batch_size, device, bf16, release,
-                               progress)  # fmt: skip
+        cache = _teacher_cache(
+            teacher, windows, options, batch_size, device, bf16, release, progress
+        )
         _train(student, teacher, windows, training, options, device, cache, state_path, progress)
         names = set(training.params)
     params = {n: p for n, p in student.named_parameters() if n in names}
@@ -305,7 +306,7 @@ def _train(
             # autocast per step: its cache of bf16 weight copies must not outlive the update
             with precision.bf16_autocast(device, training.bf16, cache):
                 loss = step_loss(student, teacher, windows, batch, options, device, hidden)
-            _finish_step(optimizer, params, masked, options, step, loss)
+            finish_step(optimizer, params, masked, options, step, loss)
             return_freed_memory()  # the step's freed temporaries, wherever they lie in the heap
             losses.append(sum_over_ranks(loss, device))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -342,7 +343,7 @@ def _checkpointing(model: nn.Module, on: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
-def _finish_step(optimizer, params, masked, options, step, loss) -> None:
+def finish_step(optimizer, params, masked, options, step, loss) -> None:
     """Sum gradients over ranks (FSDP has summed the sharded ones), mask them, check them,
     step, re-apply the mask."""
     if isinstance(optimizer, MaskedAdam):
@@ -364,7 +365,7 @@ def _finish_step(optimizer, params, masked, options, step, loss) -> None:
 
 
 def _finish_lean_step(optimizer: MaskedAdam, options, step, loss) -> None:
-    """The lean state's :func:`_finish_step`: its packed gradients summed over ranks, clipped
+    """The lean state's :func:`finish_step`: its packed gradients summed over ranks, clipped
     to the global norm, checked, then the step (pruned entries end exactly zero)."""
     if distributed.active():
         optimizer.all_reduce_(distributed.all_reduce_sum_)

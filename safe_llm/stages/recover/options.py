@@ -1,15 +1,14 @@
 """Recovery's settings: :class:`RecoverOptions` (recipe key ``recover``, CLI flags
-``--recover`` and ``--recover-<name>``) and their validation. No torch here: the CLI reads these fields to build
-its flags."""
+``--recover`` and ``--recover-<name>``), each checked where it is declared. No torch here: the
+CLI reads these fields to build its flags."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from safe_llm.errors import SafeLLMError
-from safe_llm.options import option
+from safe_llm.options import ConfigError, check_fields, option
 
 TRAINABLE_GROUPS = ("weights", "norms")
 
@@ -23,6 +22,8 @@ class RecoverOptions:
     """Recovery settings: recipe key ``recover``, CLI flags ``--recover-<name>``; ``enabled``
     (``--recover``) switches the stage on in ``safe-llm prune``."""
 
+    flag_prefix: ClassVar[str] = "recover_"
+
     enabled: bool = option(
         False,
         "after the block loop, train the whole pruned model end to end with its mask frozen "
@@ -32,21 +33,26 @@ class RecoverOptions:
     )
 
     dataset: str | None = option(None, "recovery text (default: the calibration --dataset)")
-    nsamples: int | None = option(None, "recovery windows (default: --nsamples)")
-    seqlen: int | None = option(None, "tokens per recovery window (default: --seqlen)")
+    nsamples: int | None = option(None, "recovery windows (default: --nsamples)", at_least=1)
+    seqlen: int | None = option(None, "tokens per recovery window (default: --seqlen)", at_least=2)
     seed: int | None = option(
         None,
         "seed of the recovery windows and their order (default: --seed, i.e. the "
         "calibration windows themselves)",
     )
     tokens: int | None = option(
-        None, "training budget in tokens (rounded up to whole steps; default: one pass)"
+        None,
+        "training budget in tokens (rounded up to whole steps; default: one pass)",
+        at_least=1,
     )
-    steps: int | None = option(None, "training budget in optimiser steps (overrides tokens)")
+    steps: int | None = option(
+        None, "training budget in optimiser steps (overrides tokens)", at_least=1
+    )
     lr: float = option(
         2.5e-3,
         "Adam learning rate (peak); with step_scale relative (default), in units of each "
         "tensor's RMS",
+        at_least=0,
     )
     step_scale: str = option(
         "relative",
@@ -54,20 +60,25 @@ class RecoverOptions:
         "weights' scale); absolute: every tensor steps lr",
         choices=("absolute", "relative"),
     )
-    warmup_steps: int = option(4, "linear warm-up steps; then linear decay to 0")
-    batch_size: int = option(2, "windows per optimiser step")
+    warmup_steps: int = option(4, "linear warm-up steps; then linear decay to 0", at_least=0)
+    batch_size: int = option(2, "windows per optimiser step", at_least=1)
     train: list[str] = option(
         None,
         factory=lambda: ["weights", "norms"],
         help="what trains: weights (the kept weights and biases of the pruned layers), "
         "norms (every other block parameter and the final norm); embeddings and lm_head never",
         nargs="+",
+        choices=TRAINABLE_GROUPS,
     )
-    grad_clip: float = option(1.0, "clip the gradient's global norm to this (0: no clipping)")
+    grad_clip: float = option(
+        1.0, "clip the gradient's global norm to this (0: no clipping)", at_least=0
+    )
     kl_chunk: int = option(
         128,
-        "tokens per chunk of the vocabulary-sized KL (memory bound: about 6 x chunk x vocab x 4 "
-        "bytes; 512 before issue 22, 0.58 GiB on SmolLM2's 49k vocabulary)",
+        "tokens per chunk of the vocabulary-sized KL (the memory planner counts 2 x chunk x "
+        "vocab x 4 bytes: the chunk's student and teacher logits in float32; 50 MB on "
+        "SmolLM2's 49k vocabulary)",
+        at_least=1,
     )
     gradient_checkpointing: bool = option(True, "recompute block activations in the backward")
     autocast: str = option(
@@ -87,8 +98,11 @@ class RecoverOptions:
         "squared error to the teacher's block output, divided by that output's squared norm "
         "(SquareHead-style, Kurtic et al. 2023); 0: KL only. Above 0 the teacher runs at "
         "every step (its block outputs are not cached)",
+        at_least=0,
     )
-    save_every: int = option(25, "with an output: save the training state every N steps")
+    save_every: int = option(
+        25, "with an output: save the training state every N steps", at_least=1
+    )
     lean: bool = option(
         True,
         "memory-lean optimiser state, same steps: Adam moments of the kept weights only, each "
@@ -110,32 +124,8 @@ class RecoverOptions:
     )
 
     def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        for name in ("nsamples", "seqlen", "tokens", "steps", "batch_size", "kl_chunk"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise RecoveryError(f"--recover-{name.replace('_', '-')} must be at least 1")
-        if self.seqlen is not None and self.seqlen < 2:
-            raise RecoveryError("--recover-seqlen must be at least 2")
-        if self.save_every < 1:
-            raise RecoveryError("--recover-save-every must be at least 1")
-        for name in ("lr", "hidden_weight"):
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                flag = f"--recover-{name.replace('_', '-')}"
-                raise RecoveryError(f"{flag} must be a finite number >= 0, got {value}")
-        for f in dataclasses.fields(self):
-            choices, value = f.metadata.get("choices"), getattr(self, f.name)
-            if choices and value not in choices:
-                flag = f"--recover-{f.name.replace('_', '-')}"
-                raise RecoveryError(f"{flag} takes {', '.join(choices)}, got {value!r}")
-        if self.warmup_steps < 0 or self.grad_clip < 0:
-            raise RecoveryError("--recover-warmup-steps and --recover-grad-clip must be >= 0")
-        unknown = set(self.train) - set(TRAINABLE_GROUPS)
-        if unknown or not self.train:
-            raise RecoveryError(
-                f"--recover-train takes one or more of {', '.join(TRAINABLE_GROUPS)}, "
-                f"got {self.train}"
+        check_fields(self)
+        if not self.train:
+            raise ConfigError(
+                f"--recover-train takes one or more of {', '.join(TRAINABLE_GROUPS)}, got none"
             )

@@ -164,8 +164,16 @@ def _activations(
     return inputs + block if checkpointing else counts.layers * block
 
 
-def estimate(counts: ModelCounts, options, windows: int, seqlen: int, nwindows: int,
-             bf16: bool, world: int = 1, teacher_released: bool = True) -> RecoveryPlan:  # fmt: skip
+def estimate(
+    counts: ModelCounts,
+    options,
+    windows: int,
+    seqlen: int,
+    nwindows: int,
+    bf16: bool,
+    world: int = 1,
+    teacher_released: bool = True,
+) -> RecoveryPlan:
     """The :class:`RecoveryPlan` of recovering a student with ``counts`` under ``options``
     (:class:`~safe_llm.stages.recover.options.RecoverOptions`), ``windows`` per step of ``seqlen`` tokens on
     each of ``world`` ranks, ``nwindows`` windows cached, bf16 autocast or not."""
@@ -222,8 +230,16 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def plan_recovery(student: nn.Module, options, windows: int, seqlen: int, nwindows: int,
-                  device: torch.device, bf16: bool, world: int = 1) -> RecoveryPlan:  # fmt: skip
+def plan_recovery(
+    student: nn.Module,
+    options,
+    windows: int,
+    seqlen: int,
+    nwindows: int,
+    device: torch.device,
+    bf16: bool,
+    world: int = 1,
+) -> RecoveryPlan:
     """The plan of recovering ``student`` on ``device`` (free memory measured now) with what
     would fit when it does not (:attr:`RecoveryPlan.suggestions`). On a CPU the student is
     already resident: its bytes are added to the free memory."""
@@ -243,16 +259,21 @@ def _suggestions(counts, options, windows, seqlen, nwindows, bf16, free) -> list
     """The changes (each alone) whose estimate fits in ``free`` bytes."""
     candidates = [
         ("--recover-lean", replace(options, lean=True, fsdp=False), windows, 1),
-        ("--recover-gradient-checkpointing", replace(options, gradient_checkpointing=True),
-         windows, 1),
+        (
+            "--recover-gradient-checkpointing",
+            replace(options, gradient_checkpointing=True),
+            windows,
+            1,
+        ),
         ("--recover-batch-size 1", options, 1, 1),
         ("--recover-kl-chunk 128", replace(options, kl_chunk=128), windows, 1),
         ("--no-recover-teacher-cache", replace(options, teacher_cache=False), windows, 1),
-    ]  # fmt: skip
+    ]
     for ranks in (2, 4, 8, 16):
         sharded = replace(options, fsdp=True, gradient_checkpointing=True)
-        candidates.append((f"--recover-fsdp over {ranks} ranks (torchrun)", sharded, windows,
-                           ranks))  # fmt: skip
+        candidates.append(
+            (f"--recover-fsdp over {ranks} ranks (torchrun)", sharded, windows, ranks)
+        )
     fits = []
     for label, changed, batch, ranks in candidates:
         if changed == options and batch == windows and ranks == 1:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from safe_llm.core import distributed, precision
-from safe_llm.core.memory import return_freed_memory, serve_large_buffers_from_mmap
+from safe_llm.core.memory import large_buffers_from_mmap, return_freed_memory
 from safe_llm.stages.recover.loop import recover
 from safe_llm.stages.recover.options import RecoverOptions, RecoveryError
 from safe_llm.stages.recover.plan import RecoveryPlan, plan_recovery
@@ -32,8 +32,11 @@ def recovery_windows(context, options: RecoverOptions) -> tuple[torch.Tensor, di
     nsamples, seqlen = options.nsamples or config.nsamples, options.seqlen or config.seqlen
     drawn = {"dataset": dataset, "seed": seed}
     same = (dataset, seed, nsamples, seqlen) == (
-        config.dataset, config.seed, config.nsamples, config.seqlen
-    )  # fmt: skip
+        config.dataset,
+        config.seed,
+        config.nsamples,
+        config.seqlen,
+    )
     if same and context.windows is not None:
         return context.windows, drawn
     windows = data.calibration_windows(
@@ -42,6 +45,10 @@ def recovery_windows(context, options: RecoverOptions) -> tuple[torch.Tensor, di
     return windows, drawn
 
 
+# freed gradients and temporaries go back to the OS: from 128 KiB, not 1 MiB, as the lean
+# state's packed gradients, moments and indices of the narrow projections (SmolLM2's k/v:
+# 0.2-0.9 MB) otherwise fragment the heap (peak +0.1 GB over 4 steps)
+@large_buffers_from_mmap(RECOVERY_MMAP_THRESHOLD)
 def run_recovery(model: nn.Module, context) -> dict:
     """Recover ``model`` (pruned, on the host) in place against the dense
     ``context.config.model`` (loaded here as the teacher, in the model's dtype) with the
@@ -50,10 +57,6 @@ def run_recovery(model: nn.Module, context) -> dict:
     from safe_llm.io.models import load_model
 
     config, device, options = context.config, context.device, context.config.recover
-    # freed gradients and temporaries go back to the OS: from 128 KiB, not 1 MiB, as the lean
-    # state's packed gradients, moments and indices of the narrow projections (SmolLM2's k/v:
-    # 0.2-0.9 MB) otherwise fragment the heap (peak +0.1 GB over 4 steps)
-    serve_large_buffers_from_mmap(RECOVERY_MMAP_THRESHOLD)
     windows, drawn = recovery_windows(context, options)
     return_freed_memory()  # the text and its encodings
     log.info(
@@ -102,9 +105,15 @@ def _memory_plan(model, options: RecoverOptions, windows: torch.Tensor, device) 
     bf16 = precision.reduced_precision(options.autocast, torch.device(device), "recovery autocast")
     batch = min(options.batch_size, windows.shape[0])
     plan = plan_recovery(
-        model, options, batch, windows.shape[1], windows.shape[0], torch.device(device), bf16,
+        model,
+        options,
+        batch,
+        windows.shape[1],
+        windows.shape[0],
+        torch.device(device),
+        bf16,
         distributed.world_size(),
-    )  # fmt: skip
+    )
     log.info("recovery: %s", plan.summary())
     if options.memory_check and not plan.fits:
         raise RecoveryError(plan.refusal() + " (--no-recover-memory-check runs it anyway)")

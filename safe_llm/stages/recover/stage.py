@@ -5,9 +5,6 @@ pruned model end to end against the dense model, its mask frozen (``--recover``;
 
 from __future__ import annotations
 
-import os
-
-from safe_llm.options import ConfigError
 from safe_llm.stages.base import Stage, register_stage
 from safe_llm.stages.recover.options import RecoverOptions
 
@@ -25,25 +22,6 @@ class RecoverStage(Stage):
     @classmethod
     def enabled(cls, config) -> bool:
         return config.recover.enabled
-
-    @classmethod
-    def check(cls, config) -> None:
-        options = config.recover
-        if not options.enabled:
-            return
-        if config.stream_from_disk:
-            raise ConfigError(
-                "--recover trains the whole model and cannot run with --stream-from-disk; "
-                "prune first, then run safe-llm recover on the checkpoint"
-            )
-        if options.dataset:
-            from safe_llm.io.data import check_source
-
-            check_source(options.dataset)
-        if options.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-            from safe_llm.stages.recover.fsdp import NEEDS_RANKS
-
-            raise ConfigError(NEEDS_RANKS)  # checked before any pruning; recover() checks again
 
     def run(self, model, context) -> dict:
         from safe_llm.stages.recover.run import run_recovery
