@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from safe_llm.errors import SafeLLMError
+from safe_llm.errors import SafeLLMError, register_unique
 from safe_llm.methods.base import PruningMethod
 
 METHODS: dict[str, type[PruningMethod]] = {}
@@ -15,14 +15,7 @@ METHODS: dict[str, type[PruningMethod]] = {}
 def register(cls: type[PruningMethod]) -> type[PruningMethod]:
     """Class decorator: make ``cls`` available as ``--method cls.name``; a second class of
     the same name is refused (it would silently replace the first)."""
-    if METHODS.get(cls.name, cls) is not cls:
-        raise SafeLLMError(
-            f"two pruning methods are named {cls.name!r} ({METHODS[cls.name].__module__}."
-            f"{METHODS[cls.name].__qualname__} and {cls.__module__}.{cls.__qualname__}); "
-            "rename one"
-        )
-    METHODS[cls.name] = cls
-    return cls
+    return register_unique(METHODS, "pruning methods", cls)
 
 
 def unregister(name: str) -> None:

@@ -11,21 +11,14 @@ import importlib
 import importlib.util
 import pkgutil
 
-from safe_llm.errors import SafeLLMError
+from safe_llm.errors import register_unique
 
 STAGES: dict[str, type] = {}
 
 
 def register_stage(cls: type) -> type:
     """Class decorator: make ``cls`` a stage of every run whose config enables it."""
-    if STAGES.get(cls.name, cls) is not cls:
-        raise SafeLLMError(
-            f"two stages are named {cls.name!r} ({STAGES[cls.name].__module__}."
-            f"{STAGES[cls.name].__qualname__} and {cls.__module__}.{cls.__qualname__}); "
-            "rename one"
-        )
-    STAGES[cls.name] = cls
-    return cls
+    return register_unique(STAGES, "stages", cls)
 
 
 def unregister_stage(name: str) -> None:
