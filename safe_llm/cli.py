@@ -427,6 +427,7 @@ def _summary(report: RunReport, output: str | None) -> str:
             f"dense {dense['perplexity']:.3f}{_cached(dense)} -> "
             f"pruned {pruned['perplexity']:.3f}{_cached(pruned)}"
         )
+    lines += _zeroshot_lines(report.zeroshot)
     peaks = report.stage_peak_memory_bytes
     if peaks:
         stages = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in peaks.items())
@@ -434,6 +435,18 @@ def _summary(report: RunReport, output: str | None) -> str:
     if output:
         lines.append(f"checkpoint written to {output}")
     return "\n".join(lines)
+
+
+def _zeroshot_lines(zeroshot: dict) -> list[str]:
+    """``--eval-tasks``: each stage's task lines (dense first)."""
+    from safe_llm.evaluation.zeroshot import format_tasks
+
+    return [
+        f"zero-shot {stage}: {line}"
+        for stage in ("dense", "pruned")
+        if stage in zeroshot
+        for line in format_tasks(zeroshot[stage])
+    ]
 
 
 def _cached(result: dict) -> str:
@@ -507,6 +520,8 @@ def _run_recover(args: argparse.Namespace, argv: list[str] | None = None) -> int
     )
     for source, value in result.report["evaluation"].get("pruned", {}).items():
         print(f"perplexity {source}: {value['perplexity']:.3f}")
+    for line in _zeroshot_lines(result.report.zeroshot):
+        print(line)
     print(f"checkpoint written to {result.config.output}")
     return 0
 

@@ -233,6 +233,8 @@ def recover_checkpoint(
     model, tokenizer = _load_pruned(checkpoint, previous.get("dtype"), config.trust_remote_code)
     report = RunReport.from_dict(previous)
     report.evaluation["before_recovery"] = report.evaluation.pop("pruned", {})
+    if "pruned" in report.zeroshot:
+        report.zeroshot["before_recovery"] = report.zeroshot.pop("pruned")
     context = RunContext(
         config, device, next(model.parameters()).dtype, tokenizer, None, report,
         StagePeaks(device), work=work, fresh=fresh, writer=distributed.is_writer(),

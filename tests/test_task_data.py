@@ -180,3 +180,37 @@ def test_local_copies_are_found_by_path_last_part_or_alias(local_root):
     boolq = find_local(root, "aps/super_glue", "boolq")
     loaded = task_data.load_local(boolq.directory, boolq.splits, boolq.columns, version=2.0)
     assert loaded["validation"]["label"][:4] == [0, 1, 0, 1]  # bool answer -> lm-eval's label
+
+
+def test_prune_eval_tasks_go_into_report_json_the_report_and_the_model_card(
+    save_tiny_model, calibration_file, local_root, tmp_path, capsys
+):
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("matplotlib")
+    from safe_llm.io.models import load_model
+
+    root, documents = local_root
+    run = tmp_path / "run"
+    args = ["prune", "--model", str(save_tiny_model(seed=1)), "--method", "magnitude"]
+    args += ["--dataset", str(calibration_file), "--nsamples", "2", "--seqlen", "16"]
+    args += ["--eval-tasks", "arc_easy,piqa", "--eval-task-data", str(root)]
+    args += ["--eval-limit", "6", "--output", str(run), "--quiet"]
+    assert cli.main(args) == 0
+    zeroshot = json.loads((run / "report.json").read_text())["zeroshot"]
+    model, tokenizer, _ = load_model(str(run))  # the pruned checkpoint
+    for name in ("arc_easy", "piqa"):
+        assert zeroshot["pruned"]["tasks"][name]["acc"] == pytest.approx(
+            _loglikelihood_accuracy(model, tokenizer, name, documents[name][:6])
+        )
+        assert zeroshot["dense"]["tasks"][name]["preview"] is True
+    assert "zero-shot pruned: mean:" in capsys.readouterr().out
+    card = (run / "README.md").read_text()
+    assert (
+        "## Zero-shot accuracy" in card and "| arc_easy | acc | validation | 6 (preview) |" in card
+    )
+    out = tmp_path / "report"
+    assert cli.main(["report", str(run), "--output", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    mean = zeroshot["pruned"]["mean"]
+    assert "zero-shot mean (dense → pruned)" in md and f"→ {mean:.3f} ±" in md
+    assert "](zeroshot.png)" in md and (out / "zeroshot.png").read_bytes()[:4] == b"\x89PNG"
