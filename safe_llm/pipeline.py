@@ -14,10 +14,17 @@ from torch import nn
 
 from safe_llm.config import ConfigError, PruneConfig, make_config, unknown_recipe_keys
 from safe_llm.core import distributed, precision
-from safe_llm.core.blocks import check_coverage, find_blocks, prunable_layers, weight_matrix
+from safe_llm.core.blocks import (
+    check_coverage,
+    find_blocks,
+    prunable_layers,
+    unmatched_patterns,
+    weight_matrix,
+)
 from safe_llm.core.memory import StagePeaks, return_freed_memory, serve_large_buffers_from_mmap
+from safe_llm.evaluation.perplexity import refuse_long_windows
 from safe_llm.io import data
-from safe_llm.io.models import load_model, resolve_device, resolve_dtype
+from safe_llm.io.models import context_length, load_model, resolve_device, resolve_dtype
 from safe_llm.io.work_area import WorkArea, work_dir
 from safe_llm.methods import get_method_class
 from safe_llm.options import parse_size
@@ -39,9 +46,28 @@ class PruneResult:
     write_weights: Callable[[Path, str], None] | None = None
 
 
+def check_windows(config: PruneConfig) -> None:
+    """Refuse windows longer than the model's context (``--seqlen``, ``--eval-seqlen``,
+    ``--recover-seqlen``), read from its config before any weight is loaded."""
+    limit = context_length(config.model, config.trust_remote_code)
+    refuse_long_windows(config.seqlen, limit)
+    if config.eval:
+        refuse_long_windows(config.eval_seqlen or config.seqlen, limit, "--eval-seqlen")
+    if config.recover.enabled:
+        refuse_long_windows(config.recover.seqlen, limit, "--recover-seqlen")
+
+
 def check_prunable(model: nn.Module, pattern, ignore: tuple[str, ...] = ()) -> None:
-    """Raise before any calibration work if a block's layer cannot take ``pattern``."""
+    """Raise before any calibration work if a block's layer cannot take ``pattern`` or an
+    ``ignore`` pattern names no weight of any block."""
     _, blocks = find_blocks(model)
+    unmatched = unmatched_patterns(blocks, ignore)
+    if unmatched:
+        names = ", ".join(prunable_layers(blocks[0]))
+        raise ConfigError(
+            f"--ignore {' '.join(unmatched)} matches no weight of any block; patterns are "
+            f"relative to a block, e.g. one of: {names}"
+        )
     layers = [prunable_layers(block, ignore) for block in blocks]
     if not any(layers):
         raise ConfigError("--ignore excludes every layer of every block; nothing would be pruned")
@@ -146,6 +172,7 @@ def run_prune(
     dtype = resolve_dtype(config.dtype, device)
     method = get_method_class(config.method)(config.method_options)
     serve_large_buffers_from_mmap()
+    check_windows(config)
     peaks = StagePeaks(device)
     with peaks.stage("load"):
         model, tokenizer, source, writer = _load(config, dtype)
@@ -230,6 +257,8 @@ def recover_checkpoint(
     work, fresh = open_work_area(config)
     torch.manual_seed(config.seed)
     device = distributed.local_device(resolve_device(config.device))
+    limit = context_length(str(checkpoint), config.trust_remote_code)
+    refuse_long_windows(config.recover.seqlen or config.seqlen, limit, "--recover-seqlen")
     model, tokenizer = _load_pruned(checkpoint, previous.get("dtype"), config.trust_remote_code)
     report = RunReport.from_dict(previous)
     report.evaluation["before_recovery"] = report.evaluation.pop("pruned", {})

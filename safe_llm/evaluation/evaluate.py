@@ -30,7 +30,7 @@ from safe_llm.core.atomic import atomic_write
 from safe_llm.core.memory import return_freed_memory, serve_large_buffers_from_mmap
 from safe_llm.errors import SafeLLMError
 from safe_llm.evaluation.cache import cached_perplexity
-from safe_llm.evaluation.perplexity import check_seqlen, perplexity
+from safe_llm.evaluation.perplexity import check_seqlen, perplexity, refuse_long_windows
 from safe_llm.evaluation.task_data import task_data_root
 from safe_llm.evaluation.zeroshot import evaluate_tasks, require_lm_eval
 from safe_llm.io import data
@@ -231,11 +231,13 @@ def evaluate(
     the results document (the JSON ``safe-llm eval --json`` writes), with
     ``perplexity`` ``{source: result}`` and, with tasks, ``zeroshot``. ``cache=False``
     recomputes perplexities found in the disk cache."""
-    from safe_llm.io.models import load_model, resolve_device, resolve_dtype
+    from safe_llm.io.models import context_length, load_model, resolve_device, resolve_dtype
 
     sizes = {"seqlen": seqlen, "batch_size": batch_size, "max_windows": max_windows}
     sizes["limit"] = limit
     sources, task_names = check_request(datasets, tasks, sizes, num_fewshot, task_data)
+    if sources:  # before any weight is loaded
+        refuse_long_windows(seqlen, context_length(model, trust_remote_code))
     serve_large_buffers_from_mmap()
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)

@@ -36,6 +36,11 @@ class RecoverStage(Stage):
                 "--recover trains the whole model and cannot run with --stream-from-disk; "
                 "prune first, then run safe-llm recover on the checkpoint"
             )
+        if not options.lr > 0:  # lr 0 runs every step and moves no weight
+            raise ConfigError(
+                f"--recover-lr must be positive, got {options.lr:g}: a step of 0 cannot move a "
+                "weight (the default is 2.5e-3)"
+            )
         if options.dataset:
             from safe_llm.io.data import check_source
 
