@@ -12,16 +12,9 @@ from safe_llm import cli
 from safe_llm.evaluation import task_data
 from safe_llm.evaluation.task_data import TaskDataError, find_local, task_data_root
 
+pytestmark = pytest.mark.usefixtures("hub_offline")
+
 WORDS = ["fox", "dog", "model", "pruning", "sparse", "weights", "text", "brown", "lazy"]
-
-
-@pytest.fixture(autouse=True)
-def _offline(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.delenv(task_data.ENV_VAR, raising=False)
 
 
 def _pick(generator, n: int) -> list[str]:

