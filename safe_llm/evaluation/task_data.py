@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,12 @@ def load_local(directory: Path, splits: tuple[str, ...], columns: dict, **_metad
     return datasets.DatasetDict(loaded)
 
 
+def _quiet_custom_dataset_hint(record: logging.LogRecord) -> bool:
+    """lm-eval warns on every task with a ``custom_dataset`` that kwargs can go to its
+    ``--metadata`` flag: advice for its own CLI, noise here."""
+    return "Custom kwargs can be passed" not in record.getMessage()
+
+
 def local_task_config(manager, task: str, root: Path) -> dict | None:
     """lm-eval's full config of ``task`` (a YAML task of ``manager``'s index) with its
     dataset read from the local copy under ``root`` and its splits limited to the copy's;
@@ -124,5 +131,6 @@ def local_task_config(manager, task: str, root: Path) -> dict | None:
     splits = {key: value if value in local.splits else None for key, value in splits.items()}
     if not (splits["test_split"] or splits["validation_split"]):
         return None
+    logging.getLogger("lm_eval.api.task").addFilter(_quiet_custom_dataset_hint)
     loader = functools.partial(load_local, local.directory, local.splits, local.columns)
     return {**config, **splits, "custom_dataset": loader, "dataset_kwargs": None}

@@ -122,6 +122,8 @@ def _task_specs(manager, names: list[str], task_data) -> tuple[list, dict[str, s
         if config is None:
             specs.append(name)
             sources[name] = "Hugging Face Hub (or its datasets cache)"
+            if root is not None:
+                log.info("%s: no local copy under %s; lm-eval reads it from the Hub", name, root)
         else:
             specs.append(config)
             sources[name] = f"local copy {config['custom_dataset'].args[0]}"
