@@ -207,3 +207,8 @@ def test_prune_eval_tasks_go_into_report_json_the_report_and_the_model_card(
     mean = zeroshot["pruned"]["mean"]
     assert "zero-shot mean (dense → pruned)" in md and f"→ {mean:.3f} ±" in md
     assert "](zeroshot.png)" in md and (out / "zeroshot.png").read_bytes()[:4] == b"\x89PNG"
+    recovered = tmp_path / "recovered"  # the recipe carries --eval-tasks into recover
+    assert cli.main(["recover", str(run), "--output", str(recovered), "--recover-steps", "1"]) == 0
+    after = json.loads((recovered / "report.json").read_text())["zeroshot"]
+    assert after["before_recovery"] == zeroshot["pruned"] and set(after) >= {"dense", "pruned"}
+    assert after["pruned"]["tasks"]["piqa"]["samples"] == 6
