@@ -35,6 +35,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -139,7 +140,11 @@ def cached_rows(args, tokenizer, windows: dict, write) -> list[dict]:
             rows.append(json.loads(path.read_text()))
             continue
         start = time.time()
-        row = run_row(method, pattern, tokenizer, windows, args)
+        try:
+            row = run_row(method, pattern, tokenizer, windows, args)
+        except subprocess.CalledProcessError as exc:  # one failed run does not stop the table
+            print(f"{method} {pattern}: FAILED ({exc}); see its log in --runs-dir", flush=True)
+            continue  # not cached: a rerun tries it again
         row["row_wall_s"] = time.time() - start
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(row, indent=1))
