@@ -132,14 +132,17 @@ def recover(name: str, source: str, steps: int, args) -> dict:
     return timed(command, out.with_suffix(".log"))
 
 
-def heldout_c4_windows(tokenizer, args) -> torch.Tensor:
+def heldout_c4_windows(
+    tokenizer, args, calibrations: tuple = ((32, 512), (128, 512))
+) -> torch.Tensor:
     """``[--heldout-windows, 512]`` of builtin-c4 documents that no calibration or recovery
-    window (32 and 128 windows, seed 0) was cut from, joined with blank lines."""
+    window (``calibrations``: (windows, tokens) pairs, seed 0; by default this benchmark's 32
+    and 128 windows of 512 tokens) was cut from, joined with blank lines."""
     docs = load_text("builtin-c4")
     encoded = [torch.tensor(ids, dtype=torch.int32) for ids in tokenizer(docs)["input_ids"]]
     used = set()
-    for nsamples in (32, 128):
-        windows = calibration_windows(tokenizer, "builtin-c4", nsamples, 512, 0)
+    for nsamples, seqlen in calibrations:
+        windows = calibration_windows(tokenizer, "builtin-c4", nsamples, seqlen, 0)
         for window in windows.to(torch.int32):
             key = window.numpy().tobytes()
             used.update(i for i, ids in enumerate(encoded) if key in ids.numpy().tobytes())

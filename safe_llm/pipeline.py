@@ -21,12 +21,19 @@ from safe_llm.config import (
     unknown_recipe_keys,
 )
 from safe_llm.core import distributed, precision
-from safe_llm.core.blocks import check_coverage, find_blocks, prunable_layers, weight_matrix
+from safe_llm.core.blocks import (
+    check_coverage,
+    find_blocks,
+    prunable_layers,
+    unmatched_patterns,
+    weight_matrix,
+)
 from safe_llm.core.memory import StagePeaks, large_buffers_from_mmap, return_freed_memory
 from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.core.walker import WalkOptions
+from safe_llm.evaluation.perplexity import refuse_long_windows
 from safe_llm.io import data
-from safe_llm.io.models import load_model, resolve_device, resolve_dtype
+from safe_llm.io.models import context_length, load_model, resolve_device, resolve_dtype
 from safe_llm.io.work_area import WorkArea, work_dir
 from safe_llm.options import parse_size
 from safe_llm.report import RunReport
@@ -46,10 +53,29 @@ class PruneResult:
     write_weights: Callable[[Path, str], None] | None = None
 
 
+def check_windows(config: RunConfig) -> None:
+    """Refuse windows longer than the model's context (``--seqlen``, ``--eval-seqlen``,
+    ``--recover-seqlen``), read from its config before any weight is loaded."""
+    limit = context_length(config.model, config.trust_remote_code)
+    refuse_long_windows(config.seqlen, limit)
+    if config.eval:
+        refuse_long_windows(config.eval_seqlen or config.seqlen, limit, "--eval-seqlen")
+    if config.recover.enabled:
+        refuse_long_windows(config.recover.seqlen, limit, "--recover-seqlen")
+
+
 def check_prunable(
     blocks: nn.ModuleList, pattern: SparsityPattern, ignore: tuple[str, ...] = ()
 ) -> None:
-    """Raise before any calibration work if a layer of ``blocks`` cannot take ``pattern``."""
+    """Raise before any calibration work if a layer of ``blocks`` cannot take ``pattern`` or an
+    ``ignore`` pattern names no weight of any block."""
+    unmatched = unmatched_patterns(blocks, ignore)
+    if unmatched:
+        names = ", ".join(prunable_layers(blocks[0]))
+        raise ConfigError(
+            f"--ignore {' '.join(unmatched)} matches no weight of any block; patterns are "
+            f"relative to a block, e.g. one of: {names}"
+        )
     layers = [prunable_layers(block, ignore) for block in blocks]
     if not any(layers):
         raise ConfigError("--ignore excludes every layer of every block; nothing would be pruned")
@@ -168,6 +194,7 @@ def run_prune(
     device = distributed.local_device(resolve_device(config.device))
     dtype = resolve_dtype(config.dtype, device)
     method = make_method(config.method, config.method_options)
+    check_windows(config)
     pattern, peaks = config.pattern(), StagePeaks(device)
     with peaks.stage("load"):
         model, tokenizer, source, weights_writer = _load(config, dtype)
@@ -269,9 +296,13 @@ def recover_checkpoint(
     work, fresh = open_work_area(config)
     torch.manual_seed(config.seed)
     device = distributed.local_device(resolve_device(config.device))
+    limit = context_length(str(checkpoint), config.trust_remote_code)
+    refuse_long_windows(config.recover.seqlen or config.seqlen, limit, "--recover-seqlen")
     model, tokenizer = _load_pruned(checkpoint, previous.get("dtype"), config.trust_remote_code)
     report = RunReport.from_dict(previous)
     report.evaluation["before_recovery"] = report.evaluation.pop("pruned", {})
+    if "pruned" in report.zeroshot:
+        report.zeroshot["before_recovery"] = report.zeroshot.pop("pruned")
     walk = walk_options(config, device, progress and distributed.is_writer())
     dtype, blocks = next(model.parameters()).dtype, find_blocks(model)[1]
     context = RunContext(

@@ -14,7 +14,8 @@ class RunReport:
     ``pattern`` is ``"unstructured"`` or ``"N:M"``; ``sparsity`` the target over all pruned
     weights; ``block_sparsity`` each block's target (``sparsity_profile``: uniform, owl or
     explicit; ``owl_outlier_ratios`` with owl); ``evaluation`` ``{"dense": {source: result},
-    "pruned": {...}}`` (see :func:`safe_llm.evaluation.evaluate.source_perplexity`); ``blocks`` the
+    "pruned": {...}}`` (see :func:`safe_llm.evaluation.evaluate.source_perplexity`); ``zeroshot``
+    the same for ``--eval-tasks`` (see :func:`safe_llm.evaluation.zeroshot.evaluate_tasks`); ``blocks`` the
     engine's per-block reports; times in seconds, memory in bytes.
     """
 
@@ -32,6 +33,7 @@ class RunReport:
     precision: dict = field(default_factory=dict)  # bf16 support and what the run computed in
     calibration: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
+    zeroshot: dict = field(default_factory=dict)  # --eval-tasks: {"dense": ..., "pruned": ...}
     recovery: dict | None = None  # what --recover did (data, steps, tokens, losses)
     finished: str = ""
     blocks: list[BlockReport] = field(default_factory=list)
@@ -63,13 +65,14 @@ class RunReport:
 
     def to_dict(self) -> dict:
         """The ``report.json`` document (``owl_outlier_ratios`` only with OWL, ``recovery``
-        only after a recovery, ``stages`` only when a stage recorded something there)."""
+        only after a recovery, ``stages`` and ``zeroshot`` only when something was recorded)."""
         document = asdict(self)
         for optional in ("owl_outlier_ratios", "recovery"):
             if document[optional] is None:
                 del document[optional]
-        if not document["stages"]:
-            del document["stages"]
+        for optional in ("stages", "zeroshot"):
+            if not document[optional]:
+                del document[optional]
         return document
 
     def __getitem__(self, key: str):

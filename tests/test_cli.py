@@ -280,6 +280,7 @@ def forbid(monkeypatch):
     return apply
 
 
+SHORT_TEXT = Path(__file__).parent / "data" / "short.txt"  # fewer tokens than one window
 BAD_INPUTS = {
     "sparsity 0": (["--sparsity", "0"], "config", "sparsity"),
     "sparsity 1": (["--sparsity", "1"], "config", "sparsity"),
@@ -295,7 +296,12 @@ BAD_INPUTS = {
     "joint window of 0 blocks": (["--joint-blocks", "0"], "config", "--joint-blocks"),
     "joint epochs 0": (["--joint-blocks", "2", "--joint-epochs", "0"], "config", "--joint-epochs"),
     "joint lr nan": (["--joint-blocks", "2", "--joint-lr", "nan"], "config", "--joint-lr"),
-    "too little calibration text": (["--seqlen", "100000"], "data", "too little text"),
+    "too little calibration text": (
+        ["--dataset", str(SHORT_TEXT), "--seqlen", "200"],
+        "data",
+        "too little text",
+    ),
+    "seqlen beyond the context": (["--seqlen", "100000"], "config", "maximum length 256"),
     "missing calibration file": (["--dataset", "/nonexistent/cal.txt"], "config", "cal.txt"),
     "missing eval file": (["--eval", "./nonexistent.jsonl"], "config", "nonexistent.jsonl"),
     "missing recipe": (["--recipe", "/nonexistent/recipe.yaml"], "config", "recipe"),

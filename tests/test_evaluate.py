@@ -255,8 +255,8 @@ def test_eval_cli_seqlen_above_the_model_maximum_is_one_error_line_exit_2(
     assert cli.main([*args, "--seqlen", "65"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert lines == [
-        "safe-llm: error: seqlen 65 exceeds the model's maximum length 64; "
-        "evaluate with --seqlen 64 or less"
+        "safe-llm: error: --seqlen 65 exceeds the model's maximum length 64 "
+        "(max_position_embeddings in its config); use --seqlen 64 or less"
     ]
     assert not out.exists()
 

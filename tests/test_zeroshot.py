@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 
-import datasets
 import pytest
 import torch
 
@@ -32,6 +31,8 @@ metric_list:
 metadata:
   version: 1.0
 """
+pytestmark = pytest.mark.usefixtures("hub_offline")
+
 WORDS = ["fox", "dog", "model", "pruning", "sparse", "weights", "text", "brown", "lazy"]
 
 
@@ -46,14 +47,6 @@ def _docs(seed: int, n: int = 10) -> list[dict]:
             {"question": question, "choices": [WORDS[p] for p in picks[:3]], "label": i % 3}
         )
     return docs
-
-
-@pytest.fixture(autouse=True)
-def _offline(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture
@@ -175,4 +168,4 @@ def test_eval_cli_tasks_write_accuracies_and_mean_to_json(
             _direct_accuracy(model, tokenizer, docs)
         )
     printed = capsys.readouterr().out
-    assert f"mean: {zeroshot['mean']:.4f} (zero-shot accuracy" in printed
+    assert f"mean: {zeroshot['mean']:.4f} ± {zeroshot['mean_stderr']:.4f} (zero-shot" in printed

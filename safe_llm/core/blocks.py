@@ -190,6 +190,18 @@ def prunable_layers(block: nn.Module, ignore: tuple[str, ...] = ()) -> dict[str,
     }
 
 
+def unmatched_patterns(blocks: nn.ModuleList, ignore: tuple[str, ...]) -> list[str]:
+    """The ``ignore`` patterns that name no prunable matrix and no parameter of any block (a
+    pattern that matches nothing leaves the run pruning what the user meant to keep)."""
+    names: set[str] = set()
+    for block in blocks:
+        for name, handle in prunable_layers(block).items():
+            names |= {name, handle.param_name, handle.param_name.removesuffix(".weight")}
+        for name, _ in block.named_parameters():
+            names |= {name, name.removesuffix(".weight")}
+    return [p for p in ignore if not any(n == p or fnmatch.fnmatch(n, p) for n in names)]
+
+
 def _routers(block: nn.Module) -> set[int]:
     """Ids of the linear layers beside a declared experts module (children of the same parent)
     with at most as many outputs as it has experts: its router and gates (Qwen3-Next's

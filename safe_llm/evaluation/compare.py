@@ -8,7 +8,9 @@ peak memory, ``evaluation`` = ``{"dense": {source: {...}}, "pruned": {...}}``) a
 * ``report.md`` -- one row per run, the perplexity protocols underneath;
 * ``reconstruction_error.png`` -- each block's relative output error, per run;
 * ``layer_sparsity.png`` -- the sparsity of every matrix of every block, per run;
-* ``perplexity.png`` -- dense and pruned perplexity per source and run (runs with ``--eval``).
+* ``perplexity.png`` -- dense and pruned perplexity per source and run (runs with ``--eval``);
+* ``zeroshot.png`` -- each task's accuracy (with lm-eval's stderr) and the mean per run, the
+  dense model's as a tick (runs with ``--eval-tasks``).
 
 The plots need matplotlib (``pip install 'safe-llm[eval]'``); ``plots=False`` writes only the
 Markdown. Every file is written to a temporary name and renamed into place.
@@ -32,6 +34,7 @@ from safe_llm.options import read_yaml
 
 INSTALL_HINT = "pip install 'safe-llm[eval]'"
 PLOTS = ("reconstruction_error.png", "layer_sparsity.png", "perplexity.png")
+ZEROSHOT_PLOT = "zeroshot.png"  # runs with --eval-tasks
 
 
 class ReportError(SafeLLMError):
@@ -50,6 +53,10 @@ class Run:
     @property
     def evaluation(self) -> dict:
         return self.report.get("evaluation") or {"dense": {}, "pruned": {}}
+
+    def zeroshot(self, stage: str = "pruned") -> dict | None:
+        """The ``--eval-tasks`` result of ``stage`` (dense / pruned), or None."""
+        return (self.report.get("zeroshot") or {}).get(stage)
 
 
 def load_run(path: str | os.PathLike) -> Run:
@@ -113,7 +120,14 @@ def _ppl(run: Run, stage: str, source: str):
     return run.evaluation.get(stage, {}).get(source, {}).get("perplexity")
 
 
-def _row(run: Run, sources: list[str]) -> list[str]:
+def _mean(result: dict | None) -> str:
+    if not result:
+        return "-"
+    spread = result.get("mean_stderr")
+    return _fmt(result["mean"]) + (f" ± {_fmt(spread)}" if spread is not None else "")
+
+
+def _row(run: Run, sources: list[str], any_zeroshot: bool = False) -> list[str]:
     report, recipe = run.report, run.recipe
     cells = [
         run.label,
@@ -125,6 +139,9 @@ def _row(run: Run, sources: list[str]) -> list[str]:
     for source in sources:
         dense, pruned = _ppl(run, "dense", source), _ppl(run, "pruned", source)
         cells.append(f"{_fmt(dense)} → {_fmt(pruned)}" if dense or pruned else "-")
+    if any_zeroshot:
+        dense, pruned = run.zeroshot("dense"), run.zeroshot("pruned")
+        cells.append(f"{_mean(dense)} → {_mean(pruned)}" if dense or pruned else "-")
     memory = report.get("peak_memory_bytes")
     cells += [
         _fmt(report.get("seconds"), ".1f"),
@@ -150,14 +167,17 @@ def _protocols(runs: list[Run], sources: list[str]) -> list[str]:
 
 def markdown(runs: list[Run], plots: list[str] = ()) -> str:
     """The report: a table with one row per run, the protocols, the plots."""
-    sources = _sources(runs)
+    sources, zeroshot = _sources(runs), any(r.zeroshot() or r.zeroshot("dense") for r in runs)
     header = ["run", "model", "method", "structure", "sparsity"]
     header += [f"{s} ppl (dense → pruned)" for s in sources]
+    header += ["zero-shot mean (dense → pruned)"] if zeroshot else []
     header += ["pruning time (s)", "total time (s)", "peak memory (GiB)"]
     lines = ["# safe-llm runs", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_row(run, sources)) + " |" for run in runs]
+    lines += ["| " + " | ".join(_row(run, sources, zeroshot)) + " |" for run in runs]
     lines += ["", "Sparsity: the achieved fraction of zeros over all pruned matrices."]
+    if zeroshot:
+        lines += ["", *zeroshot_table(runs)]
     if sources:
         lines += ["", "## Perplexity protocols", "", *_protocols(runs, sources)]
     else:
@@ -167,6 +187,45 @@ def markdown(runs: list[Run], plots: list[str] = ()) -> str:
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _tasks(runs: list[Run]) -> list[str]:
+    """Every zero-shot task of any run, in first-seen order."""
+    seen: dict[str, None] = {}
+    for run in runs:
+        for stage in ("dense", "pruned"):
+            seen.update(dict.fromkeys((run.zeroshot(stage) or {}).get("tasks", {})))
+    return list(seen)
+
+
+def _task_cell(result: dict | None, task: str) -> str:
+    entry = (result or {}).get("tasks", {}).get(task)
+    if entry is None:
+        return "-"
+    spread = entry.get("stderr")
+    return _fmt(entry["value"]) + (f" ± {_fmt(spread)}" if spread is not None else "")
+
+
+def zeroshot_table(runs: list[Run]) -> list[str]:
+    """Each task's accuracy (lm-eval's stderr), dense first then each run; the protocols and
+    the split each task scored underneath."""
+    tasks = _tasks(runs)
+    lines = ["## Zero-shot accuracy", "", "| model | " + " | ".join([*tasks, "mean"]) + " |"]
+    lines.append("|" + "---|" * (len(tasks) + 2))
+    dense = next((r.zeroshot("dense") for r in runs if r.zeroshot("dense")), None)
+    rows = ([("dense", dense)] if dense else []) + [(r.label, r.zeroshot()) for r in runs]
+    for label, result in rows:
+        cells = [_task_cell(result, t) for t in tasks] + [_mean(result)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    results = [result for _, result in rows if result]
+    splits = {
+        f"{t}: {e.get('metric')}, {e.get('split')} split, {e.get('samples')} examples"
+        + (" (preview)" if e.get("preview") else "")
+        for r in results
+        for t, e in r["tasks"].items()
+    }
+    lines += ["", *sorted({f"- {r['protocol']}" for r in results})]
+    return lines + [f"- {line}" for line in sorted(splits)]
 
 
 def _calibration(run: Run) -> str:
@@ -308,6 +367,39 @@ def plot_perplexity(plt, runs: list[Run], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_zeroshot(plt, runs: list[Run], path: Path) -> None:
+    """Each task's accuracy and the mean, one bar per run (lm-eval's stderr as error bars),
+    the dense model's accuracy as a black tick."""
+    tasks = _tasks(runs)
+    names = [*tasks, "mean"]
+    fig, ax = plt.subplots(figsize=(2.5 + 0.9 * len(names), 4.5), layout="constrained")
+    width = 0.8 / len(runs)
+    for i, run in enumerate(runs):
+        values, errors = _accuracies(run.zeroshot(), tasks)
+        xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(names))]
+        ax.bar(xs, values, width, yerr=errors, capsize=2, label=run.label)
+    dense = next((r.zeroshot("dense") for r in runs if r.zeroshot("dense")), None)
+    if dense:
+        values, _ = _accuracies(dense, tasks)
+        ax.hlines(values, [j - 0.45 for j in range(len(names))],
+                  [j + 0.45 for j in range(len(names))], color="k", label="dense")  # fmt: skip
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel("accuracy (higher is better)")
+    ax.set_title("Zero-shot accuracy (lm-evaluation-harness)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize="x-small")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _accuracies(result: dict | None, tasks: list[str]) -> tuple[list[float], list[float]]:
+    """``(values, stderrs)`` over ``tasks`` then the mean (NaN / 0 where absent)."""
+    entries = [(result or {}).get("tasks", {}).get(t) or {} for t in tasks]
+    values = [e.get("value", math.nan) for e in entries] + [(result or {}).get("mean", math.nan)]
+    errors = [e.get("stderr") or 0.0 for e in entries] + [(result or {}).get("mean_stderr") or 0]
+    return values, errors
+
+
 def _write_plots(runs: list[Run], directory: Path) -> list[str]:
     plt = _pyplot()
     plot_reconstruction_error(plt, runs, directory / PLOTS[0])
@@ -316,6 +408,9 @@ def _write_plots(runs: list[Run], directory: Path) -> list[str]:
     if _sources(runs):
         plot_perplexity(plt, runs, directory / PLOTS[2])
         written.append(PLOTS[2])
+    if _tasks(runs):
+        plot_zeroshot(plt, runs, directory / ZEROSHOT_PLOT)
+        written.append(ZEROSHOT_PLOT)
     return written
 
 

@@ -30,7 +30,8 @@ from safe_llm.core.atomic import atomic_write
 from safe_llm.core.memory import large_buffers_from_mmap, return_freed_memory
 from safe_llm.errors import SafeLLMError
 from safe_llm.evaluation.cache import cached_perplexity
-from safe_llm.evaluation.perplexity import check_seqlen, perplexity
+from safe_llm.evaluation.perplexity import check_seqlen, perplexity, refuse_long_windows
+from safe_llm.evaluation.task_data import task_data_root
 from safe_llm.evaluation.zeroshot import evaluate_tasks, require_lm_eval
 from safe_llm.io import data
 from safe_llm.options import parse_list
@@ -180,10 +181,12 @@ def check_request(
     tasks: str | Iterable[str] | None,
     sizes: dict[str, int | None],
     num_fewshot: int = 0,
+    task_data: str | None = None,
 ) -> tuple[list[str], list[str]]:
-    """``(perplexity sources, tasks)`` of an evaluation; raise :class:`EvalError` before
-    anything is loaded if unusable. ``datasets=None`` means ``wikitext2`` unless tasks are
-    given; ``sizes`` maps ``seqlen``, ``batch_size``, ``max_windows`` and ``limit`` to values."""
+    """``(perplexity sources, tasks)`` of an evaluation; raise :class:`EvalError` (or
+    :class:`~safe_llm.evaluation.task_data.TaskDataError`) before anything is loaded if
+    unusable. ``datasets=None`` means ``wikitext2`` unless tasks are given; ``sizes`` maps
+    ``seqlen``, ``batch_size``, ``max_windows`` and ``limit`` to values."""
     task_names = parse_list(tasks)
     sources = parse_list(datasets) if datasets is not None else []
     if datasets is None and not task_names:
@@ -198,6 +201,7 @@ def check_request(
         raise EvalError(f"--num-fewshot must be at least 0, got {num_fewshot}")
     if task_names:
         require_lm_eval()  # a missing extra fails before the model is loaded
+        task_data_root(task_data)  # so does a --task-data that is not there
     return sources, task_names
 
 
@@ -217,19 +221,24 @@ def evaluate(
     num_fewshot: int = 0,
     limit: int | None = None,
     include_path: str | None = None,
+    task_data: str | None = None,
     metric: str = "acc",
     progress: bool = False,
     cache: bool = True,
 ) -> dict:
     """What ``safe-llm eval`` runs: token perplexity of ``model`` (directory, hub id, .gguf or
     built-in) on each of ``datasets`` and zero-shot accuracy on ``tasks`` (lm-evaluation-
-    harness). Returns the results document (the JSON ``safe-llm eval --json`` writes), with
+    harness; task data from ``task_data``, see :mod:`safe_llm.evaluation.task_data`). Returns
+    the results document (the JSON ``safe-llm eval --json`` writes), with
     ``perplexity`` ``{source: result}`` and, with tasks, ``zeroshot``. ``cache=False``
     recomputes perplexities found in the disk cache."""
-    from safe_llm.io.models import load_model, resolve_device, resolve_dtype
+    from safe_llm.io.models import context_length, load_model, resolve_device, resolve_dtype
 
     sizes = {"seqlen": seqlen, "batch_size": batch_size, "max_windows": max_windows}
-    sources, task_names = check_request(datasets, tasks, {**sizes, "limit": limit}, num_fewshot)
+    sizes["limit"] = limit
+    sources, task_names = check_request(datasets, tasks, sizes, num_fewshot, task_data)
+    if sources:  # before any weight is loaded
+        refuse_long_windows(seqlen, context_length(model, trust_remote_code))
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     loaded, tokenizer, _ = load_model(model, dtype, trust_remote_code)
@@ -242,6 +251,7 @@ def evaluate(
     zeroshot = None
     if task_names:
         shots = {"num_fewshot": num_fewshot, "limit": limit, "include_path": include_path}
+        shots["task_data"] = task_data
         zeroshot = evaluate_tasks(
             loaded, tokenizer, task_names, batch_size=batch_size, metric=metric, **shots
         )

@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from safe_llm.errors import SafeLLMError
+from safe_llm.io.models import config_max_length
 
 log = logging.getLogger(__name__)
 
@@ -22,24 +23,21 @@ class SeqlenError(SafeLLMError):
 def model_max_length(model) -> int | None:
     """``max_position_embeddings`` (or ``n_positions``) of the model's config, if it has one."""
     config = getattr(model, "config", None)
-    if config is None:
-        return None
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
+    return config_max_length(config) if config is not None else None
 
 
 def check_seqlen(model, seqlen: int) -> None:
     """Raise :class:`SeqlenError` if ``seqlen`` exceeds the model's maximum length."""
-    max_length = model_max_length(model)
-    if max_length is not None and seqlen > max_length:
+    refuse_long_windows(seqlen, model_max_length(model))
+
+
+def refuse_long_windows(seqlen: int | None, max_length: int | None, flag: str = "--seqlen"):
+    """Raise :class:`SeqlenError` if windows of ``seqlen`` tokens (given as ``flag``) exceed
+    the model's ``max_length`` positions."""
+    if max_length is not None and seqlen is not None and seqlen > max_length:
         raise SeqlenError(
-            f"seqlen {seqlen} exceeds the model's maximum length {max_length}; "
-            f"evaluate with --seqlen {max_length} or less"
+            f"{flag} {seqlen} exceeds the model's maximum length {max_length} "
+            f"(max_position_embeddings in its config); use {flag} {max_length} or less"
         )
 
 

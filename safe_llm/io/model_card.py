@@ -131,6 +131,35 @@ def _perplexity_table(report: dict) -> list[str]:
     return lines
 
 
+def _zeroshot_table(report: dict) -> list[str]:
+    """``--eval-tasks``: each task's accuracy with lm-eval's stderr, dense and pruned."""
+    zeroshot = report.get("zeroshot") or {}
+    pruned = zeroshot.get("pruned")
+    if not pruned:
+        return []
+    dense = zeroshot.get("dense") or {}
+    lines = ["## Zero-shot accuracy", "", "| Task | Metric | Split | Examples | Dense | Pruned |"]
+    lines.append("|---|---|---|---|---|---|")
+    for task, entry in pruned["tasks"].items():
+        before = (dense.get("tasks") or {}).get(task)
+        examples = f"{entry.get('samples', '?')}" + (" (preview)" if entry.get("preview") else "")
+        lines.append(
+            f"| {task} | {entry['metric']} | {entry.get('split', '?')} | {examples} | "
+            f"{_accuracy(before)} | {_accuracy(entry)} |"
+        )
+    mean = {"value": pruned["mean"], "stderr": pruned.get("mean_stderr")}
+    dense_mean = {"value": dense["mean"], "stderr": dense.get("mean_stderr")} if dense else None
+    lines.append(f"| mean | | | | {_accuracy(dense_mean)} | {_accuracy(mean)} |")
+    return lines + ["", f"{pruned['protocol']}.", ""]
+
+
+def _accuracy(entry: dict | None) -> str:
+    if not entry:
+        return "-"
+    spread = entry.get("stderr")
+    return f"{entry['value']:.4f}" + (f" ± {spread:.4f}" if spread is not None else "")
+
+
 def render_model_card(recipe: dict, report: dict) -> str:
     """``README.md`` text for a checkpoint made with ``recipe`` (the options) and ``report``
     (``report.json``): Hub metadata, settings, perplexities and the command that made it."""
@@ -161,6 +190,7 @@ def render_model_card(recipe: dict, report: dict) -> str:
         "",
         *_perplexity_table(report),
         "",
+        *_zeroshot_table(report),
         "## How it was made",
         "",
         "```bash",

@@ -150,6 +150,31 @@ def load_model(
     return model, tokenizer, path
 
 
+def config_max_length(config) -> int | None:
+    """``max_position_embeddings`` (or ``n_positions``) of a model config (its text part),
+    if it has one."""
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def context_length(name: str, trust_remote_code: bool = False) -> int | None:
+    """The number of positions of model ``name``, read from its config alone (no weights
+    are loaded); None when the config cannot be read here (loading the model then says why)."""
+    from transformers import AutoConfig
+
+    path, _ = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    return config_max_length(config)
+
+
 def load_tokenizer(path: str, name: str, trust_remote_code: bool = False):
     """The tokenizer saved with model ``path``; :class:`ModelError` when there is none."""
     try:

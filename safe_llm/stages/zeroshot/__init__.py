@@ -1,0 +1,1 @@
+"""Zero-shot accuracy of the dense model before the run and of the result after it."""

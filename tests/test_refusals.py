@@ -1,0 +1,93 @@
+"""Bad input found while trying the tool: each refused in one line, exit 2, before long work."""
+
+from __future__ import annotations
+
+import pytest
+
+from safe_llm import cli, pipeline
+from safe_llm.evaluation import evaluate as evaluate_module
+from safe_llm.io import models
+
+
+@pytest.fixture
+def base_args(save_tiny_model, calibration_file, tmp_path):
+    """A fast prune run of the tiny model (256 positions) into tmp_path/out."""
+    model = save_tiny_model()
+    args = ["prune", "--model", str(model), "--dataset", str(calibration_file)]
+    return args + ["--nsamples", "2", "--batch-size", "2", "--output", str(tmp_path / "out")]
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Loading a model's weights fails the test: the refusal must come before it."""
+
+    def fail(*args, **kwargs):
+        pytest.fail("the weights were loaded before the bad input was refused")
+
+    monkeypatch.setattr(pipeline, "load_model", fail)
+    monkeypatch.setattr(models, "load_model", fail)
+
+
+def _one_error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("safe-llm: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "extra, flag",
+    [
+        (["--seqlen", "257"], "--seqlen 257"),
+        (["--seqlen", "16", "--eval", "builtin-wiki", "--eval-seqlen", "100000"], "--eval-seqlen"),
+        (["--seqlen", "16", "--recover", "--recover-seqlen", "300"], "--recover-seqlen 300"),
+    ],
+)
+def test_windows_longer_than_the_context_are_refused_from_the_config(
+    base_args, no_weights, tmp_path, capsys, extra, flag
+):
+    assert cli.main([*base_args, *extra]) == 2
+    line = _one_error_line(capsys)
+    assert f"{flag}" in line and "maximum length 256" in line and "or less" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_windows_at_the_context_length_are_accepted(base_args, tmp_path):
+    assert cli.main([*base_args, "--seqlen", "256", "--method", "magnitude", "--quiet"]) == 0
+
+
+def test_eval_seqlen_longer_than_the_context_is_refused_before_the_weights_load(
+    save_tiny_model, no_weights, monkeypatch, capsys
+):
+    monkeypatch.setattr(evaluate_module, "evaluate_perplexity", lambda *a, **k: pytest.fail())
+    args = ["eval", "--model", str(save_tiny_model()), "--datasets", "builtin-wiki"]
+    assert cli.main([*args, "--seqlen", "100000"]) == 2
+    assert "--seqlen 100000 exceeds the model's maximum length 256" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("pattern", ["model.layers", "mlp.down", "self_attn.*.bias"])
+def test_an_ignore_pattern_that_matches_no_weight_is_refused(
+    base_args, tmp_path, capsys, monkeypatch, pattern
+):
+    monkeypatch.setattr(pipeline, "_calibration_windows", lambda *a: pytest.fail("calibrated"))
+    assert cli.main([*base_args, "--seqlen", "16", "--ignore", pattern]) == 2
+    line = _one_error_line(capsys)
+    assert f"--ignore {pattern} matches no weight of any block" in line
+    assert "mlp.down_proj" in line  # names what a pattern can match
+    assert not (tmp_path / "out").exists()
+
+
+def test_ignore_patterns_that_match_are_accepted(base_args):
+    args = ["--seqlen", "16", "--method", "magnitude", "--quiet"]
+    args += ["--ignore", "mlp.down_proj", "self_attn.*_proj"]
+    assert cli.main([*base_args, *args]) == 0
+
+
+@pytest.mark.parametrize("lr", ["0", "-1e-3"])
+def test_recover_lr_zero_or_negative_is_refused_before_anything_loads(
+    base_args, no_weights, tmp_path, capsys, lr
+):
+    assert cli.main([*base_args, "--seqlen", "16", "--recover", f"--recover-lr={lr}"]) == 2
+    line = _one_error_line(capsys)
+    assert "--recover-lr" in line
+    assert not (tmp_path / "out").exists()
