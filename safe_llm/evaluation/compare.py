@@ -381,8 +381,9 @@ def plot_zeroshot(plt, runs: list[Run], path: Path) -> None:
     dense = next((r.zeroshot("dense") for r in runs if r.zeroshot("dense")), None)
     if dense:
         values, _ = _accuracies(dense, tasks)
-        ax.hlines(values, [j - 0.45 for j in range(len(names))],
-                  [j + 0.45 for j in range(len(names))], color="k", label="dense")  # fmt: skip
+        starts = [j - 0.45 for j in range(len(names))]
+        ends = [j + 0.45 for j in range(len(names))]
+        ax.hlines(values, starts, ends, color="k", label="dense")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel("accuracy (higher is better)")
     ax.set_title("Zero-shot accuracy (lm-evaluation-harness)")
