@@ -107,14 +107,17 @@ def resolve_path(path: str) -> str:
     return path
 
 
-def decode(x: torch.Tensor, matrix: CompressedMatrix, path: str) -> torch.Tensor:
-    """``x [rows <= DECODE_ROWS, in] @ W.T`` -> ``[rows, out]`` in ``x``'s dtype, by the
-    compiled ``path`` (``avx512``, ``avx2`` or ``scalar``)."""
+def decoder(matrix: CompressedMatrix, path: str):
+    """The compiled ``path``'s product for ``matrix`` (``avx512``, ``avx2`` or ``scalar``):
+    a function ``x [rows <= DECODE_ROWS, in] -> x @ W.T [rows, out]`` in ``x``'s dtype, its
+    weight arguments bound once (a decode step calls it for every layer)."""
     module, code = extension(), _CODES[path]
     if matrix.codes is None:
-        return module.bitmask_matmul(x, matrix.values, matrix.mask, matrix.row_offsets, code)
+        args = (matrix.values, matrix.mask, matrix.row_offsets, code)
+        return functools.partial(module.bitmask_matmul, *args)
     bits = INDEX_BITS[matrix.m]
-    return module.nm_matmul(x, matrix.values, matrix.codes, matrix.n, matrix.m, bits, code)
+    args = (matrix.values, matrix.codes, matrix.n, matrix.m, bits, code)
+    return functools.partial(module.nm_matmul, *args)
 
 
 def tiled(x: torch.Tensor, matrix: CompressedMatrix, tile_bytes: int) -> torch.Tensor:

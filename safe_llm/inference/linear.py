@@ -39,12 +39,18 @@ class SparseLinear(nn.Module):
             if tensor is not None:
                 self.register_buffer(name, tensor)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self._bind()
+
+    def _bind(self) -> None:
+        compiled = self.path != "torch"
+        self._decode = kernel.decoder(self.matrix, self.path) if compiled else None
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         for name in ("values", "mask", "codes", "row_offsets"):
             if name in self._buffers:
                 setattr(self.matrix, name, self._buffers[name])
+        self._bind()
         return self
 
     @property
@@ -55,12 +61,12 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in]`` -> ``[..., out]``."""
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= kernel.DECODE_ROWS and self.path != "torch":
-            y = kernel.decode(rows, self.matrix, self.path)
+        if rows.shape[0] <= kernel.DECODE_ROWS and self._decode is not None:
+            y = self._decode(rows)
         else:
             y = kernel.tiled(rows, self.matrix, self.tile_bytes)
         if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+            y.add_(self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -97,7 +103,20 @@ class ExpertMatrix:
 
 class SparseExperts(nn.Module):
     """A fused expert parameter ``[E, out, in]`` (or ``[E, in, out]``, ``transposed``) held as
-    one :class:`SparseLinear` per expert; indexing gives an :class:`ExpertMatrix`."""
+    one :class:`SparseLinear` per expert; indexing gives an :class:`ExpertMatrix`, and an
+    experts module that multiplies every expert at once (Llama-4's ``bmm(x [E, T, in],
+    param)``) gets each expert's product, stacked."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        products = (torch.bmm, torch.matmul, torch.Tensor.__matmul__)
+        if func in products and isinstance(args[1], cls) and args[1].transposed:
+            x, experts = args[0], args[1].experts
+            return torch.stack([expert(x[e]) for e, expert in enumerate(experts)])
+        raise SafeLLMError(
+            f"sparse experts were used in {getattr(func, '__name__', func)}; only "
+            "bmm(x, param) is supported: load this model dense (--dense)"
+        )
 
     def __init__(self, experts: list[SparseLinear], transposed: bool, shape: torch.Size):
         super().__init__()

@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -246,16 +247,20 @@ void check_inputs(const torch::Tensor& x, const torch::Tensor& values, int64_t p
   TORCH_CHECK(path >= 0 && path <= 2, "path must be 0 (scalar), 1 (avx2) or 2 (avx512)");
 }
 
-// y [out, batch] for x [batch, in] (fp32): row r of W is given by row_mask(r, scratch) (a
-// pointer to its mask bytes) and row_offset(r) (the index of its first kept value).
+// y [batch, out] for x [batch, in] (fp32): row r of W is given by row_mask(r, scratch) (a
+// pointer to its mask bytes) and row_offset(r) (the index of its first kept value). Threads
+// take chunks of at least ~32K weights: a small layer runs on the calling thread.
 template <typename V, typename MaskFn, typename OffsetFn>
 void spmm_rows(const float* x, int64_t batch, int64_t in, const V* values, int64_t out,
                int64_t mask_bytes, Path path, MaskFn row_mask, OffsetFn row_offset, float* y) {
-  at::parallel_for(0, out, 16, [&](int64_t first, int64_t last) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(in, 1));
+  at::parallel_for(0, out, grain, [&](int64_t first, int64_t last) {
     std::vector<uint8_t> scratch(mask_bytes + 4);
-    for (int64_t r = first; r < last; ++r)
-      row_any(path, row_mask(r, scratch.data()), in, values + row_offset(r), x, batch,
-              y + r * batch);
+    float acc[kMaxBatch];
+    for (int64_t r = first; r < last; ++r) {
+      row_any(path, row_mask(r, scratch.data()), in, values + row_offset(r), x, batch, acc);
+      for (int64_t b = 0; b < batch; ++b) y[b * out + r] = acc[b];
+    }
   });
 }
 
@@ -266,7 +271,7 @@ torch::Tensor spmm(const torch::Tensor& x, const torch::Tensor& values, int64_t 
   const torch::Tensor xf = x.to(at::kFloat).contiguous();
   const int64_t batch = xf.size(0), in = xf.size(1);
   TORCH_CHECK(mask_bytes == (in + 7) / 8, "x's last dimension does not match the weight");
-  torch::Tensor y = torch::empty({out, batch}, xf.options());
+  torch::Tensor y = torch::empty({batch, out}, xf.options());
   const auto p = static_cast<Path>(path);
   if (values.scalar_type() == at::kFloat)
     spmm_rows(xf.data_ptr<float>(), batch, in, values.data_ptr<float>(), out, mask_bytes, p,
@@ -274,17 +279,17 @@ torch::Tensor spmm(const torch::Tensor& x, const torch::Tensor& values, int64_t 
   else
     spmm_rows(xf.data_ptr<float>(), batch, in, values.data_ptr<c10::BFloat16>(), out,
               mask_bytes, p, row_mask, row_offset, y.data_ptr<float>());
-  return y.t().to(x.scalar_type()).contiguous();
+  return y.to(x.scalar_type());
 }
 
 }  // namespace
 
-// x [batch, in] @ W.T with W as values [nnz + pad] (row-major kept values), mask
+// W applied to x [batch, in] (x @ W.T), W as values [nnz + pad] (row-major kept values), mask
 // [out, ceil(in / 8)] uint8 (bit j % 8 of byte j / 8 of row r: W[r, j] is kept) and
 // row_offsets [out + 1] int64 (index of each row's first value).
-torch::Tensor bitmask_matmul(const torch::Tensor& x, const torch::Tensor& values,
-                             const torch::Tensor& mask, const torch::Tensor& row_offsets,
-                             int64_t path) {
+torch::Tensor bitmask_matmul(const torch::Tensor& values, const torch::Tensor& mask,
+                             const torch::Tensor& row_offsets, int64_t path,
+                             const torch::Tensor& x) {
   TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kByte && mask.is_contiguous(),
               "mask must be contiguous uint8 [out, ceil(in / 8)]");
   TORCH_CHECK(row_offsets.scalar_type() == at::kLong && row_offsets.numel() == mask.size(0) + 1,
@@ -297,12 +302,11 @@ torch::Tensor bitmask_matmul(const torch::Tensor& x, const torch::Tensor& values
               [=](int64_t r) { return off[r]; });
 }
 
-// x [batch, in] @ W.T with W in N:M form: values [out * in * n / m + pad] (each group's n kept
+// W applied to x [batch, in] (x @ W.T), W in N:M form: values [out * in * n / m + pad] (each group's n kept
 // values, ascending index) and codes [out, row_code_bytes + 4] uint8 (each group's n in-group
 // indices, `bits` bits each, packed little-endian along the row).
-torch::Tensor nm_matmul(const torch::Tensor& x, const torch::Tensor& values,
-                        const torch::Tensor& codes, int64_t n, int64_t m, int64_t bits,
-                        int64_t path) {
+torch::Tensor nm_matmul(const torch::Tensor& values, const torch::Tensor& codes, int64_t n,
+                        int64_t m, int64_t bits, int64_t path, const torch::Tensor& x) {
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(),
               "codes must be contiguous uint8 [out, bytes]");
   TORCH_CHECK(m == 2 || m == 4 || m == 8, "N:M kernels need m in {2, 4, 8}");
