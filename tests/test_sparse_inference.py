@@ -99,7 +99,9 @@ def test_a_missing_compiler_is_one_warning_and_the_torch_path(monkeypatch, caplo
         assert len(warnings) == 1 and "a C++ compiler" in warnings[0]
         assert "pure-PyTorch" in warnings[0]
         with pytest.raises(kernel.KernelError, match="does not run here"):
-            kernel.resolve_path("avx2")
+            kernel.resolve_path("scalar")
+        with pytest.raises(kernel.KernelError, match="missing a C\\+\\+ compiler"):
+            kernel.build()  # what scripts/setup.sh runs: a loud failure, not a fallback
     finally:
         kernel.extension.cache_clear()
 

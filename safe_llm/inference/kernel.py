@@ -53,6 +53,24 @@ def missing_tools() -> list[str]:
     return missing
 
 
+def _compile():
+    from torch.utils.cpp_extension import load
+
+    return load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
+
+
+def build() -> list[str]:
+    """Build the extension now (setup scripts: ``scripts/setup.sh``) and return the paths this
+    CPU runs; :class:`KernelError` naming what is missing or why the build failed."""
+    missing = missing_tools()
+    if missing:
+        raise KernelError(f"cannot build the sparse kernel: missing {' and '.join(missing)}")
+    try:
+        return [*_compile().cpu_paths(), "torch"]
+    except Exception as exc:  # the build raises RuntimeError / CalledProcessError / OSError
+        raise KernelError(f"building the sparse kernel failed: {exc}") from exc
+
+
 @functools.cache
 def extension():
     """The compiled extension module, or None after one warning saying why."""
@@ -63,10 +81,8 @@ def extension():
             "cannot build the sparse kernel: missing %s; %s", " and ".join(missing), fallback
         )
         return None
-    from torch.utils.cpp_extension import load
-
     try:
-        return load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
+        return _compile()
     except Exception as exc:  # the build raises RuntimeError / CalledProcessError / OSError
         detail = " ".join(str(exc).split())[-300:]
         log.warning("building the sparse kernel failed (%s); %s", detail, fallback)
