@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -37,7 +38,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import safe_llm
-from safe_llm.core.memory import process_peak_bytes, resident_bytes
+from safe_llm.core.memory import process_peak_bytes, resident_bytes, return_freed_memory
 from safe_llm.core.precision import cpu_capability
 from safe_llm.inference import kernel
 from safe_llm.inference.linear import SparseLinear
@@ -160,7 +161,8 @@ LOADERS = {
 
 
 def rss_in_child(variant: str, checkpoint: Path) -> dict:
-    """RSS (MiB) of a fresh process after loading ``variant`` alone, and its peak."""
+    """RSS (MiB) of a fresh process after loading ``variant`` alone and running one prefill,
+    and its peak."""
     command = [sys.executable, __file__, "--rss-of", variant, str(checkpoint)]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -169,7 +171,11 @@ def rss_in_child(variant: str, checkpoint: Path) -> dict:
 def _report_rss(variant: str, checkpoint: str) -> None:
     torch.set_num_threads(1)
     model = LOADERS[variant](Path(checkpoint))
+    if model is not None:  # one prefill touches every weight (a dense load maps the file)
+        with torch.inference_mode():
+            model(torch.arange(100, 116).unsqueeze(0))
     gc.collect()
+    return_freed_memory()
     weights = 0 if model is None else weight_bytes(model)
     rss, peak = resident_bytes() / 2**20, process_peak_bytes() / 2**20
     print(json.dumps({"rss_mib": rss, "peak_mib": peak, "weights_mib": weights / 2**20}))
@@ -258,6 +264,8 @@ def main() -> None:
     if args.rss_of:
         return _report_rss(*args.rss_of)
     torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("safe_llm.inference").setLevel(logging.INFO)  # the kernel's decisions
     machine = {
         "torch_cpu_capability": cpu_capability(),
         "kernel_path": kernel.best_path(),

@@ -10,6 +10,7 @@ from names; each pruned one becomes a :class:`SparseLinear` (or, for experts, a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -22,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from safe_llm.core.blocks import PrunableMatrix, find_blocks, prunable_layers
+from safe_llm.core.memory import return_freed_memory
 from safe_llm.core.precision import cpu_bf16_is_native, cpu_capability
 from safe_llm.errors import SafeLLMError
 from safe_llm.inference import kernel
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 POLICIES = ("auto", "sparse", "dense")
 PAY_MARGIN = 0.95  # auto: sparse only where the kernel takes at most 95% of dense's time
+MEASURE_BYTES = 96 << 20  # dense bytes a measurement round streams: well above a CPU's LLC
+_BUFFERS = ("values", "mask", "codes", "row_offsets")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -61,31 +65,46 @@ def decode_dtype(choice: str, stored: str | None) -> torch.dtype:
     return torch.float32
 
 
-def _timed(fn, reps: int) -> float:
+def _timed(fn) -> float:
     start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - start) / reps
+    fn()
+    return time.perf_counter() - start
 
 
 _MEASURED: dict[tuple, tuple[float, float]] = {}  # per process: key -> (sparse s, dense s)
 
 
+def _copy(matrix: CompressedMatrix) -> CompressedMatrix:
+    return dataclasses.replace(
+        matrix,
+        **{k: getattr(matrix, k).clone() for k in _BUFFERS if getattr(matrix, k) is not None},
+    )
+
+
 def _measure(matrix: CompressedMatrix, path: str) -> tuple[float, float]:
     """``(sparse seconds, dense seconds)`` of one decode product ``[1, in] @ W.T`` with
-    ``matrix`` compressed and with a dense matrix of its shape, interleaved over 7 rounds of
-    about 20 M weights each (the medians), so that the ratio survives a loaded machine."""
-    layer = SparseLinear(matrix, path=path)
-    dense = torch.randn(matrix.shape, dtype=matrix.dtype)
+    ``matrix`` compressed and with a dense matrix of its shape. As in decoding, where every
+    weight comes from memory once per token, each round runs through enough copies of both
+    to exceed the last-level cache (:data:`MEASURE_BYTES`); the two are interleaved over 7
+    rounds (the medians), so that the ratio survives a loaded machine."""
+    dense_bytes = matrix.shape[0] * matrix.shape[1] * matrix.values.element_size()
+    copies = max(1, -(-MEASURE_BYTES // dense_bytes))
+    sparse = [SparseLinear(_copy(matrix), path=path) for _ in range(copies)]
+    dense = [torch.randn(matrix.shape, dtype=matrix.dtype) for _ in range(copies)]
     x = torch.randn(1, matrix.shape[1], dtype=matrix.dtype)
-    reps = max(1, int(2e7 // dense.numel()))
+
+    def run_sparse():
+        for layer in sparse:
+            layer(x)
+
+    def run_dense():
+        for weight in dense:
+            F.linear(x, weight)
+
     with torch.inference_mode():
-        layer(x), F.linear(x, dense)  # warm-up
-        rounds = [
-            (_timed(lambda: layer(x), reps), _timed(lambda: F.linear(x, dense), reps))
-            for _ in range(7)
-        ]
-    return tuple(sorted(r[i] for r in rounds)[3] for i in (0, 1))
+        run_sparse(), run_dense()  # warm-up
+        rounds = [(_timed(run_sparse), _timed(run_dense)) for _ in range(7)]
+    return tuple(sorted(r[i] for r in rounds)[3] / copies for i in (0, 1))
 
 
 def kernel_pays(matrix: CompressedMatrix, path: str, summary: SparseSummary) -> bool:
@@ -297,6 +316,7 @@ def load_sparse(
                 model, name, handles, matrices, lambda n=name: tensors.tensor(n), policy, summary
             )
     _check_loaded(model, source)
+    return_freed_memory()  # the per-matrix temporaries of reading and compressing
     model.sparse_summary = summary
     _log_summary(summary)
     return model.eval().requires_grad_(False)
