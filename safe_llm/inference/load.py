@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 POLICIES = ("auto", "sparse", "dense")
 PAY_MARGIN = 0.95  # auto: sparse only where the kernel takes at most 95% of dense's time
 MEASURE_BYTES = 96 << 20  # dense bytes a measurement round streams: well above a CPU's LLC
+MAX_COPIES = 256  # (tiny matrices: the per-call cost dominates anyway)
 _BUFFERS = ("values", "mask", "codes", "row_offsets")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -88,7 +89,7 @@ def _measure(matrix: CompressedMatrix, path: str) -> tuple[float, float]:
     to exceed the last-level cache (:data:`MEASURE_BYTES`); the two are interleaved over 7
     rounds (the medians), so that the ratio survives a loaded machine."""
     dense_bytes = matrix.shape[0] * matrix.shape[1] * matrix.values.element_size()
-    copies = max(1, -(-MEASURE_BYTES // dense_bytes))
+    copies = min(MAX_COPIES, max(1, -(-MEASURE_BYTES // dense_bytes)))
     sparse = [SparseLinear(_copy(matrix), path=path) for _ in range(copies)]
     dense = [torch.randn(matrix.shape, dtype=matrix.dtype) for _ in range(copies)]
     x = torch.randn(1, matrix.shape[1], dtype=matrix.dtype)
