@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from safe_llm.core.blocks import PrunableMatrix, find_blocks, prunable_layers
-from safe_llm.core.memory import return_freed_memory
+from safe_llm.core.memory import return_freed_memory, serve_large_buffers_from_mmap
 from safe_llm.core.precision import cpu_bf16_is_native, cpu_capability
 from safe_llm.errors import SafeLLMError
 from safe_llm.inference import kernel
@@ -216,7 +216,7 @@ def _read_matrices(source: TensorSource, name: str, handles, dtype) -> list[Comp
     if name in source.packed and first.expert is None and not first.transposed:
         values, mask = source.packed_parts(name)
         return [from_export(values, mask, tuple(source.packed[name]["shape"]), dtype)]
-    tensor = source.tensor(name)
+    tensor = source.tensor(name, own=False)  # compress copies what it keeps
     return [compress(h.matrix(tensor), dtype) for h in handles]
 
 
@@ -229,7 +229,9 @@ def _empty_model(config_dict: dict, dtype: torch.dtype) -> nn.Module:
     model_type = config.pop("model_type", None)
     if model_type is None:
         raise SafeLLMError("the model's config.json has no model_type")
-    with init_empty_weights(include_buffers=False):
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights(), init_empty_weights(include_buffers=False):  # nothing is touched
         return AutoModelForCausalLM.from_config(
             AutoConfig.for_model(model_type, **config), dtype=dtype
         )
@@ -300,6 +302,7 @@ def load_sparse(
     if policy not in POLICIES:
         raise SafeLLMError(f"unknown policy {policy!r}; choose {', '.join(POLICIES)}")
     summary = SparseSummary(kernel.resolve_path(kernel_path), "")
+    serve_large_buffers_from_mmap()  # each matrix's temporaries go back to the OS when freed
     with TensorSource(source) as tensors:
         config = tensors.config
         torch_dtype = decode_dtype(dtype, config.get("dtype") or config.get("torch_dtype"))

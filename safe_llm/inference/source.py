@@ -15,6 +15,12 @@ from safetensors import safe_open
 from safe_llm.io.export import BITMASK_FILE, FORMAT, VERSION, ExportError, unpack_tensor
 
 
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in memory of its own: a tensor safetensors maps from the file would keep
+    the whole file's pages resident in the process (counted in its RSS) while it lives."""
+    return tensor.clone()
+
+
 class TensorSource:
     """The tensors of a checkpoint or export by name, read on demand.
 
@@ -75,18 +81,22 @@ class TensorSource:
     def names(self) -> list[str]:
         return list(self._files)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` dense (a packed matrix is unpacked: one tensor at a time)."""
+    def tensor(self, name: str, own: bool = True) -> torch.Tensor:
+        """The tensor ``name`` dense (a packed matrix is unpacked: one tensor at a time);
+        ``own=False``: possibly a view of the file, for a tensor only read and dropped."""
         if name in self.packed:
             values, mask = self.packed_parts(name)
             info = self.packed[name]
             return unpack_tensor(values, mask, info["shape"], getattr(torch, info["dtype"]))
-        return self._files[name].get_tensor(name)
+        tensor = self._files[name].get_tensor(name)
+        return _owned(tensor) if own else tensor
 
     def packed_parts(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values [nnz], flat packed mask)`` of an exported matrix."""
         handle = self._files[name]
-        return handle.get_tensor(f"{name}::values"), handle.get_tensor(f"{name}::mask")
+        return _owned(handle.get_tensor(f"{name}::values")), _owned(
+            handle.get_tensor(f"{name}::mask")
+        )
 
     def close(self) -> None:
         self._stack.close()
