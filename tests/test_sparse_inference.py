@@ -177,6 +177,26 @@ def test_sparse_experts_give_the_dense_moe_models_logits(arch):
         torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_load_sparse_reads_an_moe_checkpoint_stored_per_expert_through_transformers(
+    tmp_path, caplog
+):
+    from test_moe import make_moe, make_windows
+
+    model = make_moe("qwen3_moe")  # transformers writes its experts per expert
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "experts" in name and param.dim() == 3:
+                param[torch.rand_like(param) < 0.5] = 0.0
+    model.save_pretrained(tmp_path / "moe")
+    ids = make_windows(2, 8)
+    with caplog.at_level(logging.WARNING, logger="safe_llm"):
+        sparse = load_sparse(tmp_path / "moe", policy="sparse", progress=False)
+    assert "per-expert" in caplog.text and "peak memory is the dense model" in caplog.text
+    assert sparse.sparse_summary.sparse["bitmask"] == 3 * 2 * 8  # layers x parameters x experts
+    with torch.inference_mode():
+        torch.testing.assert_close(sparse(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_generate_cli_prints_the_same_greedy_text_sparse_and_dense(save_tiny_model, capsys):
     from transformers import AutoModelForCausalLM
 

@@ -309,7 +309,8 @@ def load_sparse(
         summary.dtype = str(torch_dtype).removeprefix("torch.")
         model = _empty_model(config, torch_dtype)
         targets = _targets(model)
-        _check_names(source, tensors.names, targets, model)
+        if not _same_layout(tensors.names, targets, model):
+            return _load_converted(source, dtype, kernel_path, policy)
         for name in tensors.names:
             if name not in targets:
                 _assign(model, name, tensors.tensor(name), torch_dtype)
@@ -326,16 +327,22 @@ def load_sparse(
     return model.eval().requires_grad_(False)
 
 
-def _check_names(source, names: list[str], targets: dict, model: nn.Module) -> None:
-    expected = set(model.state_dict())
-    unknown = sorted(set(names) - expected)
-    missing = sorted(set(targets) - set(names))
-    if unknown or missing:
-        raise SafeLLMError(
-            f"{source} does not match its config (unknown tensors {unknown[:3]}, missing "
-            f"{missing[:3]}); a checkpoint whose stored layout transformers converts on load "
-            "(per-expert keys) is not supported by load_sparse: load it with --dense"
-        )
+def _same_layout(names: list[str], targets: dict, model: nn.Module) -> bool:
+    """Whether the stored tensors are the model's own (transformers stores the experts of some
+    MoE models per expert and fuses them while loading)."""
+    return set(names) <= set(model.state_dict()) and set(targets) <= set(names)
+
+
+def _load_converted(source, dtype: str, kernel_path: str, policy: str) -> nn.Module:
+    log.warning(
+        "%s stores its tensors in another layout than the model holds them (per-expert "
+        "keys): loading it dense through transformers first, then compressing each matrix "
+        "(the load's peak memory is the dense model's)",
+        source,
+    )
+    model = sparsify(load_dense(source, dtype), kernel_path, policy)
+    return_freed_memory()
+    return model
 
 
 def _check_loaded(model: nn.Module, source) -> None:
