@@ -288,11 +288,12 @@ def main() -> None:
             if case["auto_is_dense"]:
                 print("sparse (auto): every matrix dense (the kernel measured slower): = dense")
             shutil.rmtree(checkpoint)
-    machine["load_average_end"] = os.getloadavg()
+            machine["load_average_end"] = os.getloadavg()
+            if args.json:  # after every case: a long run stopped early keeps what it measured
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                document = {"machine": machine, "cases": cases}
+                Path(args.json).write_text(json.dumps(document, indent=1))
     print_table(rows, machine["bandwidth_gbs"])
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"machine": machine, "cases": cases}, indent=1))
 
 
 if __name__ == "__main__":
