@@ -1,4 +1,4 @@
-"""``safe-llm`` command line: ``prune``, ``eval``, ``export`` and ``push``."""
+"""``safe-llm`` command line: ``prune``, ``eval``, ``export``, ``generate`` and ``push``."""
 
 from __future__ import annotations
 
@@ -346,6 +346,57 @@ def _export_parser(sub) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
+def _generate_parser(sub) -> None:
+    parser = sub.add_parser(
+        "generate",
+        help="generate text from a pruned checkpoint with its pruned matrices kept sparse",
+        description="Load MODEL (a checkpoint directory from safe-llm prune, or the output of "
+        "safe-llm export) with every pruned matrix compressed in memory and multiplied by the "
+        "sparse CPU kernel (safe_llm.load_sparse), continue the prompt, and print the new "
+        "text; the speed goes to stderr. --dense loads the ordinary dense model to compare.",
+    )
+    parser.add_argument("model", metavar="MODEL", help="checkpoint directory or bitmask export")
+    parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)"
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 for greedy decoding (default), > 0 to sample at this temperature",
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling mass, (0, 1] (default: 1)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument(
+        "--dense", action="store_true", help="load the dense model instead (to compare)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="compute dtype; auto: the stored dtype where the CPU computes it natively "
+        "(bf16 needs AVX-512-BF16/AMX), else float32 (default: auto)",
+    )
+    parser.add_argument(
+        "--kernel",
+        default="auto",
+        choices=["auto", "avx512", "avx2", "scalar", "torch"],
+        help="sparse kernel path; auto: the best this CPU runs (default: auto)",
+    )
+    parser.add_argument(
+        "--policy",
+        default="auto",
+        choices=["auto", "sparse", "dense"],
+        help="auto: a matrix is sparse where the kernel is measured faster than dense; "
+        "sparse: every pruned matrix (least memory) (default: auto)",
+    )
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: MODEL's)")
+    parser.add_argument("--quiet", action="store_true", help="no progress or log lines")
+
+
 def _report_parser(sub) -> None:
     parser = sub.add_parser(
         "report",
@@ -376,6 +427,7 @@ def build_parser(with_methods: bool = True) -> argparse.ArgumentParser:
     _report_parser(sub)
     _push_parser(sub)
     _export_parser(sub)
+    _generate_parser(sub)
     return parser
 
 
@@ -561,6 +613,39 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_generate(args: argparse.Namespace) -> int:
+    from safe_llm.inference.generate import check_request, generate
+
+    tokenizer_dir = check_request(
+        args.model, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.tokenizer
+    )
+    from safe_llm.inference.load import load_dense, load_sparse, weight_bytes
+    from safe_llm.io.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tokenizer_dir), args.model)
+    if args.dense:
+        model = load_dense(args.model, args.dtype)
+    else:
+        model = load_sparse(
+            args.model,
+            dtype=args.dtype,
+            kernel_path=args.kernel,
+            policy=args.policy,
+            progress=not args.quiet,
+        )
+    result = generate(
+        model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed
+    )
+    print(result.text)
+    print(
+        f"{len(result.tokens)} tokens in {result.seconds:.2f} s "
+        f"({result.tokens_per_second:.1f} tokens/s), {'dense' if args.dense else 'sparse'}, "
+        f"weights {weight_bytes(model) / 2**20:.1f} MiB",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _resume_hint(exc, argv: list[str] | None) -> str:
     command = _command_line(argv)
     if "--resume" not in command.split():
@@ -648,6 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         "report": lambda: _run_report(args),
         "push": lambda: _run_push(args),
         "export": lambda: _run_export(args),
+        "generate": lambda: _run_generate(args),
     }
     try:
         return commands[args.command]()

