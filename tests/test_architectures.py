@@ -9,14 +9,8 @@ import torch
 from torch import nn
 
 from safe_llm.config import make_method
-from safe_llm.core.blocks import (
-    BlockDiscoveryError,
-    capture_block_inputs,
-    find_blocks,
-    prunable_layers,
-    run_block,
-    weight_matrix,
-)
+from safe_llm.core.blocks import BlockDiscoveryError, find_blocks, prunable_layers, weight_matrix
+from safe_llm.core.capture import capture_block_inputs, run_block
 from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.stages.prune.engine import EngineOptions, prune_model
 

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from safe_llm.config import make_method
-from safe_llm.core.blocks import BlockCall, find_blocks, prunable_layers, weight_matrix
+from safe_llm.core.blocks import find_blocks, prunable_layers, weight_matrix
+from safe_llm.core.capture import BlockCall
 from safe_llm.core.layer_stats import InputStats
 from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.methods.base import BlockContext

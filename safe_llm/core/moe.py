@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from safe_llm.core.blocks import PrunableMatrix, experts_implementation
+from safe_llm.core.blocks import PrunableMatrix
+from safe_llm.core.experts import experts_implementation
 from safe_llm.errors import SafeLLMError
 
 _PRODUCTS = {

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from safe_llm.core.activations import Activations, CapturedStreams
-from safe_llm.core.blocks import BlockCall, capture_block_inputs, iter_batches, run_block
+from safe_llm.core.capture import BlockCall, capture_block_inputs, iter_batches, run_block
 from safe_llm.core.memory import process_peak_bytes
 
 

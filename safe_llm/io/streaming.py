@@ -23,7 +23,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from safe_llm.core.atomic import atomic_write
-from safe_llm.core.blocks import expert_layout, find_blocks
+from safe_llm.core.blocks import find_blocks
+from safe_llm.core.experts import expert_layout
 from safe_llm.core.memory import return_freed_memory
 from safe_llm.io.models import ModelError, load_tokenizer, resolve_model_path
 from safe_llm.io.work_area import WorkArea

@@ -14,13 +14,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from safe_llm.core.blocks import (
-    BlockCall,
-    PrunableMatrix,
-    as_matrix_handle,
-    iter_batches,
-    run_block,
-)
+from safe_llm.core.blocks import PrunableMatrix, as_matrix_handle
+from safe_llm.core.capture import BlockCall, iter_batches, run_block
 from safe_llm.core.layer_stats import InputStats
 from safe_llm.core.sparsity import SparsityPattern
 

@@ -33,13 +33,13 @@ from tqdm.auto import tqdm
 
 from safe_llm.core.activations import Activations
 from safe_llm.core.blocks import (
-    BlockCall,
     check_coverage,
     dense_block_weights,
     find_blocks,
     prunable_layers,
     weight_matrix,
 )
+from safe_llm.core.capture import BlockCall
 from safe_llm.core.layer_stats import collect_input_stats
 from safe_llm.core.reports import BlockReport, PruneReport
 from safe_llm.core.sparsity import SparsityPattern, achieved_sparsity

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from safe_llm.core import precision
-from safe_llm.core.blocks import BlockCall, run_block
+from safe_llm.core.capture import BlockCall, run_block
 from safe_llm.errors import SafeLLMError
 from safe_llm.stages.prune.options import PruneOptions
 from safe_llm.train import holdout, relative_adam

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from safe_llm.core import distributed
-from safe_llm.core.blocks import find_blocks, non_block_modules_to
+from safe_llm.core.blocks import find_blocks
+from safe_llm.core.capture import non_block_modules_to
 from safe_llm.errors import SafeLLMError
 
 NEEDS_RANKS = (
