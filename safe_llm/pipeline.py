@@ -21,13 +21,7 @@ from safe_llm.config import (
     unknown_recipe_keys,
 )
 from safe_llm.core import distributed, precision
-from safe_llm.core.blocks import (
-    check_coverage,
-    find_blocks,
-    prunable_layers,
-    unmatched_patterns,
-    weight_matrix,
-)
+from safe_llm.core.blocks import check_prunable, find_blocks
 from safe_llm.core.memory import StagePeaks, large_buffers_from_mmap, return_freed_memory
 from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.core.walker import WalkOptions
@@ -62,27 +56,6 @@ def check_windows(config: RunConfig) -> None:
         refuse_long_windows(config.eval_seqlen or config.seqlen, limit, "--eval-seqlen")
     if config.recover.enabled:
         refuse_long_windows(config.recover.seqlen, limit, "--recover-seqlen")
-
-
-def check_prunable(
-    blocks: nn.ModuleList, pattern: SparsityPattern, ignore: tuple[str, ...] = ()
-) -> None:
-    """Raise before any calibration work if a layer of ``blocks`` cannot take ``pattern`` or an
-    ``ignore`` pattern names no weight of any block."""
-    unmatched = unmatched_patterns(blocks, ignore)
-    if unmatched:
-        names = ", ".join(prunable_layers(blocks[0]))
-        raise ConfigError(
-            f"--ignore {' '.join(unmatched)} matches no weight of any block; patterns are "
-            f"relative to a block, e.g. one of: {names}"
-        )
-    layers = [prunable_layers(block, ignore) for block in blocks]
-    if not any(layers):
-        raise ConfigError("--ignore excludes every layer of every block; nothing would be pruned")
-    for index, block_layers in enumerate(layers):
-        for name, layer in block_layers.items():
-            pattern.check_shape(tuple(weight_matrix(layer).shape), f"block {index} {name}")
-    check_coverage(blocks, ignore)
 
 
 def open_work_area(config: RunConfig) -> tuple[WorkArea | None, bool]:

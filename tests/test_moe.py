@@ -19,12 +19,11 @@ from safetensors import safe_open
 
 from safe_llm import cli
 from safe_llm.config import make_method
-from safe_llm.core.blocks import CoverageError, find_blocks, prunable_layers
+from safe_llm.core.blocks import CoverageError, check_prunable, find_blocks, prunable_layers
 from safe_llm.core.capture import capture_block_inputs, run_block
 from safe_llm.core.layer_stats import collect_input_stats
 from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.methods import get_method_class
-from safe_llm.pipeline import check_prunable
 from safe_llm.stages.prune.engine import EngineOptions, prune_model
 from safe_llm.stages.recover.parameters import sparsity_masks, trainable_parameters
 

@@ -19,7 +19,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from safe_llm.core.experts import expert_layout
+from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.errors import SafeLLMError
+from safe_llm.options import ConfigError
 
 PRUNABLE_TYPES = (nn.Linear, Conv1D)
 
@@ -242,6 +244,31 @@ def check_coverage(blocks: nn.ModuleList, ignore: tuple[str, ...] = ()) -> None:
             "They would stay dense while the report counts only what was pruned; pass them "
             "to --ignore (e.g. --ignore " + " --ignore ".join(found) + ") to prune the rest"
         )
+
+
+def check_prunable(
+    blocks: nn.ModuleList, pattern: SparsityPattern, ignore: tuple[str, ...] = ()
+) -> None:
+    """The one check that ``blocks`` can be pruned to ``pattern``, for a run before any
+    calibration work (and for :func:`~safe_llm.stages.prune.engine.prune_model` called on its
+    own): every ``ignore`` pattern names a weight of some block and leaves something to prune
+    (:class:`~safe_llm.options.ConfigError`), every matrix not ignored can take ``pattern``
+    (:class:`~safe_llm.core.sparsity.PatternError`), no large block weight would stay dense
+    (:class:`CoverageError`)."""
+    unmatched = unmatched_patterns(blocks, ignore)
+    if unmatched:
+        names = ", ".join(prunable_layers(blocks[0]))
+        raise ConfigError(
+            f"--ignore {' '.join(unmatched)} matches no weight of any block; patterns are "
+            f"relative to a block, e.g. one of: {names}"
+        )
+    layers = [prunable_layers(block, ignore) for block in blocks]
+    if not any(layers):
+        raise ConfigError("--ignore excludes every layer of every block; nothing would be pruned")
+    for index, block_layers in enumerate(layers):
+        for name, layer in block_layers.items():
+            pattern.check_shape(tuple(weight_matrix(layer).shape), f"block {index} {name}")
+    check_coverage(blocks, ignore)
 
 
 def dense_block_weights(

@@ -33,11 +33,10 @@ from tqdm.auto import tqdm
 
 from safe_llm.core.activations import Activations
 from safe_llm.core.blocks import (
-    check_coverage,
+    check_prunable,
     dense_block_weights,
     find_blocks,
     prunable_layers,
-    weight_matrix,
 )
 from safe_llm.core.capture import BlockCall
 from safe_llm.core.layer_stats import collect_input_stats
@@ -141,6 +140,7 @@ def prune_model(
     source: BlockSource | None = None,
     resume: EngineState | None = None,
     on_state: Callable[[EngineState, dict[int, nn.Module]], None] | None = None,
+    checked: bool = False,
 ) -> PruneReport:
     """Prune every decoder block of ``model`` in place.
 
@@ -149,7 +149,8 @@ def prune_model(
         method: the pruning method applied to each block.
         pattern: the sparsity pattern every prunable layer must meet.
         options: how to run (:class:`EngineOptions`; default: its defaults).
-        block_patterns: one pattern per block (a non-uniform profile), else ``pattern`` for all.
+        block_patterns: one unstructured pattern per block (a non-uniform profile), else
+            ``pattern`` for all.
         source: where blocks come from and go back to (default: the model's own blocks);
             :class:`safe_llm.io.streaming.DiskBlocks` reads each from disk.
         resume: continue from this state; its blocks must already hold their pruned weights
@@ -157,6 +158,9 @@ def prune_model(
         on_state: called after each block (after each joint window) with the state to
             continue from and the blocks pruned since the last call, ``{index: block}`` (to
             save them); a run resumed from that state gives the same bits.
+        checked: the caller already ran :func:`~safe_llm.core.blocks.check_prunable` on the
+            model's blocks with ``pattern`` and ``options.ignore`` (a run does, before
+            calibration); else it runs here, before the inputs are captured.
     """
     options = options or EngineOptions()
     if options.layer_errors is None:
@@ -165,8 +169,9 @@ def prune_model(
     if options.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(options.device)
     _, blocks = find_blocks(model)
-    patterns = _block_patterns(blocks, pattern, block_patterns, options.ignore)
-    check_coverage(blocks, options.ignore)
+    if not checked:
+        check_prunable(blocks, pattern, options.ignore)
+    patterns = _block_patterns(len(blocks), pattern, block_patterns)
     streams = 2 + options.dense_targets + 2 * options.joint.active
     with captured_inputs(model, windows, streams, options) as (
         hidden,
@@ -186,20 +191,18 @@ def prune_model(
 
 
 def _block_patterns(
-    blocks: nn.ModuleList,
-    pattern: SparsityPattern,
-    given: Sequence[SparsityPattern] | None,
-    ignore: tuple[str, ...],
+    count: int, pattern: SparsityPattern, given: Sequence[SparsityPattern] | None
 ) -> list[SparsityPattern]:
-    """One pattern per block (``given`` or ``pattern`` for all), checked against every
-    prunable layer's shape."""
-    patterns = list(given) if given is not None else [pattern] * len(blocks)
-    if len(patterns) != len(blocks):
-        raise SafeLLMError(f"{len(patterns)} block sparsities given for {len(blocks)} blocks")
-    for block, block_pattern in zip(blocks, patterns, strict=True):
-        for name, layer in prunable_layers(block, ignore).items():
-            block_pattern.check_shape(tuple(weight_matrix(layer).shape), name)
-    return patterns
+    """One pattern per block: ``given`` or ``pattern`` for all. Only ``pattern`` is checked
+    against the matrices' shapes (:func:`~safe_llm.core.blocks.check_prunable`): a profile's
+    patterns are unstructured, which every matrix can take."""
+    if given is None:
+        return [pattern] * count
+    if len(given) != count:
+        raise SafeLLMError(f"{len(given)} block sparsities given for {count} blocks")
+    if any(p.is_nm for p in given):
+        raise SafeLLMError("block patterns are unstructured; an N:M pattern is one for all blocks")
+    return list(given)
 
 
 def _run_blocks(

@@ -44,6 +44,7 @@ def run_block_loop(model: nn.Module, context: RunContext) -> PruneReport:
         source=context.source,
         resume=_resume_state(context),
         on_state=_state_saver(context, context.blocks_to_prune),
+        checked=True,  # run_prune checked the blocks against the pattern before calibration
     )
 
 
