@@ -213,15 +213,20 @@ def plot(rows: list[dict], args, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     dense = next((r for r in rows if r["method"] == "dense"), None)
-    panels = (("ref", "reference wiki perplexity (log)", True, "perplexity_vs_sparsity.png"),
-              ("mean", "zero-shot mean accuracy", False, "zeroshot_vs_sparsity.png"))  # fmt: skip
+    panels = (
+        ("ref", "reference wiki perplexity (log)", True, "perplexity_vs_sparsity.png"),
+        ("mean", "zero-shot mean accuracy", False, "zeroshot_vs_sparsity.png"),
+    )
     for key, ylabel, log, name in panels:
         fig, ax = plt.subplots(figsize=(8, 4.8), layout="constrained")
         for index, method in enumerate(args.methods):
             label = LABELS.get(method, method)
             for group in (PATTERNS[:4], PATTERNS[4:]):  # unstructured, then N:M
-                points = sorted((PATTERNS.index(r["pattern"]), _value(r, key)) for r in rows
-                                if r["method"] == method and r["pattern"] in group)  # fmt: skip
+                points = sorted(
+                    (PATTERNS.index(r["pattern"]), _value(r, key))
+                    for r in rows
+                    if r["method"] == method and r["pattern"] in group
+                )
                 if points:
                     xs, ys = zip(*points, strict=True)
                     ax.plot(xs, ys, marker="o", color=f"C{index}", label=label)

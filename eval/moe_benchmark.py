@@ -31,6 +31,7 @@ from safe_llm.core.sparsity import SparsityPattern
 from safe_llm.io.data import builtin_data_dir
 from safe_llm.stages.prune.engine import EngineOptions, prune_model
 
+BLOCK_SHAPE = ("hidden_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size")
 RUNS = [  # (label, method, structure, method options, statistics from every token)
     ("magnitude", "magnitude", "unstructured", None, False),
     ("wanda", "wanda", "unstructured", None, False),
@@ -45,17 +46,34 @@ RUNS = [  # (label, method, structure, method options, statistics from every tok
 
 def build(gpu: bool) -> Qwen3MoeForCausalLM:
     shape = (
-        dict(hidden_size=2048, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
-             num_attention_heads=32, num_key_value_heads=4, head_dim=128)
+        dict(
+            hidden_size=2048,
+            num_experts=128,
+            num_experts_per_tok=8,
+            moe_intermediate_size=768,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+        )
         if gpu
-        else dict(hidden_size=1024, num_experts=32, num_experts_per_tok=4,
-                  moe_intermediate_size=512, num_attention_heads=16, num_key_value_heads=4,
-                  head_dim=64)
-    )  # fmt: skip
+        else dict(
+            hidden_size=1024,
+            num_experts=32,
+            num_experts_per_tok=4,
+            moe_intermediate_size=512,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            head_dim=64,
+        )
+    )
     config = Qwen3MoeConfig(
-        vocab_size=256, num_hidden_layers=1, intermediate_size=4 * shape["hidden_size"],
-        max_position_embeddings=4096, norm_topk_prob=True, **shape,
-    )  # fmt: skip
+        vocab_size=256,
+        num_hidden_layers=1,
+        intermediate_size=4 * shape["hidden_size"],
+        max_position_embeddings=4096,
+        norm_topk_prob=True,
+        **shape,
+    )
     torch.manual_seed(0)
     return Qwen3MoeForCausalLM(config).eval()
 
@@ -104,14 +122,13 @@ def main() -> None:
         results.append(row)
     if args.json:
         document = {
-            "block": {k: getattr(model.config, k) for k in (
-                "hidden_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size")},
+            "block": {k: getattr(model.config, k) for k in BLOCK_SHAPE},
             "windows": [args.nsamples, args.seqlen],
             "device": str(device),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch_threads": torch.get_num_threads(),
             "runs": results,
-        }  # fmt: skip
+        }
         with open(args.json, "w") as f:
             json.dump(document, f, indent=1)
 

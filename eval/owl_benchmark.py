@@ -89,11 +89,18 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--safe-options", nargs="*",
-        default=["init=sparsegpt", "epochs=2", "interval=2", "lr=5e-4", "warmup_epochs=0",
-                 "sam_ascent=previous"],
+        "--safe-options",
+        nargs="*",
+        default=[
+            "init=sparsegpt",
+            "epochs=2",
+            "interval=2",
+            "lr=5e-4",
+            "warmup_epochs=0",
+            "sam_ascent=previous",
+        ],
         help="SAFE/SAFE+ options as key=value (default: the SmolLM2 CPU recipe)",
-    )  # fmt: skip
+    )
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
     rows = []

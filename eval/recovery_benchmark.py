@@ -200,8 +200,11 @@ def plan_for(structure: str, args) -> list[tuple]:
             for steps in budgets
         ]
 
-    levers = {"dense": pruned("SAFE+, dense-stream targets", f"safe+dense-{tag}", 32, "safe+",
-                              "--dense-targets")}  # fmt: skip
+    levers = {
+        "dense": pruned(
+            "SAFE+, dense-stream targets", f"safe+dense-{tag}", 32, "safe+", "--dense-targets"
+        )
+    }
     for count in LEVER_WINDOWS:
         levers[f"n{count}"] = pruned(f"SAFE+, {count} windows", f"safe+n{count}-{tag}", count)
     for size in LEVER_JOINT:
@@ -210,9 +213,13 @@ def plan_for(structure: str, args) -> list[tuple]:
             label, f"safe+joint{size}-{tag}", 32, "safe+", "--joint-blocks", str(size)
         )
     levers["n64joint2"] = pruned(
-        "SAFE+, 64 windows, joint windows of 2 blocks", f"safe+n64joint2-{tag}", 64, "safe+",
-        "--joint-blocks", "2",
-    )  # fmt: skip
+        "SAFE+, 64 windows, joint windows of 2 blocks",
+        f"safe+n64joint2-{tag}",
+        64,
+        "safe+",
+        "--joint-blocks",
+        "2",
+    )
     plan = [
         pruned("SparseGPT", f"sparsegpt-{tag}", 32, "sparsegpt"),
         pruned("SAFE+ (CPU recipe)", f"safe+-{tag}", 32),

@@ -50,31 +50,35 @@ def random_llama(work: Path, tokenizer_from: str) -> Path:
     if not (dense / "config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_from)[0])
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-            intermediate_size=INTERMEDIATE, max_position_embeddings=2048,
+            vocab_size=len(tokenizer),
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=KV_HEADS,
+            intermediate_size=INTERMEDIATE,
+            max_position_embeddings=2048,
             tie_word_embeddings=False,
-        )  # fmt: skip
+        )
         torch.manual_seed(0)
         LlamaForCausalLM(config).save_pretrained(dense)
         tokenizer.save_pretrained(dense)
     if not (pruned / "report.json").is_file():
-        command = [sys.executable, "-m", "safe_llm.cli", "prune", "--quiet", "--model",
-                   str(dense), "--method", "magnitude", "--sparsity", "0.5", "--dataset",
-                   "builtin-c4", "--nsamples", "8", "--seqlen", "256", "--device", "cpu",
-                   "--output", str(pruned), "--overwrite"]  # fmt: skip
+        command = [sys.executable, "-m", "safe_llm.cli", "prune", "--quiet", "--overwrite"]
+        command += ["--model", str(dense), "--method", "magnitude", "--sparsity", "0.5"]
+        command += ["--dataset", "builtin-c4", "--nsamples", "8", "--seqlen", "256"]
+        command += ["--device", "cpu", "--output", str(pruned)]
         subprocess.run(command, check=True)
     return pruned
 
 
 def recover_row(checkpoint: Path, state: str, baseline: int, args) -> dict:
     out = Path(args.work) / f"{checkpoint.name}-recovered-{state}"
-    command = [sys.executable, "-m", "safe_llm.cli", "recover", "--quiet", str(checkpoint),
-               "--output", str(out), "--overwrite", "--eval", "--device", "cpu",
-               "--recover-steps", str(args.steps), "--recover-batch-size", str(args.batch_size),
-               "--recover-seqlen", str(args.seqlen), "--recover-nsamples", str(args.nsamples),
-               "--recover-lean" if state == "lean" else "--no-recover-lean",
-               "--no-recover-memory-check"]  # fmt: skip
+    command = [sys.executable, "-m", "safe_llm.cli", "recover", "--quiet", str(checkpoint)]
+    command += ["--output", str(out), "--overwrite", "--eval", "--device", "cpu"]
+    command += ["--recover-steps", str(args.steps), "--recover-batch-size", str(args.batch_size)]
+    command += ["--recover-seqlen", str(args.seqlen), "--recover-nsamples", str(args.nsamples)]
+    command += ["--recover-lean" if state == "lean" else "--no-recover-lean"]
+    command += ["--no-recover-memory-check"]
     rss, seconds = peak_rss(command, Path(args.work) / f"{out.name}.log")
     report = json.loads((out / "report.json").read_text())
     plan = report["recovery"]["memory_plan"]
@@ -93,6 +97,24 @@ def recover_row(checkpoint: Path, state: str, baseline: int, args) -> dict:
         "wall_s": seconds,
         "seconds_per_step": report["recovery"]["seconds"] / args.steps,
     }
+
+
+def print_table(rows: list[dict], baseline: int) -> None:
+    """The rows as a markdown table, under the CPU, the threads and the bare-import RSS."""
+    print(
+        f"\ncpu capability {torch.backends.cpu.get_cpu_capability()}, threads "
+        f"{torch.get_num_threads()}, bare import torch, transformers: {baseline / 2**30:.2f} GiB"
+    )
+    print(
+        "| checkpoint | state | parameters | peak RSS (GiB) | bytes / parameter | planned "
+        "| s / step |\n|---|---|---|---|---|---|---|"
+    )
+    for r in rows:
+        print(
+            f"| {Path(r['checkpoint']).name} | {r['state']} | {r['parameters'] / 1e6:.0f}M | "
+            f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['bytes_per_parameter']:.1f} | "
+            f"{r['planned_bytes_per_parameter']:.1f} | {r['seconds_per_step']:.1f} |"
+        )
 
 
 def main() -> None:
@@ -123,17 +145,14 @@ def main() -> None:
     for checkpoint, state in runs:
         rows.append(recover_row(checkpoint, state, baseline, args))
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\ncpu capability {torch.backends.cpu.get_cpu_capability()}, threads "
-          f"{torch.get_num_threads()}, bare import torch, transformers: {baseline / 2**30:.2f} GiB")  # fmt: skip
-    print("| checkpoint | state | parameters | peak RSS (GiB) | bytes / parameter | planned "
-          "| s / step |\n|---|---|---|---|---|---|---|")  # fmt: skip
-    for r in rows:
-        print(f"| {Path(r['checkpoint']).name} | {r['state']} | {r['parameters'] / 1e6:.0f}M | "
-              f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['bytes_per_parameter']:.1f} | "
-              f"{r['planned_bytes_per_parameter']:.1f} | {r['seconds_per_step']:.1f} |")  # fmt: skip
+    print_table(rows, baseline)
     if args.json:
-        document = {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                    "torch_threads": torch.get_num_threads(), "args": vars(args), "rows": rows}  # fmt: skip
+        document = {
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads(),
+            "args": vars(args),
+            "rows": rows,
+        }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(document, indent=2))
 

@@ -29,10 +29,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import reference_windows  # noqa: E402
 
 ABSOLUTE = dict(step_scale="absolute", holdout=0.0)  # the steps of the published figures
-RECIPE = dict(init="sparsegpt", lr=5e-4, lam=1e-3, rho=2e-4, epochs=2, interval=2,
-              warmup_epochs=0, sam_ascent="previous", **ABSOLUTE)  # fmt: skip
-PAPER = dict(lr=2e-4, lam=1e-3, rho=2e-4, epochs=30, interval=32, warmup_epochs=2, init="dense",
-             sam_ascent="exact", **ABSOLUTE)  # fmt: skip
+RECIPE = dict(
+    init="sparsegpt",
+    lr=5e-4,
+    lam=1e-3,
+    rho=2e-4,
+    epochs=2,
+    interval=2,
+    warmup_epochs=0,
+    sam_ascent="previous",
+    **ABSOLUTE,
+)
+PAPER = dict(
+    lr=2e-4,
+    lam=1e-3,
+    rho=2e-4,
+    epochs=30,
+    interval=32,
+    warmup_epochs=2,
+    init="dense",
+    sam_ascent="exact",
+    **ABSOLUTE,
+)
 
 # (label, method, calibration windows, method options)
 RUNS = [
@@ -45,7 +63,7 @@ RUNS = [
         "safe+",
         128,
         dict(RECIPE, epochs=8, interval=4, sam_ascent="exact"),
-    ),  # fmt: skip
+    ),
     ("safe+ paper setting (from dense, 30 epochs)", "safe+", 32, PAPER),
     ("safe paper setting (from dense, 30 epochs)", "safe", 32, PAPER),
 ]
@@ -65,20 +83,32 @@ def main() -> None:
     for label, method, nsamples, options in chosen:
         start = time.perf_counter()
         model, report = prune(
-            "smollm2-135m", method=method, sparsity=args.sparsity, dataset="builtin-c4",
-            nsamples=nsamples, seqlen=512, seed=0, device=args.device, dtype="float32",
-            method_options=options, max_blocks=args.max_blocks,
-        )  # fmt: skip
+            "smollm2-135m",
+            method=method,
+            sparsity=args.sparsity,
+            dataset="builtin-c4",
+            nsamples=nsamples,
+            seqlen=512,
+            seed=0,
+            device=args.device,
+            dtype="float32",
+            method_options=options,
+            max_blocks=args.max_blocks,
+        )
         seconds = time.perf_counter() - start
         device = torch.device(report.get("device", "cpu"))
         ppl = perplexity(model.to(device), windows, batch_size=8)
         blocks = report["blocks"]
         row = {
-            "run": label, "method": method, "calibration_windows": nsamples,
-            "options": options, "ref_ppl": round(ppl, 3), "seconds": round(seconds, 1),
+            "run": label,
+            "method": method,
+            "calibration_windows": nsamples,
+            "options": options,
+            "ref_ppl": round(ppl, 3),
+            "seconds": round(seconds, 1),
             "seconds_per_block": round(sum(b["seconds"] for b in blocks) / len(blocks), 2),
             "device": str(device),
-        }  # fmt: skip
+        }
         print(json.dumps(row), flush=True)
         if args.jsonl:
             with open(args.jsonl, "a") as f:

@@ -44,10 +44,15 @@ def write_model(path: Path, blocks: int, args) -> int:
     from accelerate import init_empty_weights
 
     config = LlamaConfig(
-        vocab_size=49152, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=blocks, num_attention_heads=16, num_key_value_heads=16,
-        max_position_embeddings=2048, tie_word_embeddings=True,
-    )  # fmt: skip
+        vocab_size=49152,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=blocks,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
     path.mkdir(parents=True)
     config.save_pretrained(path)
     tokenizer_dir = Path(resolve_model_path("smollm2-135m")[0])
@@ -78,13 +83,11 @@ def write_model(path: Path, blocks: int, args) -> int:
 
 
 def prune_run(model: Path, output: Path, stream: bool, args) -> dict:
-    command = [
-        sys.executable, "-c", CHILD, "prune", "--quiet", "--model", str(model),
-        "--method", args.method, "--dataset", "builtin-c4", "--nsamples", str(args.nsamples),
-        "--seqlen", str(args.seqlen), "--device", "cpu", "--no-layer-errors",
-        "--max-shard-size", "500MB", "--output", str(output),
-        *(["--stream-from-disk"] if stream else []),
-    ]  # fmt: skip
+    command = [sys.executable, "-c", CHILD, "prune", "--quiet", "--model", str(model)]
+    command += ["--method", args.method, "--dataset", "builtin-c4"]
+    command += ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+    command += ["--device", "cpu", "--no-layer-errors", "--max-shard-size", "500MB"]
+    command += ["--output", str(output), *(["--stream-from-disk"] if stream else [])]
     start = time.perf_counter()
     run = subprocess.run(command, capture_output=True, text=True)
     if run.returncode:

@@ -20,9 +20,14 @@ from safe_llm.stages.recover.options import RecoverOptions
 def pruned_pair():
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-    )  # fmt: skip
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     teacher = LlamaForCausalLM(config).eval()
     student = copy.deepcopy(teacher)
     pattern = SparsityPattern.parse("unstructured", 0.5)

@@ -529,12 +529,27 @@ def test_method_options_named_like_run_options_or_other_methods_options_all_reac
 
 @pytest.mark.parametrize(
     "argv, code",
-    [(["--version"], 0), (["--help"], 0), (["eval", "--help"], 0), (["recover", "--help"], 0),
-     (["prune", "--sparsity", "abc"], 2), (["prune", "--joint-blocks", "x"], 2),
-     (["prune", "--sparsity-profile", "bogus"], 2), (["nocommand"], 2)],
-    ids=["version", "help", "eval help", "recover help", "bad sparsity", "bad stage flag",
-         "bad choice", "bad command"],
-)  # fmt: skip
+    [
+        (["--version"], 0),
+        (["--help"], 0),
+        (["eval", "--help"], 0),
+        (["recover", "--help"], 0),
+        (["prune", "--sparsity", "abc"], 2),
+        (["prune", "--joint-blocks", "x"], 2),
+        (["prune", "--sparsity-profile", "bogus"], 2),
+        (["nocommand"], 2),
+    ],
+    ids=[
+        "version",
+        "help",
+        "eval help",
+        "recover help",
+        "bad sparsity",
+        "bad stage flag",
+        "bad choice",
+        "bad command",
+    ],
+)
 def test_help_version_and_argument_errors_are_answered_without_importing_torch(argv, code):
     script = (
         "import sys\nfrom safe_llm import cli\n"

@@ -17,8 +17,18 @@ from safe_llm.stages.prune.engine import EngineOptions, prune_model
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 CUDA = torch.device("cuda")
-FAST_SAFE = dict(init="sparsegpt", epochs=2, interval=2, lr=5e-4, lam=1e-3, rho=2e-4, sam_ascent="exact",
-                 warmup_epochs=0, step_scale="absolute", holdout=0.0)  # fmt: skip
+FAST_SAFE = dict(
+    init="sparsegpt",
+    epochs=2,
+    interval=2,
+    lr=5e-4,
+    lam=1e-3,
+    rho=2e-4,
+    sam_ascent="exact",
+    warmup_epochs=0,
+    step_scale="absolute",
+    holdout=0.0,
+)
 
 
 def _windows(vocab: int, n: int = 16, seq: int = 64) -> torch.Tensor:
@@ -39,9 +49,15 @@ def _prune(model, method: str, structure: str, options=None, **kw):
 @pytest.mark.parametrize("structure", ["unstructured", "2:4"])
 @pytest.mark.parametrize(
     "method, options",
-    [("magnitude", None), ("wanda", None), ("sparsegpt", None), ("safe", FAST_SAFE),
-     ("safe+", FAST_SAFE), ("safe+", dict(epochs=1, interval=2))],
-)  # fmt: skip
+    [
+        ("magnitude", None),
+        ("wanda", None),
+        ("sparsegpt", None),
+        ("safe", FAST_SAFE),
+        ("safe+", FAST_SAFE),
+        ("safe+", dict(epochs=1, interval=2)),
+    ],
+)
 def test_every_method_prunes_a_bf16_model_on_cuda_to_the_exact_pattern(
     make_tiny_llama, method, options, structure
 ):

@@ -153,9 +153,12 @@ def test_hidden_state_term_steps_the_same_with_and_without_gradient_checkpointin
     for checkpointing in (False, True):
         student, teacher = _pruned_pair(make_tiny_llama)
         options = RecoverOptions(
-            steps=3, lr=1e-2, hidden_weight=1.0, gradient_checkpointing=checkpointing,
+            steps=3,
+            lr=1e-2,
+            hidden_weight=1.0,
+            gradient_checkpointing=checkpointing,
             autocast="off",
-        )  # fmt: skip
+        )
         report = loop.recover(student, teacher, _windows(), options, progress=False)
         results.append((report.losses, dict(student.named_parameters())))
     (losses_off, weights_off), (losses_on, weights_on) = results
@@ -224,9 +227,13 @@ def test_a_killed_recovery_resumes_to_the_same_weights_bit_for_bit(make_tiny_lla
     other, teacher = _pruned_pair(make_tiny_llama)
     with pytest.raises(RecoveryError, match="lean"):  # a state is resumed the way it was saved
         loop.recover(
-            other, teacher, _windows(), replace(options, lean=not lean), state_dir=tmp_path,
+            other,
+            teacher,
+            _windows(),
+            replace(options, lean=not lean),
+            state_dir=tmp_path,
             progress=False,
-        )  # fmt: skip
+        )
 
 
 @pytest.mark.parametrize("native", [False, True])
@@ -297,10 +304,26 @@ def test_bf16_recovery_steps_from_the_updated_weights_not_a_stale_copy(make_tiny
 
 def _prune_args(model_dir, calibration_file, output, *extra) -> list[str]:
     return [
-        "prune", "--quiet", "--model", str(model_dir), "--dataset", str(calibration_file),
-        "--nsamples", "4", "--seqlen", "16", "--batch-size", "2", "--device", "cpu",
-        "--method", "magnitude", "--output", str(output), *extra,
-    ]  # fmt: skip
+        "prune",
+        "--quiet",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(calibration_file),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "16",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--method",
+        "magnitude",
+        "--output",
+        str(output),
+        *extra,
+    ]
 
 
 def test_prune_with_recovery_writes_a_checkpoint_plain_transformers_loads(
@@ -385,15 +408,37 @@ def test_the_recover_command_under_torchrun_with_fsdp_equals_one_process(
     assert cli.main(_prune_args(model_dir, calibration_file, pruned)) == 0
 
     def recover_args(output):
-        return ["recover", "--quiet", str(pruned), "--output", str(output), "--recover-steps",
-                "3", "--recover-lr", "1e-2", "--recover-autocast", "off"]  # fmt: skip
+        return [
+            "recover",
+            "--quiet",
+            str(pruned),
+            "--output",
+            str(output),
+            "--recover-steps",
+            "3",
+            "--recover-lr",
+            "1e-2",
+            "--recover-autocast",
+            "off",
+        ]
 
     assert cli.main(recover_args(tmp_path / "single")) == 0
     run = subprocess.run(
-        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "safe_llm.cli",
-         *recover_args(tmp_path / "fsdp"), "--recover-fsdp"],
-        capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        [
+            torchrun,
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "safe_llm.cli",
+            *recover_args(tmp_path / "fsdp"),
+            "--recover-fsdp",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("checkpoint written to") == 1  # rank 0 alone reports and writes
     assert json.loads((tmp_path / "fsdp" / "report.json").read_text())["recovery"]["fsdp"]
@@ -433,10 +478,20 @@ def test_two_process_recovery_equals_the_single_process_run(
     assert cli.main(_prune_args(model_dir, calibration_file, single, *extra)) == 0
     parallel = tmp_path / "parallel"
     run = subprocess.run(
-        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "safe_llm.cli",
-         *_prune_args(model_dir, calibration_file, parallel, *extra, *sharding)],
-        capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        [
+            torchrun,
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "safe_llm.cli",
+            *_prune_args(model_dir, calibration_file, parallel, *extra, *sharding),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((parallel / "report.json").read_text())
     assert report["recovery"]["fsdp"] == bool(sharding)
@@ -456,8 +511,11 @@ def test_a_killed_fsdp_recovery_resumes_from_its_shards_to_the_same_weights_bit_
     worker = Path(__file__).with_name("_fsdp_resume_worker.py")
     run = subprocess.run(
         [torchrun, "--standalone", "--nproc-per-node", "2", str(worker), str(tmp_path)],
-        capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "ok rank 0" in run.stdout and "ok rank 1" in run.stdout
     names = sorted(p.name for p in tmp_path.iterdir())

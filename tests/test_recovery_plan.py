@@ -15,24 +15,62 @@ import pytest
 from safe_llm import cli
 from safe_llm.stages.recover import plan as recovery_plan
 
-SHAPE = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
-             num_attention_heads=8, num_key_value_heads=4)  # fmt: skip  # 41M parameters
+SHAPE = dict(
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=12,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+)  # 41M parameters
 
 
 def _pruned_checkpoint(save_tiny_model, calibration_file, tmp_path, **shape):
     model_dir = save_tiny_model(**shape)
     output = tmp_path / "pruned"
-    args = ["prune", "--quiet", "--model", str(model_dir), "--dataset", str(calibration_file),
-            "--nsamples", "4", "--seqlen", "64", "--batch-size", "2", "--device", "cpu",
-            "--method", "magnitude", "--output", str(output)]  # fmt: skip
+    args = [
+        "prune",
+        "--quiet",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(calibration_file),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "64",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--method",
+        "magnitude",
+        "--output",
+        str(output),
+    ]
     assert cli.main(args) == 0
     return output
 
 
 def _recover_args(pruned, output, *extra) -> list[str]:
-    return ["recover", "--quiet", str(pruned), "--output", str(output), "--eval",
-            "--device", "cpu", "--recover-steps", "2", "--recover-batch-size", "2",
-            "--recover-seqlen", "64", "--recover-nsamples", "4", *extra]  # fmt: skip
+    return [
+        "recover",
+        "--quiet",
+        str(pruned),
+        "--output",
+        str(output),
+        "--eval",
+        "--device",
+        "cpu",
+        "--recover-steps",
+        "2",
+        "--recover-batch-size",
+        "2",
+        "--recover-seqlen",
+        "64",
+        "--recover-nsamples",
+        "4",
+        *extra,
+    ]
 
 
 def _peak_rss(*command: str) -> int:

@@ -440,8 +440,21 @@ def test_smollm2_killed_in_a_block_and_resumed_is_bitwise_identical(smollm2_cach
 def test_decisive_options_leave_out_exactly_the_fields_declared_weight_neutral():
     config = make_config(overrides={"model": "m", "dataset": "builtin-c4"})
     assert set(config.to_dict()) - set(config.decisive_options()) == {
-        "output", "overwrite", "resume", "max_blocks", "max_shard_size", "stream_from_disk",
-        "max_activation_memory", "eval", "eval_seqlen", "eval_max_windows", "eval_cache",
-        "trust_remote_code", "command_line", "push_to_hub", "hub_repo_id", "hub_private",
+        "output",
+        "overwrite",
+        "resume",
+        "max_blocks",
+        "max_shard_size",
+        "stream_from_disk",
+        "max_activation_memory",
+        "eval",
+        "eval_seqlen",
+        "eval_max_windows",
+        "eval_cache",
+        "trust_remote_code",
+        "command_line",
+        "push_to_hub",
+        "hub_repo_id",
+        "hub_private",
         "hub_revision",
-    }  # fmt: skip
+    }

@@ -116,9 +116,14 @@ def test_owl_run_meets_the_overall_sparsity_and_spares_the_outlier_block(
 ):
     model_dir = _outlier_model(save_tiny_model)
     result = _prune(
-        model_dir, calibration_file, tmp_path / "out", method="wanda", sparsity=0.6,
-        sparsity_profile="owl", owl_lambda=0.1,
-    )  # fmt: skip
+        model_dir,
+        calibration_file,
+        tmp_path / "out",
+        method="wanda",
+        sparsity=0.6,
+        sparsity_profile="owl",
+        owl_lambda=0.1,
+    )
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     ratios, targets = report["owl_outlier_ratios"], report["block_sparsity"]
     assert report["sparsity_profile"] == "owl" and len(targets) == BLOCKS
@@ -217,11 +222,16 @@ def test_streamed_run_resumes_from_its_work_area(save_tiny_model, calibration_fi
     _prune(model_dir, calibration_file, tmp_path / "whole", stream_from_disk=True)
     config = make_config(
         overrides={
-            "model": str(model_dir), "dataset": str(calibration_file), "nsamples": 8,
-            "seqlen": 32, "batch_size": 4, "device": "cpu", "stream_from_disk": True,
+            "model": str(model_dir),
+            "dataset": str(calibration_file),
+            "nsamples": 8,
+            "seqlen": 32,
+            "batch_size": 4,
+            "device": "cpu",
+            "stream_from_disk": True,
             "output": str(tmp_path / "cut"),
         }
-    )  # fmt: skip
+    )
     saved = []
 
     def stop_after_two_blocks() -> int | None:
@@ -243,11 +253,34 @@ def test_streamed_run_resumes_from_its_work_area(save_tiny_model, calibration_fi
 
 def _safe_command(model_dir, calibration_file, output, extra=()) -> list[str]:
     return [
-        "prune", "--quiet", "--model", str(model_dir), "--dataset", str(calibration_file),
-        "--nsamples", "8", "--seqlen", "32", "--batch-size", "4", "--device", "cpu",
-        "--method", "safe+", "--epochs", "4", "--train-batch-size", "4", "--interval", "2",
-        "--autocast", "off", "--output", str(output), *extra,
-    ]  # fmt: skip
+        "prune",
+        "--quiet",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(calibration_file),
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "32",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--method",
+        "safe+",
+        "--epochs",
+        "4",
+        "--train-batch-size",
+        "4",
+        "--interval",
+        "2",
+        "--autocast",
+        "off",
+        "--output",
+        str(output),
+        *extra,
+    ]
 
 
 @pytest.mark.slow  # torchrun subprocesses
@@ -277,17 +310,33 @@ def test_two_process_safe_equals_the_single_process_run(
     model_dir = save_tiny_model(num_hidden_layers=2)
     single = tmp_path / "single"
     subprocess.run(
-        [sys.executable, "-m", "safe_llm.cli",
-         *_safe_command(model_dir, calibration_file, single, extra)],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "safe_llm.cli",
+            *_safe_command(model_dir, calibration_file, single, extra),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     parallel = tmp_path / "parallel"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
-        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "safe_llm.cli",
-         *_safe_command(model_dir, calibration_file, parallel, extra)],
-        capture_output=True, text=True, timeout=180, env=env,
-    )  # fmt: skip
+        [
+            torchrun,
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "safe_llm.cli",
+            *_safe_command(model_dir, calibration_file, parallel, extra),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((parallel / "report.json").read_text())
     assert report["data_parallel_ranks"] == 2

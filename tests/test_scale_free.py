@@ -78,9 +78,14 @@ def test_safe_plus_prunes_a_rescaled_model_to_the_same_mask_and_perplexity(make_
     windows = torch.randint(0, 128, (16, 32), generator=gen)
     scored = torch.randint(0, 128, (8, 32), generator=gen)
     options = dict(
-        init="sparsegpt", epochs=8, train_batch_size=4, interval=2, warmup_epochs=0,
-        sam_ascent="previous", autocast="off",
-    )  # fmt: skip
+        init="sparsegpt",
+        epochs=8,
+        train_batch_size=4,
+        interval=2,
+        warmup_epochs=0,
+        sam_ascent="previous",
+        autocast="off",
+    )
     model = make_tiny_llama(seed=2)
     rescaled = rescale_norms(copy.deepcopy(model), c)
     _prune(model, windows, options)
@@ -96,9 +101,15 @@ def test_absolute_steps_depend_on_the_scale(make_tiny_llama):
     gen = torch.Generator().manual_seed(3)
     windows = torch.randint(0, 128, (16, 32), generator=gen)
     options = dict(
-        init="sparsegpt", epochs=8, train_batch_size=4, interval=2, warmup_epochs=0,
-        sam_ascent="previous", autocast="off", step_scale="absolute",
-    )  # fmt: skip
+        init="sparsegpt",
+        epochs=8,
+        train_batch_size=4,
+        interval=2,
+        warmup_epochs=0,
+        sam_ascent="previous",
+        autocast="off",
+        step_scale="absolute",
+    )
     model = make_tiny_llama(seed=2)
     rescaled = rescale_norms(copy.deepcopy(model), 10.0)
     _prune(model, windows, options)

@@ -65,10 +65,26 @@ def prune_argv(save_tiny_model, calibration_file):
 
     def argv(output, *extra) -> list[str]:
         return [
-            "prune", "--quiet", "--model", str(model_dir), "--dataset", str(calibration_file),
-            "--method", "magnitude", "--nsamples", "4", "--seqlen", "16", "--batch-size", "2",
-            "--device", "cpu", "--output", str(output), *extra,
-        ]  # fmt: skip
+            "prune",
+            "--quiet",
+            "--model",
+            str(model_dir),
+            "--dataset",
+            str(calibration_file),
+            "--method",
+            "magnitude",
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "16",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            "--output",
+            str(output),
+            *extra,
+        ]
 
     return argv
 
