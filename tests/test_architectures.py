@@ -12,6 +12,7 @@ from safe_llm.config import make_method
 from safe_llm.core.blocks import BlockDiscoveryError, find_blocks, prunable_layers, weight_matrix
 from safe_llm.core.capture import capture_block_inputs, run_block
 from safe_llm.core.sparsity import SparsityPattern
+from safe_llm.options import ConfigError
 from safe_llm.stages.prune.engine import EngineOptions, prune_model
 
 CPU = torch.device("cpu")
@@ -272,6 +273,24 @@ def test_model_without_decoder_blocks_raises_block_discovery_error(body):
             pattern,
             EngineOptions(device=CPU, progress=False),
         )
+
+
+@pytest.mark.parametrize(
+    "ignore, message",
+    [
+        (("mlp.nothing",), "--ignore mlp.nothing matches no weight of any block"),
+        (("*",), "--ignore excludes every layer of every block"),
+    ],
+)
+def test_prune_model_on_its_own_checks_the_ignore_patterns_before_any_work(ignore, message):
+    """Called outside a run, the engine runs the run's check itself (check_prunable)."""
+    model = make_model("llama")
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    options = EngineOptions(device=CPU, ignore=ignore, progress=False)
+    pattern = SparsityPattern.parse("unstructured", 0.5)
+    with pytest.raises(ConfigError, match=message):
+        prune_model(model, make_windows(2), make_method("magnitude"), pattern, options)
+    assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.skipif("gpt2" not in AVAILABLE, reason="this transformers has no GPT-2")

@@ -7,6 +7,7 @@ import pytest
 from safe_llm import cli, pipeline
 from safe_llm.evaluation import evaluate as evaluate_module
 from safe_llm.io import models
+from safe_llm.stages.prune import engine
 
 
 @pytest.fixture
@@ -91,3 +92,24 @@ def test_recover_lr_zero_or_negative_is_refused_before_anything_loads(
     line = _one_error_line(capsys)
     assert "--recover-lr" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_checks_its_blocks_once_before_the_calibration_text_is_read(base_args, monkeypatch):
+    """The pattern, --ignore and coverage checks (check_prunable) run once per run, before
+    calibration, and not again in the block engine."""
+    events = []
+    check, calibration = pipeline.check_prunable, pipeline._calibration_windows
+
+    def checked(*args):
+        events.append("check")
+        return check(*args)
+
+    def calibrated(*args):
+        events.append("calibration")
+        return calibration(*args)
+
+    monkeypatch.setattr(pipeline, "check_prunable", checked)
+    monkeypatch.setattr(engine, "check_prunable", checked)
+    monkeypatch.setattr(pipeline, "_calibration_windows", calibrated)
+    assert cli.main([*base_args, "--seqlen", "16", "--method", "magnitude", "--quiet"]) == 0
+    assert events == ["check", "calibration"]
