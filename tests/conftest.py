@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -81,6 +87,55 @@ def calibration_file(tmp_path):
     path = tmp_path / "calibration.txt"
     path.write_text("\n\n".join(_TOKENIZER_CORPUS * 40), encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def fast_prune_argv(calibration_file):
+    """``argv(model_dir, output, *extra)`` of a fast ``safe-llm prune``: magnitude on the CPU,
+    4 windows x 16 tokens of the local calibration file in batches of 2, into ``output``;
+    ``extra`` comes last (a flag given twice takes its last value)."""
+
+    def argv(model_dir, output, *extra) -> list[str]:
+        return [
+            "prune",
+            "--quiet",
+            "--model",
+            str(model_dir),
+            "--dataset",
+            str(calibration_file),
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "16",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            "--method",
+            "magnitude",
+            "--output",
+            str(output),
+            *extra,
+        ]
+
+    return argv
+
+
+@pytest.fixture
+def torchrun_two():
+    """``run(*args)``: ``torchrun --standalone --nproc-per-node 2 *args`` with one thread per
+    process, its output captured as text (3 minutes at most); skips the test where torchrun
+    is not installed."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        command = [torchrun, "--standalone", "--nproc-per-node", "2", *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+
+    return run
 
 
 @pytest.fixture(autouse=True)

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -302,41 +298,17 @@ def test_bf16_recovery_steps_from_the_updated_weights_not_a_stale_copy(make_tiny
 # -- the command line -----------------------------------------------------------------------
 
 
-def _prune_args(model_dir, calibration_file, output, *extra) -> list[str]:
-    return [
-        "prune",
-        "--quiet",
-        "--model",
-        str(model_dir),
-        "--dataset",
-        str(calibration_file),
-        "--nsamples",
-        "4",
-        "--seqlen",
-        "16",
-        "--batch-size",
-        "2",
-        "--device",
-        "cpu",
-        "--method",
-        "magnitude",
-        "--output",
-        str(output),
-        *extra,
-    ]
-
-
 def test_prune_with_recovery_writes_a_checkpoint_plain_transformers_loads(
-    save_tiny_model, calibration_file, tmp_path
+    save_tiny_model, calibration_file, tmp_path, fast_prune_argv
 ):
     from transformers import AutoModelForCausalLM
 
     model_dir = save_tiny_model()
     plain, recovered = tmp_path / "plain", tmp_path / "recovered"
-    assert cli.main(_prune_args(model_dir, calibration_file, plain)) == 0
+    assert cli.main(fast_prune_argv(model_dir, plain)) == 0
     extra = ["--recover", "--recover-steps", "3", "--recover-lr", "1e-2"]
     extra += ["--recover-batch-size", "4"]
-    assert cli.main(_prune_args(model_dir, calibration_file, recovered, *extra)) == 0
+    assert cli.main(fast_prune_argv(model_dir, recovered, *extra)) == 0
     report = json.loads((recovered / "report.json").read_text())
     assert report["recovery"]["method"] == "distill"
     assert report["recovery"]["tokens"] == 3 * 4 * 16
@@ -353,11 +325,11 @@ def test_prune_with_recovery_writes_a_checkpoint_plain_transformers_loads(
 
 
 def test_recover_command_recovers_an_existing_checkpoint(
-    save_tiny_model, calibration_file, tmp_path
+    save_tiny_model, fast_prune_argv, tmp_path
 ):
     model_dir = save_tiny_model()
     pruned, recovered = tmp_path / "pruned", tmp_path / "recovered"
-    assert cli.main(_prune_args(model_dir, calibration_file, pruned)) == 0
+    assert cli.main(fast_prune_argv(model_dir, pruned)) == 0
     args = ["recover", "--quiet", str(pruned), "--output", str(recovered)]
     args += ["--recover-steps", "2", "--recover-lr", "1e-2", "--recover-train", "weights"]
     args += ["--recover-hidden-weight", "0.25"]
@@ -375,12 +347,12 @@ def test_recover_command_recovers_an_existing_checkpoint(
 
 
 def test_recover_on_a_checkpoint_with_an_old_flat_recipe_names_the_keys_and_the_fix(
-    save_tiny_model, calibration_file, tmp_path, capsys
+    save_tiny_model, fast_prune_argv, tmp_path, capsys
 ):
     import yaml
 
     pruned = tmp_path / "pruned"
-    assert cli.main(_prune_args(save_tiny_model(), calibration_file, pruned)) == 0
+    assert cli.main(fast_prune_argv(save_tiny_model(), pruned)) == 0
     recipe = yaml.safe_load((pruned / "recipe.yaml").read_text())
     recipe.pop("joint")
     recipe.update(joint_blocks=1, recover_options={})  # the flat keys of older versions
@@ -398,14 +370,11 @@ def test_recover_on_a_checkpoint_with_an_old_flat_recipe_names_the_keys_and_the_
 
 @pytest.mark.slow  # torchrun subprocesses
 def test_the_recover_command_under_torchrun_with_fsdp_equals_one_process(
-    save_tiny_model, calibration_file, tmp_path
+    save_tiny_model, fast_prune_argv, torchrun_two, tmp_path
 ):
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    if torchrun is None:
-        pytest.skip("torchrun is not installed")
     model_dir = save_tiny_model()
     pruned = tmp_path / "pruned"
-    assert cli.main(_prune_args(model_dir, calibration_file, pruned)) == 0
+    assert cli.main(fast_prune_argv(model_dir, pruned)) == 0
 
     def recover_args(output):
         return [
@@ -423,22 +392,7 @@ def test_the_recover_command_under_torchrun_with_fsdp_equals_one_process(
         ]
 
     assert cli.main(recover_args(tmp_path / "single")) == 0
-    run = subprocess.run(
-        [
-            torchrun,
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "safe_llm.cli",
-            *recover_args(tmp_path / "fsdp"),
-            "--recover-fsdp",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    run = torchrun_two("-m", "safe_llm.cli", *recover_args(tmp_path / "fsdp"), "--recover-fsdp")
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("checkpoint written to") == 1  # rank 0 alone reports and writes
     assert json.loads((tmp_path / "fsdp" / "report.json").read_text())["recovery"]["fsdp"]
@@ -448,9 +402,9 @@ def test_the_recover_command_under_torchrun_with_fsdp_equals_one_process(
         assert torch.equal(got[key] == 0, expected[key] == 0), key
 
 
-def test_recovery_options_are_validated(save_tiny_model, calibration_file, tmp_path, capsys):
+def test_recovery_options_are_validated(save_tiny_model, fast_prune_argv, tmp_path, capsys):
     model_dir = save_tiny_model()
-    args = _prune_args(model_dir, calibration_file, tmp_path / "o", "--recover")
+    args = fast_prune_argv(model_dir, tmp_path / "o", "--recover")
     assert cli.main([*args, "--recover-lr", "-1"]) == 2
     assert "--recover-lr" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:  # a choice argparse knows: its usage error
@@ -465,32 +419,17 @@ def test_recovery_options_are_validated(save_tiny_model, calibration_file, tmp_p
 @pytest.mark.slow  # torchrun subprocesses
 @pytest.mark.parametrize("sharding", [[], ["--recover-fsdp"]], ids=["ddp", "fsdp"])
 def test_two_process_recovery_equals_the_single_process_run(
-    sharding, save_tiny_model, calibration_file, tmp_path
+    sharding, save_tiny_model, fast_prune_argv, torchrun_two, tmp_path
 ):
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    if torchrun is None:
-        pytest.skip("torchrun is not installed")
     model_dir = save_tiny_model()
     extra = ["--recover", "--recover-steps", "3", "--recover-lr", "1e-2"]
     extra += ["--recover-autocast", "off"]  # fp32: bf16 rounding depends on the batch split
     extra += ["--recover-hidden-weight", "0.25"]  # block hooks on the sharded blocks too
     single = tmp_path / "single"
-    assert cli.main(_prune_args(model_dir, calibration_file, single, *extra)) == 0
+    assert cli.main(fast_prune_argv(model_dir, single, *extra)) == 0
     parallel = tmp_path / "parallel"
-    run = subprocess.run(
-        [
-            torchrun,
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "safe_llm.cli",
-            *_prune_args(model_dir, calibration_file, parallel, *extra, *sharding),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    run = torchrun_two(
+        "-m", "safe_llm.cli", *fast_prune_argv(model_dir, parallel, *extra, *sharding)
     )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((parallel / "report.json").read_text())
@@ -503,19 +442,10 @@ def test_two_process_recovery_equals_the_single_process_run(
 
 @pytest.mark.slow  # torchrun subprocesses
 def test_a_killed_fsdp_recovery_resumes_from_its_shards_to_the_same_weights_bit_for_bit(
-    tmp_path,
+    torchrun_two, tmp_path
 ):
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    if torchrun is None:
-        pytest.skip("torchrun is not installed")
     worker = Path(__file__).with_name("_fsdp_resume_worker.py")
-    run = subprocess.run(
-        [torchrun, "--standalone", "--nproc-per-node", "2", str(worker), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    run = torchrun_two(str(worker), str(tmp_path))
     assert run.returncode == 0, run.stderr[-3000:]
     assert "ok rank 0" in run.stdout and "ok rank 1" in run.stdout
     names = sorted(p.name for p in tmp_path.iterdir())

@@ -24,30 +24,10 @@ SHAPE = dict(
 )  # 41M parameters
 
 
-def _pruned_checkpoint(save_tiny_model, calibration_file, tmp_path, **shape):
+def _pruned_checkpoint(save_tiny_model, fast_prune_argv, tmp_path, **shape):
     model_dir = save_tiny_model(**shape)
     output = tmp_path / "pruned"
-    args = [
-        "prune",
-        "--quiet",
-        "--model",
-        str(model_dir),
-        "--dataset",
-        str(calibration_file),
-        "--nsamples",
-        "4",
-        "--seqlen",
-        "64",
-        "--batch-size",
-        "2",
-        "--device",
-        "cpu",
-        "--method",
-        "magnitude",
-        "--output",
-        str(output),
-    ]
-    assert cli.main(args) == 0
+    assert cli.main(fast_prune_argv(model_dir, output, "--seqlen", "64")) == 0
     return output
 
 
@@ -91,11 +71,11 @@ def _peak_rss(*command: str) -> int:
 @pytest.mark.skipif(not shutil.which("/usr/bin/time"), reason="needs /usr/bin/time -v")
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "adam"])
 def test_the_planned_peak_is_within_a_quarter_of_the_measured_one(
-    save_tiny_model, calibration_file, tmp_path, lean
+    save_tiny_model, fast_prune_argv, tmp_path, lean
 ):
     """``safe-llm recover`` on a 41M-parameter model: the planner's peak against the process's
     peak RSS above a bare ``import torch, transformers`` process."""
-    pruned = _pruned_checkpoint(save_tiny_model, calibration_file, tmp_path, **SHAPE)
+    pruned = _pruned_checkpoint(save_tiny_model, fast_prune_argv, tmp_path, **SHAPE)
     state = "--recover-lean" if lean else "--no-recover-lean"
     args = _recover_args(pruned, tmp_path / "out", state, "--no-recover-gradient-checkpointing")
     measured = _peak_rss("-m", "safe_llm.cli", *args)
@@ -106,12 +86,12 @@ def test_the_planned_peak_is_within_a_quarter_of_the_measured_one(
 
 @pytest.mark.slow  # a 41M-parameter model pruned in a subprocess
 def test_a_recovery_that_will_not_fit_stops_in_one_line_before_the_teacher_is_loaded(
-    save_tiny_model, calibration_file, tmp_path, monkeypatch, capsys
+    save_tiny_model, fast_prune_argv, tmp_path, monkeypatch, capsys
 ):
     from safe_llm.io import models
     from safe_llm.stages.recover.options import RecoverOptions
 
-    pruned = _pruned_checkpoint(save_tiny_model, calibration_file, tmp_path, **SHAPE)
+    pruned = _pruned_checkpoint(save_tiny_model, fast_prune_argv, tmp_path, **SHAPE)
     student, _, _ = models.load_model(str(pruned))
     counts = recovery_plan.ModelCounts.of(student)
     lean = recovery_plan.estimate(counts, RecoverOptions(), 2, 64, 4, bf16=False).peak

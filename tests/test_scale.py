@@ -4,8 +4,6 @@ activations memory-mapped, and data-parallel SAFE under torchrun."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -302,11 +300,8 @@ def _safe_command(model_dir, calibration_file, output, extra=()) -> list[str]:
     ids=["block-by-block", "joint-window"],
 )
 def test_two_process_safe_equals_the_single_process_run(
-    extra, save_tiny_model, calibration_file, tmp_path
+    extra, save_tiny_model, calibration_file, torchrun_two, tmp_path
 ):
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    if torchrun is None:
-        pytest.skip("torchrun is not installed")
     model_dir = save_tiny_model(num_hidden_layers=2)
     single = tmp_path / "single"
     subprocess.run(
@@ -321,21 +316,8 @@ def test_two_process_safe_equals_the_single_process_run(
         timeout=120,
     )
     parallel = tmp_path / "parallel"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [
-            torchrun,
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "safe_llm.cli",
-            *_safe_command(model_dir, calibration_file, parallel, extra),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=env,
+    run = torchrun_two(
+        "-m", "safe_llm.cli", *_safe_command(model_dir, calibration_file, parallel, extra)
     )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((parallel / "report.json").read_text())

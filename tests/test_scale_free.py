@@ -70,6 +70,17 @@ def _prune(model, windows, options) -> None:
     )
 
 
+CPU_RECIPE = dict(
+    init="sparsegpt",
+    epochs=8,
+    train_batch_size=4,
+    interval=2,
+    warmup_epochs=0,
+    sam_ascent="previous",
+    autocast="off",
+)
+
+
 @pytest.mark.parametrize("c", [0.1, 10.0])
 def test_safe_plus_prunes_a_rescaled_model_to_the_same_mask_and_perplexity(make_tiny_llama, c):
     """Options as the CPU recipes (SparseGPT start, previous-step ascent), steps large enough
@@ -77,15 +88,7 @@ def test_safe_plus_prunes_a_rescaled_model_to_the_same_mask_and_perplexity(make_
     gen = torch.Generator().manual_seed(3)
     windows = torch.randint(0, 128, (16, 32), generator=gen)
     scored = torch.randint(0, 128, (8, 32), generator=gen)
-    options = dict(
-        init="sparsegpt",
-        epochs=8,
-        train_batch_size=4,
-        interval=2,
-        warmup_epochs=0,
-        sam_ascent="previous",
-        autocast="off",
-    )
+    options = CPU_RECIPE
     model = make_tiny_llama(seed=2)
     rescaled = rescale_norms(copy.deepcopy(model), c)
     _prune(model, windows, options)
@@ -100,16 +103,7 @@ def test_absolute_steps_depend_on_the_scale(make_tiny_llama):
     """The paper's absolute steps (kept for its recipes) fail the check above: it can fail."""
     gen = torch.Generator().manual_seed(3)
     windows = torch.randint(0, 128, (16, 32), generator=gen)
-    options = dict(
-        init="sparsegpt",
-        epochs=8,
-        train_batch_size=4,
-        interval=2,
-        warmup_epochs=0,
-        sam_ascent="previous",
-        autocast="off",
-        step_scale="absolute",
-    )
+    options = dict(CPU_RECIPE, step_scale="absolute")
     model = make_tiny_llama(seed=2)
     rescaled = rescale_norms(copy.deepcopy(model), 10.0)
     _prune(model, windows, options)

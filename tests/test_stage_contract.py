@@ -7,6 +7,7 @@ here only: nothing in the pipeline, the config or the CLI names it.
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 from dataclasses import dataclass
@@ -60,33 +61,8 @@ def count_stage():
 
 
 @pytest.fixture
-def prune_argv(save_tiny_model, calibration_file):
-    model_dir = save_tiny_model()
-
-    def argv(output, *extra) -> list[str]:
-        return [
-            "prune",
-            "--quiet",
-            "--model",
-            str(model_dir),
-            "--dataset",
-            str(calibration_file),
-            "--method",
-            "magnitude",
-            "--nsamples",
-            "4",
-            "--seqlen",
-            "16",
-            "--batch-size",
-            "2",
-            "--device",
-            "cpu",
-            "--output",
-            str(output),
-            *extra,
-        ]
-
-    return argv
+def prune_argv(save_tiny_model, fast_prune_argv):
+    return functools.partial(fast_prune_argv, save_tiny_model())
 
 
 def _report(output) -> dict:
