@@ -3,8 +3,9 @@
 Nothing here knows model names. The blocks are the largest ``nn.ModuleList`` of identical
 modules that hold linear layers (:func:`find_blocks`); their prunable ``[out, in]`` matrices
 are the weights of linear layers and each expert's matrix of a fused expert parameter
-(:class:`PrunableMatrix`, :func:`prunable_layers`); a large block weight that is neither
-stops a run (:func:`check_coverage`). What a block receives is recorded by
+(:class:`PrunableMatrix`, :func:`prunable_layers`). :func:`check_prunable` is the one check
+that the blocks can take a run's pattern and ``--ignore`` patterns and leave no large weight
+dense (:func:`check_coverage`). What a block receives is recorded by
 :mod:`safe_llm.core.capture`.
 """
 
