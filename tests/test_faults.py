@@ -3,7 +3,7 @@ or NaN checkpoint, a changed source model or a lost earlier state.
 
 Already covered elsewhere: calibration text shorter than one window and an N:M pattern the
 layer shapes cannot take (tests/test_cli.py BAD_INPUTS), block discovery on odd module trees
-(tests/test_architectures.py)."""
+(tests/core/test_architectures.py)."""
 
 from __future__ import annotations
 

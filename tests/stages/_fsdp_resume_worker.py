@@ -1,6 +1,6 @@
 """Run under ``torchrun --nproc-per-node 2``: an FSDP recovery killed at step 5 and resumed
 from its per-rank state ends with the weights of an uninterrupted FSDP run, bit for bit.
-Usage: torchrun ... tests/_fsdp_resume_worker.py STATE_DIR (exit 0 and "ok" on success)."""
+Usage: torchrun ... tests/stages/_fsdp_resume_worker.py STATE_DIR (exit 0 and "ok" on success)."""
 
 from __future__ import annotations
 

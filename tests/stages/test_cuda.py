@@ -1,7 +1,7 @@
 """The CUDA path: every method through the engine on a GPU, bf16 included.
 
 Skipped where no CUDA device is present (CI has none); run on a GPU machine with
-``pytest tests/test_cuda.py``.
+``pytest tests/stages/test_cuda.py``.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ two peaks:
 Bytes above a bare ``import torch, transformers`` process (on a CPU) or of the device's
 allocator (CUDA). ``KL_TENSORS``, ``BLOCK_ACTIVATIONS`` and ``MLP_ACTIVATIONS`` count the
 live tensors of one KL chunk and of one block's forward; they were set from measured peaks
-(``eval/recovery_memory.py``, tests/test_recovery_plan.py pins the estimate to a measured
-peak).
+(``eval/recovery_memory.py``, tests/stages/test_recovery_plan.py pins the estimate to a
+measured peak).
 """
 
 from __future__ import annotations
