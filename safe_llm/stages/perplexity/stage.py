@@ -1,4 +1,4 @@
-"""The evaluation stages (declaration; torch-free): the dense model's perplexity on the
+"""The perplexity stages (declaration; torch-free): the dense model's perplexity on the
 ``--eval`` sources first, the pruned (and recovered) model's last, with the harness of
 :mod:`safe_llm.evaluation.evaluate` (token perplexity, SparseGPT/Wanda protocol)."""
 
@@ -31,7 +31,7 @@ def evaluate_sources(model, tokenizer, config, device, progress: bool) -> dict:
         model.to(home)
 
 
-class _Evaluation(Stage):
+class _Perplexity(Stage):
     """Runs with ``--eval``; its result is ``{source: result}``, recorded in the report's
     ``evaluation[key]``."""
 
@@ -51,15 +51,15 @@ class _Evaluation(Stage):
 
 
 @register_stage
-class DenseEvaluation(_Evaluation):
-    name = "dense_evaluation"
+class DensePerplexity(_Perplexity):
+    name = "dense_perplexity"
     order = 10
     key = "dense"
 
 
 @register_stage
-class Evaluation(_Evaluation):
-    name = "evaluation"
+class Perplexity(_Perplexity):
+    name = "perplexity"
     order = 90
     key = "pruned"
     commands = ("prune", "recover")
