@@ -55,6 +55,8 @@ from recovery_benchmark import finished, heldout_c4_windows, timed  # noqa: E402
 
 PATTERNS = ("50%", "60%", "70%", "80%", "2:4", "4:8")
 METHODS = ("magnitude", "wanda", "sparsegpt", "safe", "safe+", "safe+rec")
+# the tasks that separate methods at SmolLM2's size (boolq and rte sit near their label prior)
+SEPARATING = ("hellaswag", "piqa", "arc_easy", "winogrande")
 HEADLINE = (("sparsegpt", "50%"), ("safe+", "50%"), ("sparsegpt", "2:4"), ("safe+", "2:4"))
 LABELS = {"safe+rec": "SAFE+ + recovery", "safe+": "SAFE+", "safe": "SAFE"}
 
@@ -139,6 +141,8 @@ def cached_rows(args, tokenizer, windows: dict, write) -> list[dict]:
         if path.is_file():
             rows.append(json.loads(path.read_text()))
             continue
+        if args.cached_only:
+            continue
         start = time.time()
         try:
             row = run_row(method, pattern, tokenizer, windows, args)
@@ -177,9 +181,30 @@ def _cell(value, spec=".2f") -> str:
     return format(value, spec) if isinstance(value, (int, float)) and math.isfinite(value) else "-"
 
 
+def separating_mean(z: dict) -> tuple[float, float] | None:
+    """Mean accuracy over :data:`SEPARATING` and its stderr (tasks independent), if scored."""
+    if not all(t in z["tasks"] for t in SEPARATING):
+        return None
+    entries = [z["tasks"][t] for t in SEPARATING]
+    mean = sum(e["value"] for e in entries) / len(entries)
+    return mean, math.sqrt(sum(e["stderr"] ** 2 for e in entries)) / len(entries)
+
+
+def damage_cut(row: dict, rows: list[dict]) -> float | None:
+    """The share of SparseGPT's reference-perplexity damage (over dense) that ``row`` removes
+    at the same pattern."""
+    dense = next((r["ref"] for r in rows if r["method"] == "dense"), None)
+    same_pattern = [r for r in rows if r["pattern"] == row["pattern"]]
+    base = next((r["ref"] for r in same_pattern if r["method"] == "sparsegpt"), None)
+    if dense is None or base is None or base <= dense or row["method"] == "dense":
+        return None
+    return (base - row["ref"]) / (base - dense)
+
+
 def markdown(rows: list[dict], meta: dict, args) -> str:
     tasks = list(args.tasks)
-    head = ["method", "pattern", "ref ppl", "held-out c4 ppl", *tasks, "mean"]
+    head = ["method", "pattern", "ref ppl", "ppl cut", "held-out c4 ppl", *tasks, "mean"]
+    head += ["mean of 4"]
     head += ["prune s", "x SparseGPT", "CPU s", "peak RSS GiB"]
     lines = [f"# {meta['title']}", "", meta["protocol"], ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -190,19 +215,29 @@ def markdown(rows: list[dict], meta: dict, args) -> str:
             LABELS.get(r["method"], r["method"]),
             r["pattern"],
             _cell(r["ref"]),
+            _cell(damage_cut(r, rows), ".0%"),
             _cell(r["c4"]),
         ]
         for t in tasks:
             entry = z["tasks"][t]
             cells.append(f"{entry['value']:.3f} ± {entry['stderr']:.3f}")
         cells.append(f"{z['mean']:.3f} ± {z['mean_stderr']:.3f}")
+        four = separating_mean(z)
+        cells.append(f"{four[0]:.3f} ± {four[1]:.3f}" if four else "-")
         seconds = r.get("seconds")
         ratio = seconds / base[r["pattern"]] if seconds and r["pattern"] in base else None
         cells += [_cell(seconds, ".0f"), _cell(ratio, ".1f"), _cell(r.get("cpu_s"), ".0f")]
         cells.append(_cell(r.get("peak_rss_gib")))
         lines.append("| " + " | ".join(cells) + " |")
     metrics = ", ".join(f"{t}: {rows[0]['zeroshot']['tasks'][t]['metric']}" for t in tasks)
-    lines += ["", f"Metrics: {metrics}. " + meta["machine"], ""]
+    lines += ["", f"Metrics: {metrics}. " + meta["machine"]]
+    lines += [
+        "",
+        f"ppl cut: the share of SparseGPT's ref-perplexity damage (over dense) removed at the "
+        f"same pattern. mean of 4: {', '.join(SEPARATING)} (the tasks that separate methods "
+        "at this size; boolq and rte sit near their label prior).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -267,7 +302,7 @@ def write_outputs(rows: list[dict], args) -> None:
         ),
         "prefix": args.prefix,
         "tasks": list(args.tasks),
-        "command": " ".join(sys.argv),
+        "command": " ".join(a for a in sys.argv if a != "--cached-only"),
     }
     (out / "field_table.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (out / "field_table.md").write_text(markdown(rows, meta, args))
@@ -291,6 +326,11 @@ def main() -> None:
     parser.add_argument("--runs-dir", required=True, help="checkpoints, logs and the row cache")
     parser.add_argument("--out", required=True, help="directory of the JSON, markdown and plots")
     parser.add_argument("--keep-checkpoints", action="store_true")
+    parser.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="write the outputs from the cached rows only (run nothing)",
+    )
     args = parser.parse_args()
     model_dir, _ = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
