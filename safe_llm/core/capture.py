@@ -13,7 +13,7 @@ import contextlib
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -62,6 +62,47 @@ def run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> torch.
     """Apply a block to ``hidden`` ``[batch, seq, d]``; returns ``[batch, seq, d]``."""
     out = block(hidden, *call.args, **call.kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class BlockSpan:
+    """Consecutive blocks with their recorded calls, the hidden states entering the first
+    (``inputs``) and what the last should output on them (``targets``), both ``[n, seq, d]``.
+
+    One block is what a method prunes (:class:`~safe_llm.methods.base.BlockContext`), several
+    a joint window (:class:`~safe_llm.stages.prune.joint.Window`). The blocks and the calls
+    are on ``device``; ``inputs`` and ``targets`` may live off it, :meth:`batch` copies
+    windows of them there.
+    """
+
+    blocks: list[nn.Module]
+    calls: list[BlockCall]
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    device: torch.device
+    non_blocking: ClassVar[bool] = True  # how :meth:`batch` copies to ``device``
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The blocks in sequence on a device batch ``[b, seq, d]``; returns ``[b, seq, d]``."""
+        for block, call in zip(self.blocks, self.calls, strict=True):
+            hidden = run_block(block, hidden, call)
+        return hidden
+
+    def batch(self, index: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of the windows ``index``, on ``device``."""
+        return (
+            self.inputs[index].to(self.device, non_blocking=self.non_blocking),
+            self.targets[index].to(self.device, non_blocking=self.non_blocking),
+        )
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`batch` of every window, ``batch_size`` at a time, in order."""
+        for part in iter_batches(self.inputs, batch_size):
+            yield self.batch(part)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Every parameter of the blocks, block by block."""
+        return [p for block in self.blocks for p in block.parameters()]
 
 
 class _StopForward(Exception):

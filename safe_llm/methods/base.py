@@ -15,17 +15,19 @@ import torch
 from torch import nn
 
 from safe_llm.core.blocks import PrunableMatrix, as_matrix_handle
-from safe_llm.core.capture import BlockCall, iter_batches, run_block
+from safe_llm.core.capture import BlockCall, BlockSpan
 from safe_llm.core.layer_stats import InputStats
 from safe_llm.core.sparsity import SparsityPattern
 
 
-@dataclass
-class BlockContext:
-    """Everything a method may use to prune one block.
+@dataclass(init=False)
+class BlockContext(BlockSpan):
+    """Everything a method may use to prune one block: a :class:`BlockSpan` of ``block``
+    alone, with its recorded ``call``.
 
     ``inputs`` and ``targets`` are ``[n, seq, d]`` and may live off the compute device;
-    ``batches`` yields device copies. ``stats`` holds the dense block's layer-input statistics.
+    ``batch`` and ``batches`` give device copies, ``forward`` runs the block on them.
+    ``stats`` holds the dense block's layer-input statistics.
     ``pattern`` is the pattern every matrix of ``layers`` must meet; it counts per row when
     the method says so (:attr:`PruningMethod.per_row`). ``layers`` maps each prunable matrix's
     name to its handle: a linear layer's weight (``mlp.down_proj``) or one expert's matrix of a
@@ -34,34 +36,43 @@ class BlockContext:
     """
 
     index: int
-    block: nn.Module
     layers: dict[str, PrunableMatrix]
     pattern: SparsityPattern
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    call: BlockCall
     stats: dict[str, InputStats]
-    device: torch.device
     batch_size: int
     seed: int
 
-    def __post_init__(self):  # linear layers given as modules become their weights' handles
-        self.layers = {name: as_matrix_handle(name, layer) for name, layer in self.layers.items()}
+    def __init__(
+        self,
+        index: int,
+        block: nn.Module,
+        layers: dict[str, PrunableMatrix | nn.Module],
+        pattern: SparsityPattern,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        call: BlockCall,
+        stats: dict[str, InputStats],
+        device: torch.device,
+        batch_size: int,
+        seed: int,
+    ):
+        super().__init__([block], [call], inputs, targets, device)
+        self.index, self.pattern, self.stats = index, pattern, stats
+        self.batch_size, self.seed = batch_size, seed
+        # linear layers given as modules become their weights' handles
+        self.layers = {name: as_matrix_handle(name, layer) for name, layer in layers.items()}
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The block on a device batch ``[b, seq, d]`` with the recorded arguments."""
-        return run_block(self.block, hidden, self.call)
+    @property
+    def block(self) -> nn.Module:
+        return self.blocks[0]
 
-    def batch(self, index: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets of the windows ``index``, on the compute device."""
-        return (
-            self.inputs[index].to(self.device, non_blocking=True),
-            self.targets[index].to(self.device, non_blocking=True),
-        )
+    @property
+    def call(self) -> BlockCall:
+        return self.calls[0]
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for window_slice in iter_batches(self.inputs, self.batch_size):
-            yield self.batch(window_slice)
+    def batches(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Device batches of ``batch_size`` windows (default the run's ``batch_size``)."""
+        return super().batches(self.batch_size if batch_size is None else batch_size)
 
     def matrix(self, name: str) -> torch.Tensor:
         """Layer ``name``'s weight as an ``[out, in]`` view, whatever its storage (GPT-2's

@@ -23,12 +23,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from safe_llm.core import precision
-from safe_llm.core.capture import BlockCall, run_block
+from safe_llm.core.capture import BlockSpan
 from safe_llm.errors import SafeLLMError
 from safe_llm.stages.prune.options import PruneOptions
 from safe_llm.train import holdout, relative_adam
@@ -42,30 +43,14 @@ class NonFiniteJointLossError(SafeLLMError):
 
 
 @dataclass
-class Window:
-    """Blocks ``first..first + len(blocks) - 1`` with their calls, the pruned stream that
-    enters the first (``inputs``) and the dense window's outputs on it (``targets``), both
+class Window(BlockSpan):
+    """Blocks ``first..first + len(blocks) - 1`` (a :class:`BlockSpan`): ``inputs`` is the
+    pruned stream that enters the first, ``targets`` the dense window's outputs on it, both
     ``[n, seq, d]`` and possibly off ``device``."""
 
     first: int
-    blocks: list[nn.Module]
-    calls: list[BlockCall]
-    inputs: torch.Tensor
-    targets: torch.Tensor
     pruned: list[nn.Parameter]  # the pruned weights, whose zeros stay zeros
-    device: torch.device
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The window on a device batch ``[b, seq, d]``."""
-        for block, call in zip(self.blocks, self.calls, strict=True):
-            hidden = run_block(block, hidden, call)
-        return hidden
-
-    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.inputs[index].to(self.device), self.targets[index].to(self.device)
-
-    def parameters(self) -> list[nn.Parameter]:
-        return [p for block in self.blocks for p in block.parameters()]
+    non_blocking: ClassVar[bool] = False  # the window's batches were always blocking copies
 
     def error(self, indices: torch.Tensor, batch_size: int) -> float:
         """Relative error ``||window(X) - T||^2 / ||T||^2`` on the windows ``indices``
