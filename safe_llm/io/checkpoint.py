@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -71,15 +73,31 @@ def save_checkpoint(result) -> Path:
 def _write_files(result, directory: Path) -> None:
     """Every file of the checkpoint of ``result``, into ``directory``."""
     setattr(result.model.config, CONFIG_KEY, sparsity_metadata(result))
-    if getattr(result, "write_weights", None) is not None:  # a streamed model
-        result.write_weights(directory, result.config.max_shard_size)
-    else:
-        result.model.save_pretrained(directory, max_shard_size=result.config.max_shard_size)
+    with _kv_cache_on(result.model.config):
+        if getattr(result, "write_weights", None) is not None:  # a streamed model
+            result.write_weights(directory, result.config.max_shard_size)
+        else:
+            result.model.save_pretrained(directory, max_shard_size=result.config.max_shard_size)
     result.tokenizer.save_pretrained(directory)
     (directory / "recipe.yaml").write_text(yaml.safe_dump(recipe_of(result), sort_keys=False))
     report = result.report.to_dict()
     (directory / "report.json").write_text(json.dumps(report, indent=2))
     (directory / "README.md").write_text(render_model_card(recipe_of(result), report))
+
+
+@contextmanager
+def _kv_cache_on(config) -> Iterator[None]:
+    """``config`` with ``use_cache`` on while it is written: the run turned the KV cache off
+    for its forward passes (:func:`safe_llm.io.models.load_model`), a checkpoint's users
+    generate."""
+    if not hasattr(config, "use_cache"):
+        yield
+        return
+    during_run, config.use_cache = config.use_cache, True
+    try:
+        yield
+    finally:
+        config.use_cache = during_run
 
 
 def _write_failure(output: Path, exc: OSError) -> str:

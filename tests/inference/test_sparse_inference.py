@@ -217,6 +217,39 @@ def test_generate_cli_prints_the_same_greedy_text_sparse_and_dense(save_tiny_mod
     assert capsys.readouterr().out == first  # reproducible from the seed
 
 
+def _rows_per_step(model, tokenizer, tokens: int) -> list[int]:
+    """The sequence length each call of the first sparse layer saw while generating."""
+    from safe_llm.inference.generate import generate
+
+    seen = []
+    layer = next(m for m in model.modules() if isinstance(m, SparseLinear))
+    handle = layer.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[-2]))
+    try:
+        generate(model, tokenizer, "the cat sat", max_new_tokens=tokens)
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_a_pruned_checkpoint_generates_with_its_kv_cache_sparse_and_through_transformers(
+    save_tiny_model, fast_prune_argv, tiny_tokenizer, tmp_path
+):
+    """The run turns the KV cache off for its forward passes; the checkpoint must not keep that
+    (without the cache every step recomputes the whole sequence)."""
+    import json
+
+    output = tmp_path / "pruned"
+    assert main(fast_prune_argv(save_tiny_model(), output, "--sparsity", "0.5")) == 0
+    assert json.loads((output / "config.json").read_text())["use_cache"] is True
+    steps = _rows_per_step(load_sparse(output, policy="sparse", progress=False), tiny_tokenizer, 6)
+    assert len(steps) == 6 and steps[0] > 1 and set(steps[1:]) == {1}
+
+    config = json.loads((output / "config.json").read_text())  # as earlier checkpoints were
+    (output / "config.json").write_text(json.dumps({**config, "use_cache": False}))
+    steps = _rows_per_step(load_sparse(output, policy="sparse", progress=False), tiny_tokenizer, 6)
+    assert set(steps[1:]) == {1}
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
