@@ -253,6 +253,7 @@ def load_dense(source: str | os.PathLike, dtype: str = "auto") -> nn.Module:
         model = load(source).to(torch_dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        directory = None  # from_pretrained has read generation_config.json
     ready_to_generate(model, directory)
     return model.eval().requires_grad_(False)
 
