@@ -162,7 +162,7 @@ def test_auto_policy_measures_each_shape_and_keeps_outputs_equal(save_tiny_model
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "llama4"])
 def test_sparse_experts_give_the_dense_moe_models_logits(arch):
-    from test_moe import make_moe, make_windows
+    from moe_models import make_moe, make_windows
 
     model = make_moe(arch)
     with torch.no_grad():
@@ -180,7 +180,7 @@ def test_sparse_experts_give_the_dense_moe_models_logits(arch):
 def test_load_sparse_reads_an_moe_checkpoint_stored_per_expert_through_transformers(
     tmp_path, caplog
 ):
-    from test_moe import make_moe, make_windows
+    from moe_models import make_moe, make_windows
 
     model = make_moe("qwen3_moe")  # transformers writes its experts per expert
     with torch.no_grad():
