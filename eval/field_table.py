@@ -18,8 +18,10 @@ default options) and safe+ followed by the default ``safe-llm recover`` -- at 50
 
 Every run is its own ``safe-llm`` process; each finished row is cached as
 ``<runs-dir>/rows/<row>.json`` and a rerun resumes (checkpoints other than SAFE+'s, which
-recovery starts from, are deleted once scored). After every row the outputs are rewritten in
-``--out``: ``field_table.json``, ``field_table.md``, ``perplexity_vs_sparsity.png`` (log axis)
+recovery starts from, are deleted once scored). Several processes may share one
+``--runs-dir``: each claims a row with ``<runs-dir>/rows/<row>.running`` and skips rows another
+one holds (a killed process leaves its claim behind: delete the file). After every row the
+outputs are rewritten in ``--out``: ``field_table.json``, ``field_table.md``, ``perplexity_vs_sparsity.png`` (log axis)
 and ``zeroshot_vs_sparsity.png``.
 
 Usage (CPU, one thread; the demo's calibration budget; hours for the whole table)::
@@ -131,6 +133,16 @@ def run_row(method: str, pattern: str, tokenizer, windows: dict, args) -> dict:
     return row
 
 
+def claim(path: Path) -> bool:
+    """Mark the row of cache file ``path`` as running (``<row>.running``, created atomically);
+    False when another process holds it, so several processes can share one ``--runs-dir``."""
+    try:
+        path.with_suffix(".running").open("x").close()
+    except FileExistsError:
+        return False
+    return True
+
+
 def cached_rows(args, tokenizer, windows: dict, write) -> list[dict]:
     """Every planned row, from its cache or run now; ``write(rows)`` after each new one."""
     cache = Path(args.runs_dir) / "rows"
@@ -141,14 +153,16 @@ def cached_rows(args, tokenizer, windows: dict, write) -> list[dict]:
         if path.is_file():
             rows.append(json.loads(path.read_text()))
             continue
-        if args.cached_only:
-            continue
+        if args.cached_only or not claim(path):
+            continue  # another field_table process on the same --runs-dir is running it
         start = time.time()
         try:
             row = run_row(method, pattern, tokenizer, windows, args)
         except subprocess.CalledProcessError as exc:  # one failed run does not stop the table
             print(f"{method} {pattern}: FAILED ({exc}); see its log in --runs-dir", flush=True)
             continue  # not cached: a rerun tries it again
+        finally:
+            path.with_suffix(".running").unlink(missing_ok=True)
         row["row_wall_s"] = time.time() - start
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(row, indent=1))
