@@ -2,8 +2,8 @@
 
 ``--autocast auto`` runs SAFE's steps under bf16 autocast wherever the device computes bf16
 natively (CUDA, CPUs with AVX-512-BF16 or AMX) and in fp32 elsewhere. On a CPU without native
-bf16 torch emulates bf16 matmuls about 60x slower, too slow to prune a whole model, so the
-whole-model comparison runs the same numerics at fp32 speed: :class:`RoundedBF16` replaces
+bf16 torch emulates bf16 matmuls (60x slower for a large matmul, 6x for a SmolLM2 block on an
+AVX2 CPU), so the whole-model comparison runs the same numerics at fp32 speed: :class:`RoundedBF16` replaces
 every ``linear`` and ``scaled_dot_product_attention`` call inside SAFE's autocast scope by its
 bf16 form -- inputs rounded to bf16, products accumulated in fp32, the output rounded to bf16
 (and so, through autograd, every gradient that flows back through those casts) -- which is
@@ -22,8 +22,9 @@ Two parts:
 
 Usage (CPU, one thread; about half an hour)::
 
-    OMP_NUM_THREADS=1 python eval/bf16_quality.py --check --runs-dir runs/bf16 \
-        --fp32-row runs/field/rows/safe+-50.json --json eval/results/bf16_quality.json
+    OMP_NUM_THREADS=1 python eval/bf16_quality.py --runs-dir runs/bf16check --max-blocks 1 --check
+    OMP_NUM_THREADS=1 python eval/bf16_quality.py --runs-dir runs/bf16 \
+        --fp32-row runs/field/rows/safe+-50.json --json runs/bf16/safe+-50.json
 """
 
 from __future__ import annotations
@@ -49,14 +50,16 @@ from safe_llm.io.models import resolve_model_path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "eval"))
 from benchmark import reference_windows  # noqa: E402
+from field_table import row_name  # noqa: E402
 from recovery_benchmark import heldout_c4_windows  # noqa: E402
 
 
-def _round(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t``'s values rounded to bf16, kept in its dtype (the backward rounds the gradient)."""
-    if t is None or not t.is_floating_point():
-        return t
-    return t.to(torch.bfloat16).to(t.dtype)
+def _rounded_fp32(value):
+    """A floating tensor's values rounded to bf16, as fp32 (its backward rounds the gradient
+    the same way); anything else (a boolean mask, a flag) as it is."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(torch.bfloat16).float()
+    return value
 
 
 class RoundedBF16(TorchFunctionMode):
@@ -67,8 +70,7 @@ class RoundedBF16(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear or func is F.scaled_dot_product_attention:
-            inputs = [_round(a) if isinstance(a, torch.Tensor) else a for a in args]
-            inputs = [a.float() if isinstance(a, torch.Tensor) else a for a in inputs]
+            inputs = [_rounded_fp32(a) for a in args]
             return func(*inputs, **kwargs).to(torch.bfloat16)
         return func(*args, **kwargs)
 
@@ -131,7 +133,7 @@ def compare(args, windows: dict) -> dict:
     result = {}
     runs = Path(args.runs_dir)
     pattern = f"{args.sparsity:.0%}" if args.structure == "unstructured" else args.structure
-    stem = f"{args.method}-{pattern.replace('%', '').replace(':', '-')}"
+    stem = row_name(args.method, pattern)
     variants = {"bf16_emulated": ("bf16", True), "fp32": ("off", False)}
     if args.fp32_row:
         del variants["fp32"]
