@@ -27,7 +27,8 @@ and ``zeroshot_vs_sparsity.png``.
 Usage (CPU, one thread; the demo's calibration budget; hours for the whole table)::
 
     OMP_NUM_THREADS=1 python eval/field_table.py --runs-dir runs/field \
-        --out eval/results/field_smollm2 --nsamples 32 --seqlen 256 --prefix 150
+        --out eval/results/field_smollm2 --nsamples 32 --seqlen 256 --prefix 100 \
+        --heldout-windows 8
 """
 
 from __future__ import annotations
