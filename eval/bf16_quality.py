@@ -3,11 +3,11 @@
 ``--autocast auto`` runs SAFE's steps under bf16 autocast wherever the device computes bf16
 natively (CUDA, CPUs with AVX-512-BF16 or AMX) and in fp32 elsewhere. On a CPU without native
 bf16 torch emulates bf16 matmuls (60x slower for a large matmul, 6x for a SmolLM2 block on an
-AVX2 CPU), so the whole-model comparison runs the same numerics at fp32 speed: :class:`RoundedBF16` replaces
-every ``linear`` and ``scaled_dot_product_attention`` call inside SAFE's autocast scope by its
-bf16 form -- inputs rounded to bf16, products accumulated in fp32, the output rounded to bf16
-(and so, through autograd, every gradient that flows back through those casts) -- which is
-what autocast does on bf16 hardware, up to the order of the fp32 sums.
+AVX2 CPU), so the whole-model comparison runs the same numerics at fp32 speed:
+:class:`RoundedBF16` replaces every ``linear`` and ``scaled_dot_product_attention`` call inside
+SAFE's autocast scope by its bf16 form -- inputs rounded to bf16, products accumulated in fp32,
+the output rounded to bf16 (and so, through autograd, every gradient that flows back through
+those casts) -- which is what autocast does on bf16 hardware, up to the order of the fp32 sums.
 
 Two parts:
 

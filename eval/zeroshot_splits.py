@@ -16,7 +16,7 @@ also records its reference-protocol perplexity to show it. Every (row, task) res
 in ``<runs-dir>/splits/<row>.json`` and a rerun resumes; two processes may share the runs
 directory when they are given different ``--rows``.
 
-Usage (CPU, one thread; about 35 minutes of scoring per row)::
+Usage (CPU, one thread; about 30 minutes of scoring per row on an AVX2 CPU)::
 
     OMP_NUM_THREADS=1 python eval/zeroshot_splits.py --runs-dir runs/field \
         --rows dense sparsegpt:50% sparsegpt:2:4 --json runs/splits-a.json
@@ -121,28 +121,23 @@ def gap_closed(rows: list[dict], tasks: list[str]) -> list[dict]:
     """Per pattern: the share of SparseGPT's mean-accuracy gap to dense each row closes, with
     the one-standard-error range of that share (the three means' errors taken independent,
     which overstates it: the rows are scored on the same examples)."""
-    dense = next((task_mean(r, tasks) for r in rows if r["method"] == "dense"), None)
+    means = {(r["method"], r["pattern"]): task_mean(r, tasks) for r in rows}
+    dense = means.get(("dense", "-"))
     out = []
-    for row in rows:
-        if row["method"] in ("dense", "sparsegpt") or dense is None:
+    for (method, pattern), mine in means.items():
+        baseline = means.get(("sparsegpt", pattern))
+        if method in ("dense", "sparsegpt") or not (dense and baseline and mine):
             continue
-        base = next(
-            (r for r in rows if r["method"] == "sparsegpt" and r["pattern"] == row["pattern"]),
-            None,
-        )
-        mine, theirs = task_mean(row, tasks), base and task_mean(base, tasks)
-        if mine is None or not theirs:
-            continue
-        gap = dense[0] - theirs[0]
-        share = (mine[0] - theirs[0]) / gap if gap > 0 else float("nan")
-        error = math.sqrt(mine[1] ** 2 + theirs[1] ** 2) / abs(gap) if gap else float("nan")
+        gap = dense[0] - baseline[0]
+        if gap <= 0:
+            continue  # SparseGPT is not below dense here: there is no gap to close
         out.append(
             {
-                "method": row["method"],
-                "pattern": row["pattern"],
+                "method": method,
+                "pattern": pattern,
                 "gap": gap,
-                "closed": share,
-                "closed_stderr": error,
+                "closed": (mine[0] - baseline[0]) / gap,
+                "closed_stderr": math.hypot(mine[1], baseline[1]) / gap,
             }
         )
     return out
@@ -156,9 +151,6 @@ def table_order(row: dict) -> tuple[int, int]:
 
 
 def markdown(rows: list[dict], closed: list[dict], args) -> str:
-    def label(row):
-        return "dense" if row["method"] == "dense" else LABELS.get(row["method"], row["method"])
-
     def split(task):
         limit = args.limits.get(task)
         return f"{task} (first {limit})" if limit else f"{task} (whole)"
@@ -175,9 +167,8 @@ def markdown(rows: list[dict], closed: list[dict], args) -> str:
         mean = task_mean(row, args.tasks)
         mean_cell = f"{mean[0]:.3f} ± {mean[1]:.3f}" if mean else "-"
         ref = f"{row['ref']:.2f}" if "ref" in row else "-"
-        lines.append(
-            f"| {label(row)} | {row['pattern']} | {ref} | {' | '.join(cells)} | {mean_cell} |"
-        )
+        label = LABELS.get(row["method"], row["method"])
+        lines.append(f"| {label} | {row['pattern']} | {ref} | {' | '.join(cells)} | {mean_cell} |")
     lines.append("")
     for item in closed:
         lines.append(
