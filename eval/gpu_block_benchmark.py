@@ -62,8 +62,10 @@ def runs(paper_epochs: float) -> list[tuple[str, str, str, dict | None]]:
         ("sparsegpt", "sparsegpt", "unstructured", None),
         ("safe+ (CPU recipe: sparsegpt init, 2 epochs)", "safe+", "unstructured", FAST),
         ("safe+ (sparsegpt init, 4 epochs)", "safe+", "unstructured", dict(FAST, epochs=4)),
+        ("safe+ (defaults)", "safe+", "unstructured", None),
         ("sparsegpt 2:4", "sparsegpt", "2:4", None),
         ("safe+ 2:4 (CPU recipe)", "safe+", "2:4", FAST),
+        ("safe+ 2:4 (defaults)", "safe+", "2:4", None),
         (
             f"safe (paper setting, {paper_epochs:g} epochs)",
             "safe",
