@@ -97,7 +97,7 @@ def score_row(method: str, pattern: str, tokenizer, args) -> dict:
         limit = args.limits.get(task) or None
         start = time.perf_counter()
         result = evaluate_tasks(
-            model, tokenizer, [task], batch_size=8, limit=limit, metric="acc_norm"
+            model, tokenizer, [task], batch_size=8, limit=limit, metric="acc_norm", per_example=True
         )["tasks"][task]
         result["seconds"] = time.perf_counter() - start
         row.setdefault("tasks", {})[task] = result
@@ -119,9 +119,11 @@ def task_mean(row: dict, tasks: list[str]) -> tuple[float, float] | None:
 
 def gap_closed(rows: list[dict], tasks: list[str]) -> list[dict]:
     """Per pattern: the share of SparseGPT's mean-accuracy gap to dense each row closes, with
-    the one-standard-error range of that share (the three means' errors taken independent,
-    which overstates it: the rows are scored on the same examples)."""
-    means = {(r["method"], r["pattern"]): task_mean(r, tasks) for r in rows}
+    its standard error: paired over the examples when the three rows hold per-example results
+    (``"correct"``), else the three means' errors taken independent (an overstatement: the
+    rows answer the same examples)."""
+    by_key = {(r["method"], r["pattern"]): r for r in rows}
+    means = {key: task_mean(row, tasks) for key, row in by_key.items()}
     dense = means.get(("dense", "-"))
     out = []
     for (method, pattern), mine in means.items():
@@ -131,16 +133,48 @@ def gap_closed(rows: list[dict], tasks: list[str]) -> list[dict]:
         gap = dense[0] - baseline[0]
         if gap <= 0:
             continue  # SparseGPT is not below dense here: there is no gap to close
+        closed = (mine[0] - baseline[0]) / gap
+        three = [by_key[(method, pattern)], by_key[("sparsegpt", pattern)], by_key[("dense", "-")]]
+        paired = paired_share_stderr(*three, tasks)
+        stderr = paired if paired is not None else math.hypot(mine[1], baseline[1]) / gap
         out.append(
             {
                 "method": method,
                 "pattern": pattern,
                 "gap": gap,
-                "closed": (mine[0] - baseline[0]) / gap,
-                "closed_stderr": math.hypot(mine[1], baseline[1]) / gap,
+                "closed": closed,
+                "closed_stderr": stderr,
+                "stderr_kind": "paired" if paired is not None else "independent",
             }
         )
     return out
+
+
+def paired_share_stderr(row: dict, baseline: dict, dense: dict, tasks: list[str]) -> float | None:
+    """Standard error of ``(mean(row) - mean(baseline)) / (mean(dense) - mean(baseline))``
+    over the tasks' examples, each example answered by all three models (the delta method on
+    the two paired differences); None unless every task holds per-example results."""
+    per_task = []
+    for task in tasks:
+        answers = [r.get("tasks", {}).get(task, {}).get("correct") for r in (row, baseline, dense)]
+        if any(a is None for a in answers) or len({len(a) for a in answers}) != 1:
+            return None
+        mine, base, top = (torch.tensor(a, dtype=torch.float64) for a in answers)
+        per_task.append((mine - base, top - base))
+    count = len(per_task)
+    gained = sum(float(x.mean()) for x, _ in per_task) / count
+    gap = sum(float(y.mean()) for _, y in per_task) / count
+    if gap <= 0:
+        return None
+
+    def covariance(u: torch.Tensor, v: torch.Tensor) -> float:  # of the two means
+        return float(((u - u.mean()) * (v - v.mean())).sum() / (len(u) - 1) / len(u))
+
+    var_gained = sum(covariance(x, x) for x, _ in per_task) / count**2
+    var_gap = sum(covariance(y, y) for _, y in per_task) / count**2
+    cov = sum(covariance(x, y) for x, y in per_task) / count**2
+    share = gained / gap
+    return math.sqrt(max(var_gained - 2 * share * cov + share**2 * var_gap, 0.0)) / gap
 
 
 def table_order(row: dict) -> tuple[int, int]:
@@ -174,7 +208,7 @@ def markdown(rows: list[dict], closed: list[dict], args) -> str:
         lines.append(
             f"- {LABELS.get(item['method'], item['method'])} at {item['pattern']} closes "
             f"{item['closed']:.0%} ± {item['closed_stderr']:.0%} of SparseGPT's gap to dense "
-            f"({item['gap']:.3f} in mean accuracy)."
+            f"({item['gap']:.3f} in mean accuracy; standard error {item['stderr_kind']})."
         )
     return "\n".join(lines) + "\n"
 

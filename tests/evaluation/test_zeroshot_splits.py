@@ -5,6 +5,7 @@ import argparse
 import json
 
 import pytest
+import torch
 import zeroshot_splits
 
 
@@ -83,3 +84,60 @@ def test_rows_read_from_the_cache_are_ordered_as_the_field_table_orders_them():
         ("safe+rec", "50%"),
         ("safe+rec", "2:4"),
     ]
+
+
+def _answers(generator, count: int, accuracy: float) -> list[int]:
+    return (torch.rand(count, generator=generator) < accuracy).int().tolist()
+
+
+def test_the_paired_share_stderr_agrees_with_a_bootstrap_over_the_examples():
+    generator = torch.Generator().manual_seed(0)
+    tasks, rows = ["a", "b"], {}
+    for task, count in zip(tasks, (600, 400), strict=True):
+        base = _answers(generator, count, 0.45)
+        dense = _answers(generator, count, 0.60)
+        # the recovered model answers as dense on about half the examples, as the baseline on
+        # the rest: its gain and the gap move together, which only the pairing sees
+        takes = _answers(generator, count, 0.5)
+        rows.setdefault("mine", {})[task] = [
+            d if t else b for b, d, t in zip(base, dense, takes, strict=True)
+        ]
+        rows.setdefault("base", {})[task] = base
+        rows.setdefault("dense", {})[task] = dense
+    as_row = {
+        key: {
+            "tasks": {
+                t: {"value": sum(a) / len(a), "stderr": 0.0, "correct": a}
+                for t, a in answers.items()
+            }
+        }
+        for key, answers in rows.items()
+    }
+    analytic = zeroshot_splits.paired_share_stderr(
+        as_row["mine"], as_row["base"], as_row["dense"], tasks
+    )
+
+    draws = []
+    for _ in range(2000):  # resample each task's examples, all three models together
+        means = {key: 0.0 for key in rows}
+        for task in tasks:
+            count = len(rows["base"][task])
+            pick = torch.randint(count, (count,), generator=generator)
+            for key in rows:
+                means[key] += torch.tensor(rows[key][task], dtype=torch.float64)[pick].mean()
+        draws.append((means["mine"] - means["base"]) / (means["dense"] - means["base"]))
+    bootstrap = float(torch.stack(draws).std())
+    assert analytic == pytest.approx(bootstrap, rel=0.15)
+
+
+def test_without_per_example_results_the_share_falls_back_to_independent_errors():
+    rows = [
+        _row("dense", "-", 0.60, 0.40),
+        _row("sparsegpt", "50%", 0.50, 0.30),
+        _row("safe+rec", "50%", 0.55, 0.35),
+    ]
+    (closed,) = zeroshot_splits.gap_closed(rows, ["a", "b"])
+    assert closed["stderr_kind"] == "independent"
+    rows[0]["tasks"]["a"]["correct"] = [1, 0]  # one row and one task only: still independent
+    (closed,) = zeroshot_splits.gap_closed(rows, ["a", "b"])
+    assert closed["stderr_kind"] == "independent"
