@@ -160,15 +160,15 @@ def score_checkpoint(directory: str, args) -> dict:
         batch_size=args.batch_size,
         limit=args.limit or None,
         metric="acc_norm",
+        per_example=True,  # the gap shares' standard errors are then paired over the examples
     )
     return {"ref": ref, "tasks": zeroshot["tasks"], "score_seconds": time.perf_counter() - start}
 
 
 def summarise(rows: list[dict]) -> dict:
     tasks = list(SEPARATING)
-    cuts = {(r["method"], r["pattern"]): damage_cut(r, rows) for r in rows}
     for row in rows:
-        row["damage_removed"] = cuts[(row["method"], row["pattern"])]
+        row["damage_removed"] = damage_cut(row, rows)
         mean = task_mean(row, tasks)
         row["mean"], row["mean_stderr"] = mean if mean else (None, None)
     return {"rows": rows, "gap_closed": gap_closed(rows, tasks)}

