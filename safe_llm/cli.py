@@ -68,7 +68,7 @@ def _add_field(
     if kind is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     else:
-        kwargs["type"] = kind
+        kwargs["type"] = f.metadata.get("flag_type", kind)  # e.g. str for "2M" counts
         for key in ("nargs", "choices"):
             if key in f.metadata:
                 kwargs[key] = f.metadata[key]
@@ -232,6 +232,10 @@ RECOVER_RUN_OPTIONS = (
     "eval_max_windows",
     "eval_cache",
     "trust_remote_code",
+    "self_temperature",
+    "self_top_p",
+    "self_top_k",
+    "self_batch_size",
 )
 
 
@@ -377,21 +381,23 @@ def _generate_parser(sub) -> None:
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16"],
-        help="compute dtype; auto: the stored dtype where the CPU computes it natively "
-        "(bf16 needs AVX-512-BF16/AMX), else float32 (default: auto)",
+        help="compute dtype; auto: bfloat16 where the CPU computes it natively "
+        "(AVX-512-BF16/AMX), else float32, whatever the checkpoint's dtype (default: auto)",
     )
     parser.add_argument(
         "--kernel",
         default="auto",
-        choices=["auto", "avx512", "avx2", "scalar", "torch"],
-        help="sparse kernel path; auto: the best this CPU runs (default: auto)",
+        choices=["auto", "avx512", "avx512-load", "avx2", "scalar", "torch"],
+        help="sparse kernel path; auto: for each kind of matrix the path measured fastest "
+        "on this CPU (timings cached in $SAFE_LLM_CACHE/kernel-timings) (default: auto)",
     )
     parser.add_argument(
         "--policy",
         default="auto",
         choices=["auto", "sparse", "dense"],
-        help="auto: a matrix is sparse where the kernel is measured faster than dense; "
-        "sparse: every pruned matrix (least memory) (default: auto)",
+        help="auto: a matrix is sparse where a kernel path is measured faster than dense; "
+        "sparse: every pruned matrix whose compressed form is smaller (least memory); "
+        "dense: none (default: auto)",
     )
     parser.add_argument("--tokenizer", help="tokenizer directory (default: MODEL's)")
     parser.add_argument("--quiet", action="store_true", help="no progress or log lines")
@@ -637,10 +643,12 @@ def _run_generate(args: argparse.Namespace) -> int:
         model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed
     )
     print(result.text)
+    summary = getattr(model, "sparse_summary", None)
+    what = "dense model" if summary is None else summary.describe()
     print(
         f"{len(result.tokens)} tokens in {result.seconds:.2f} s "
-        f"({result.tokens_per_second:.1f} tokens/s), {'dense' if args.dense else 'sparse'}, "
-        f"weights {weight_bytes(model) / 2**20:.1f} MiB",
+        f"({result.tokens_per_second:.1f} tokens/s); {what}; all weights held: "
+        f"{weight_bytes(model) / 2**20:.1f} MiB",
         file=sys.stderr,
     )
     return 0

@@ -148,6 +148,20 @@ def _private_perplexity_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def _session_kernel_timings(tmp_path_factory):
+    return tmp_path_factory.mktemp("kernel_timings") / "timings.json"
+
+
+@pytest.fixture(autouse=True)
+def _private_kernel_timings(_session_kernel_timings, monkeypatch):
+    """load_sparse's measured kernel choices go to one file of the test session's (never the
+    user's cache): measured once per matrix kind, then reused, as on a user's machine."""
+    from safe_llm.inference import autotune
+
+    monkeypatch.setattr(autotune, "timings_file", lambda: _session_kernel_timings)
+
+
+@pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory):
     """``SAFE_LLM_CACHE`` pointed at a session directory (never the user's cache), shared by the
     slow tests so the built-in model's GGUF is converted once per session."""

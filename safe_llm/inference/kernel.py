@@ -2,15 +2,20 @@
 
 ``csrc/sparse_linear.cpp`` is compiled by ``torch.utils.cpp_extension.load`` (ninja and a C++
 compiler; cached under torch's extensions directory, ``$TORCH_EXTENSIONS_DIR``, so a process
-after the first loads it in a second). Paths, best first:
+after the first loads it in a second). Paths (the layout they read: :mod:`safe_llm.inference.format`):
 
-- ``avx512``: AVX-512 with VBMI2 (masked expand-loads decompress a row into registers);
+- ``avx512``: AVX-512 with VBMI2: a plain load, then the register-form expand fills a register
+  with 16 output rows' weights; bf16 values multiply with ``_mm512_dpbf16_ps`` where the CPU
+  has AVX-512-BF16, else as two fp32 halves;
+- ``avx512-load``: the same with the memory-source expand-load (slow on some AMD CPUs, one
+  instruction fewer elsewhere);
 - ``avx2``: 8-bit mask -> permutation table with ``_mm256_permutevar8x32_ps``;
 - ``scalar``: plain C++ (ARM and any other CPU);
 - ``torch``: no extension: decompress tile by tile and use the dense GEMM.
 
-The CPU's own report decides (``__builtin_cpu_supports``), logged once. A missing compiler or
-ninja, or a failed build, is one warning naming what is missing, then the ``torch`` path.
+Which paths the CPU can run is its own report (``__builtin_cpu_supports``); which one a
+matrix takes is measured (:mod:`safe_llm.inference.autotune`). A missing compiler or ninja,
+or a failed build, is one warning naming what is missing, then the ``torch`` path.
 """
 
 from __future__ import annotations
@@ -23,16 +28,15 @@ from pathlib import Path
 
 import torch
 
-from safe_llm.core.precision import cpu_capability
 from safe_llm.errors import SafeLLMError
-from safe_llm.inference.format import INDEX_BITS, CompressedMatrix
+from safe_llm.inference.format import TILE, CompressedMatrix
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "sparse_linear.cpp"
 NAME = "safe_llm_sparse_linear"
-PATHS = ("avx512", "avx2", "scalar", "torch")
-_CODES = {"scalar": 0, "avx2": 1, "avx512": 2}
+PATHS = ("avx512", "avx512-load", "avx2", "scalar", "torch")
+_CODES = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512-load": 3}
 DECODE_ROWS = 8  # at most this many activation rows go through the kernel
 
 
@@ -90,29 +94,22 @@ def extension():
 
 
 def cpu_paths() -> list[str]:
-    """The paths this machine can run, best first (``torch`` always)."""
+    """The paths this machine can run (``torch`` always, last)."""
     module = extension()
     return [*module.cpu_paths(), "torch"] if module is not None else ["torch"]
 
 
-@functools.cache
-def best_path() -> str:
-    """The path ``auto`` takes here, logged once with what the CPU reports."""
-    path = cpu_paths()[0]
-    why = {
-        "avx512": "the CPU has AVX-512 with VBMI2 (masked expand)",
-        "avx2": "the CPU has AVX2 but not AVX-512 VBMI2: the permutation-table kernel",
-        "scalar": "no AVX2 or AVX-512 here: the portable C++ kernel",
-        "torch": "no compiled kernel: tile-by-tile decompression",
-    }[path]
-    log.info("sparse decode path: %s (%s; torch reports %s)", path, why, cpu_capability())
-    return path
+def native_bf16_kernel() -> bool:
+    """Whether the ``avx512`` paths multiply bf16 with AVX-512-BF16's ``dpbf16``."""
+    module = extension()
+    return bool(module is not None and module.native_bf16())
 
 
-def resolve_path(path: str) -> str:
-    """``auto`` -> :func:`best_path`; a named path must be one this machine runs."""
+def check_path(path: str) -> str:
+    """``auto`` (measured per matrix) or a path this machine runs; :class:`KernelError`
+    for anything else, naming what runs here."""
     if path == "auto":
-        return best_path()
+        return path
     if path not in PATHS:
         raise KernelError(f"unknown sparse kernel path {path!r}; choose auto, {', '.join(PATHS)}")
     if path not in cpu_paths():
@@ -123,26 +120,37 @@ def resolve_path(path: str) -> str:
     return path
 
 
+def default_path() -> str:
+    """The path a matrix takes when nothing was measured: the first the CPU runs."""
+    return cpu_paths()[0]
+
+
 def decoder(matrix: CompressedMatrix, path: str):
-    """The compiled ``path``'s product for ``matrix`` (``avx512``, ``avx2`` or ``scalar``):
-    a function ``x [rows <= DECODE_ROWS, in] -> x @ W.T [rows, out]`` in ``x``'s dtype, its
-    weight arguments bound once (a decode step calls it for every layer)."""
-    module, code = extension(), _CODES[path]
-    if matrix.codes is None:
-        args = (matrix.values, matrix.mask, matrix.row_offsets, code)
-        return functools.partial(module.bitmask_matmul, *args)
-    bits = INDEX_BITS[matrix.m]
-    args = (matrix.values, matrix.codes, matrix.n, matrix.m, bits, code)
-    return functools.partial(module.nm_matmul, *args)
+    """The compiled ``path``'s product for ``matrix`` (any path but ``torch``): a function
+    ``x [rows <= DECODE_ROWS, in] -> x @ W.T [rows, out]`` in ``x``'s dtype, its weight
+    arguments bound once (a decode step calls it for every layer)."""
+    args = (matrix.values, matrix.mask, matrix.tile_offsets, matrix.shape[0], _CODES[path])
+    return functools.partial(extension().tiled_matmul, *args)
+
+
+def dense_tiles(matrix: CompressedMatrix, first: int, last: int) -> torch.Tensor:
+    """Rows ``[16 first, 16 last)`` of ``matrix`` dense: compiled where the extension is."""
+    module = extension()
+    if module is None:
+        return matrix.dense_tiles(first, last)
+    out, width = matrix.shape
+    args = (matrix.values, matrix.mask, matrix.tile_offsets, out, width, first, last)
+    return module.decompress_tiles(*args)
 
 
 def tiled(x: torch.Tensor, matrix: CompressedMatrix, tile_bytes: int) -> torch.Tensor:
-    """``x [rows, in] @ W.T`` with W decompressed ``tile_bytes`` at a time into a dense tile
-    and multiplied by the dense GEMM: nothing larger than one tile is ever dense."""
+    """``x [rows, in] @ W.T`` with W decompressed about ``tile_bytes`` at a time into a dense
+    band of rows and multiplied by the dense GEMM: nothing larger than one band is dense."""
     out, width = matrix.shape
-    step = max(1, tile_bytes // (width * x.element_size()))
+    step = max(1, tile_bytes // (TILE * width * matrix.values.element_size()))
     y = x.new_empty(x.shape[0], out)
-    for first in range(0, out, step):
-        last = min(first + step, out)
-        y[:, first:last] = x @ matrix.rows(first, last).to(x.dtype).t()
+    for first in range(0, matrix.tiles, step):
+        last = min(first + step, matrix.tiles)
+        rows = slice(first * TILE, min(last * TILE, out))
+        y[:, rows] = x @ dense_tiles(matrix, first, last).to(x.dtype).t()
     return y

@@ -9,17 +9,19 @@ from torch import nn
 
 from safe_llm.errors import SafeLLMError
 from safe_llm.inference import kernel
-from safe_llm.inference.format import CompressedMatrix
+from safe_llm.inference.format import CompressedMatrix, relayout
 
 TILE_BYTES = 4 << 20  # the largest dense tile prefill forms (4 MiB)
+_BUFFERS = ("values", "mask", "tile_offsets")
 
 
 class SparseLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W [out, in]`` held only in compressed form.
 
     Up to :data:`~safe_llm.inference.kernel.DECODE_ROWS` rows of ``x`` (decoding) go through
-    the compiled kernel's ``path``; more rows (prefill), and every call on the ``torch``
-    path, decompress ``tile_bytes`` of ``W`` at a time and use the dense GEMM.
+    the compiled kernel's ``path`` (``auto``: the first this CPU runs; ``load_sparse`` passes
+    the one it measured fastest); more rows (prefill), and every call on the ``torch`` path,
+    decompress ``tile_bytes`` of ``W`` at a time and use the dense GEMM.
     """
 
     def __init__(
@@ -31,13 +33,12 @@ class SparseLinear(nn.Module):
     ):
         super().__init__()
         self.out_features, self.in_features = matrix.shape
-        self.path = kernel.resolve_path(path)
+        path = kernel.check_path(path)
+        self.path = kernel.default_path() if path == "auto" else path
         self.tile_bytes = tile_bytes
         self.matrix = matrix
-        for name in ("values", "mask", "codes", "row_offsets"):  # buffers: .to() / state_dict
-            tensor = getattr(matrix, name)
-            if tensor is not None:
-                self.register_buffer(name, tensor)
+        for name in _BUFFERS:  # buffers: .to() / state_dict
+            self.register_buffer(name, getattr(matrix, name))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self._bind()
 
@@ -46,10 +47,15 @@ class SparseLinear(nn.Module):
         self._decode = kernel.decoder(self.matrix, self.path) if compiled else None
 
     def _apply(self, fn, recurse=True):
+        layout_dtype = self.matrix.dtype
         super()._apply(fn, recurse)
-        for name in ("values", "mask", "codes", "row_offsets"):
-            if name in self._buffers:
-                setattr(self.matrix, name, self._buffers[name])
+        values = self._buffers["values"]
+        if values.dtype != layout_dtype:  # the layout depends on the dtype: rebuild it
+            self.matrix = relayout(self.matrix, values.dtype)
+            for name in _BUFFERS:
+                self._buffers[name] = getattr(self.matrix, name)
+        for name in _BUFFERS:
+            setattr(self.matrix, name, self._buffers[name])
         self._bind()
         return self
 

@@ -5,21 +5,19 @@ the checkpoint or export (:class:`~safe_llm.inference.source.TensorSource`). The
 matrices are found from the model, as the pruning engine finds them (the decoder blocks'
 linear layers and fused expert parameters, :func:`safe_llm.core.blocks.prunable_layers`), not
 from names; each pruned one becomes a :class:`SparseLinear` (or, for experts, a
-:class:`SparseExperts`) when the kernel pays for it (:func:`kernel_pays`).
+:class:`SparseExperts`) on the kernel path measured fastest for its kind, or stays dense where
+no path beats dense (:mod:`~safe_llm.inference.autotune`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -28,116 +26,88 @@ from safe_llm.core.memory import large_buffers_from_mmap, return_freed_memory
 from safe_llm.core.precision import cpu_bf16_is_native, cpu_capability
 from safe_llm.errors import SafeLLMError
 from safe_llm.inference import kernel
-from safe_llm.inference.format import CompressedMatrix, compress, from_export
+from safe_llm.inference.autotune import (
+    DENSE,
+    TimingCache,
+    candidate_paths,
+    cpu_name,
+    fastest,
+    matrix_key,
+)
+from safe_llm.inference.format import DTYPES, CompressedMatrix, compress, from_export
 from safe_llm.inference.linear import SparseExperts, SparseLinear
 from safe_llm.inference.source import TensorSource
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("auto", "sparse", "dense")
-PAY_MARGIN = 0.95  # auto: sparse only where the kernel takes at most 95% of dense's time
-MEASURE_BYTES = 96 << 20  # dense bytes a measurement round streams: well above a CPU's LLC
-MAX_COPIES = 256  # (tiny matrices: the per-call cost dominates anyway)
-_BUFFERS = ("values", "mask", "codes", "row_offsets")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 @dataclass
 class SparseSummary:
-    """What :func:`load_sparse` did: matrices made sparse (by layout), kept dense (and why),
-    the kernel path, the dtype, and the decisions measured by :func:`kernel_pays`."""
+    """What :func:`load_sparse` did: matrices made sparse (by layout) and on which path, kept
+    dense (and why), the dtype, the weight bytes held against the dense model's, and the
+    measured timings behind each ``auto`` decision (:mod:`~safe_llm.inference.autotune`)."""
 
-    path: str
+    kernel: str  # what was asked: auto or a path
     dtype: str
-    sparse: Counter = field(default_factory=Counter)
-    dense: Counter = field(default_factory=Counter)
-    dense_bytes: int = 0  # the prunable matrices' bytes held dense
+    sparse: Counter = field(default_factory=Counter)  # layout -> matrices
+    paths: Counter = field(default_factory=Counter)  # kernel path -> sparse matrices
+    dense: Counter = field(default_factory=Counter)  # "layout (why)" -> matrices
+    dense_bytes: int = 0  # the prunable matrices' bytes, were they all dense
+    held_bytes: int = 0  # the prunable matrices' bytes as held (compressed or dense)
     decisions: list[dict] = field(default_factory=list)
 
+    @property
+    def path(self) -> str:
+        """The kernel path most sparse matrices take (``none`` when none is sparse)."""
+        return self.paths.most_common(1)[0][0] if self.paths else "none"
 
-def decode_dtype(choice: str, stored: str | None) -> torch.dtype:
-    """``auto``: the checkpoint's dtype where this CPU computes it natively (bf16 needs
-    AVX-512-BF16/AMX, :func:`~safe_llm.core.precision.cpu_bf16_is_native`), else float32."""
-    if choice != "auto":
-        if choice not in _DTYPES:
-            raise SafeLLMError(f"unknown dtype {choice!r}; choose auto, {', '.join(_DTYPES)}")
-        return _DTYPES[choice]
-    if stored == "bfloat16" and cpu_bf16_is_native():
-        return torch.bfloat16
-    return torch.float32
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-_MEASURED: dict[tuple, tuple[float, float]] = {}  # per process: key -> (sparse s, dense s)
-
-
-def _copy(matrix: CompressedMatrix) -> CompressedMatrix:
-    return dataclasses.replace(
-        matrix,
-        **{k: getattr(matrix, k).clone() for k in _BUFFERS if getattr(matrix, k) is not None},
-    )
-
-
-def _measure(matrix: CompressedMatrix, path: str) -> tuple[float, float]:
-    """``(sparse seconds, dense seconds)`` of one decode product ``[1, in] @ W.T`` with
-    ``matrix`` compressed and with a dense matrix of its shape. As in decoding, where every
-    weight comes from memory once per token, each round runs through enough copies of both
-    to exceed the last-level cache (:data:`MEASURE_BYTES`); the two are interleaved over 7
-    rounds (the medians), so that the ratio survives a loaded machine."""
-    dense_bytes = matrix.shape[0] * matrix.shape[1] * matrix.values.element_size()
-    copies = min(MAX_COPIES, max(1, -(-MEASURE_BYTES // dense_bytes)))
-    sparse = [SparseLinear(_copy(matrix), path=path) for _ in range(copies)]
-    dense = [torch.randn(matrix.shape, dtype=matrix.dtype) for _ in range(copies)]
-    x = torch.randn(1, matrix.shape[1], dtype=matrix.dtype)
-
-    def run_sparse():
-        for layer in sparse:
-            layer(x)
-
-    def run_dense():
-        for weight in dense:
-            F.linear(x, weight)
-
-    with torch.inference_mode():
-        run_sparse(), run_dense()  # warm-up
-        rounds = [(_timed(run_sparse), _timed(run_dense)) for _ in range(7)]
-    return tuple(sorted(r[i] for r in rounds)[3] / copies for i in (0, 1))
-
-
-def kernel_pays(matrix: CompressedMatrix, path: str, summary: SparseSummary) -> bool:
-    """The measured rule of ``policy="auto"``: a matrix is sparse when its compressed form is
-    smaller than dense and the kernel's decode product takes at most :data:`PAY_MARGIN` of the
-    dense ``F.linear``'s time, measured once per (shape, layout, density to 0.05, dtype,
-    path) on the first such matrix and logged."""
-    out, width = matrix.shape
-    if matrix.nbytes >= out * width * matrix.values.element_size():
-        return False
-    key = (matrix.shape, matrix.kind, round(matrix.density * 20) / 20, matrix.dtype, path)
-    if key not in _MEASURED:
-        _MEASURED[key] = _measure(matrix, path)
-    sparse_s, dense_s = _MEASURED[key]
-    pays = sparse_s <= PAY_MARGIN * dense_s
-    if key not in {d["key"] for d in summary.decisions}:
-        summary.decisions.append(
-            {"key": key, "sparse_ms": sparse_s * 1e3, "dense_ms": dense_s * 1e3, "sparse": pays}
+    def describe(self) -> str:
+        """One line: how many matrices are sparse, on which paths, and the bytes held."""
+        total = sum(self.sparse.values()) + sum(self.dense.values())
+        paths = ", ".join(f"{n} {p}" for p, n in self.paths.most_common()) or "no kernel"
+        return (
+            f"{sum(self.sparse.values())} of {total} prunable matrices sparse ({paths}), "
+            f"{self.dtype}; they hold {self.held_bytes / 2**20:.1f} MiB "
+            f"({self.dense_bytes / 2**20:.1f} MiB dense)"
         )
-        log.info(
-            "%s %s density %.2f %s, %s kernel %.3f ms, dense %.3f ms: %s",
-            list(matrix.shape),
-            matrix.kind,
-            key[2],
-            str(matrix.dtype).removeprefix("torch."),
-            path,
-            sparse_s * 1e3,
-            dense_s * 1e3,
-            "sparse" if pays else "dense (kernel slower)",
+
+
+def decode_dtype(choice: str | torch.dtype, stored: str | None = None) -> torch.dtype:
+    """The dtype a model decodes in: ``auto`` is bfloat16 wherever this CPU computes it
+    natively (AVX-512-BF16 or AMX, :func:`~safe_llm.core.precision.cpu_bf16_is_native`),
+    whatever dtype the checkpoint was written in (``stored``), else float32; a
+    ``torch.dtype`` or its name (``"bfloat16"``, ``"bf16"``, ``"torch.float32"``) as
+    ``from_pretrained`` takes it."""
+    if isinstance(choice, torch.dtype):
+        dtype = choice
+    elif str(choice).removeprefix("torch.") in _DTYPE_NAMES:
+        dtype = _DTYPE_NAMES[str(choice).removeprefix("torch.")]
+    elif choice == "auto":
+        dtype = torch.bfloat16 if cpu_bf16_is_native() else torch.float32
+        if stored and stored != str(dtype).removeprefix("torch."):
+            log.info(
+                "decoding in %s (stored as %s): this CPU %s bf16 natively",
+                str(dtype).removeprefix("torch."),
+                stored,
+                "computes" if dtype == torch.bfloat16 else "does not compute",
+            )
+        return dtype
+    else:
+        raise SafeLLMError(
+            f"unknown dtype {choice!r}; choose auto, float32 or bfloat16 (or a torch.dtype)"
         )
-    return pays
+    if dtype not in DTYPES:
+        raise SafeLLMError(f"sparse decoding runs in float32 or bfloat16, not {dtype}")
+    return dtype
 
 
 def _targets(model: nn.Module) -> dict[str, list[PrunableMatrix]]:
@@ -150,13 +120,44 @@ def _targets(model: nn.Module) -> dict[str, list[PrunableMatrix]]:
     return targets
 
 
-def _use_sparse(matrices, policy: str, path: str, summary: SparseSummary) -> bool:
-    if policy == "dense":
-        return False
-    if policy == "sparse":
-        first = matrices[0]
-        return first.nbytes < first.shape[0] * first.shape[1] * first.values.element_size()
-    return kernel_pays(matrices[0], path, summary)
+def _choose(matrices, policy: str, timings: TimingCache, summary: SparseSummary) -> str:
+    """The kernel path parameter ``matrices`` takes, or :data:`~autotune.DENSE`: ``auto``
+    measures (or finds in the timing cache) every candidate path and dense and keeps the
+    fastest; ``sparse`` the fastest kernel path wherever compression saves bytes."""
+    first = matrices[0]
+    if policy == "dense" or first.nbytes >= _dense_nbytes(first):
+        return DENSE
+    candidates = candidate_paths(summary.kernel)
+    if not candidates:  # the torch path: nothing to measure
+        return "torch"
+    if policy == "sparse" and len(candidates) == 1:
+        return candidates[0]
+    measured, now = timings.timings(first, candidates)
+    choice = fastest(measured, candidates)
+    if policy == "sparse" and choice == DENSE:
+        choice = min(candidates, key=lambda p: measured[p])
+    _record(first, measured, choice, now, summary)
+    return choice
+
+
+def _record(matrix, measured: dict, choice: str, now: bool, summary: SparseSummary) -> None:
+    key = matrix_key(matrix, torch.get_num_threads())
+    if key in {d["key"] for d in summary.decisions}:
+        return
+    milliseconds = {name: seconds * 1e3 for name, seconds in measured.items()}
+    summary.decisions.append({"key": key, "ms": milliseconds, "choice": choice})
+    figures = ", ".join(f"{name} {ms:.3f}" for name, ms in sorted(milliseconds.items()))
+    log.info(
+        "%s: %s ms per token (%s) -> %s",
+        key,
+        figures,
+        "measured" if now else "cached",
+        choice if choice != DENSE else "dense (no kernel path faster)",
+    )
+
+
+def _dense_nbytes(matrix: CompressedMatrix) -> int:
+    return matrix.shape[0] * matrix.shape[1] * matrix.values.element_size()
 
 
 def _make_eager(module: nn.Module) -> None:
@@ -199,14 +200,20 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtyp
         raise SafeLLMError(f"{name} is not a parameter or buffer of the model")
 
 
-def _place(model, name, handles, matrices, dense, policy, summary: SparseSummary) -> None:
-    """Parameter ``name`` sparse when :func:`_use_sparse` says so, else ``dense()``."""
-    if _use_sparse(matrices, policy, summary.path, summary):
-        _install(model, name, handles, matrices, summary.path)
+def _place(model, name, handles, matrices, dense, policy, timings, summary) -> None:
+    """Parameter ``name`` sparse on the path :func:`_choose` picks, else ``dense()``."""
+    choice = _choose(matrices, policy, timings, summary)
+    dense_size = sum(_dense_nbytes(m) for m in matrices)
+    summary.dense_bytes += dense_size
+    if choice != DENSE:
+        _install(model, name, handles, matrices, choice)
         summary.sparse[matrices[0].kind] += len(matrices)
+        summary.paths[choice] += len(matrices)
+        summary.held_bytes += sum(m.nbytes for m in matrices)
     else:
         _assign(model, name, dense(), matrices[0].dtype)
         summary.dense[f"{matrices[0].kind} ({policy})"] += len(matrices)
+        summary.held_bytes += dense_size
 
 
 def _read_matrices(source: TensorSource, name: str, handles, dtype) -> list[CompressedMatrix]:
@@ -217,7 +224,7 @@ def _read_matrices(source: TensorSource, name: str, handles, dtype) -> list[Comp
     if name in source.packed and first.expert is None and not first.transposed:
         values, mask = source.packed_parts(name)
         return [from_export(values, mask, tuple(source.packed[name]["shape"]), dtype)]
-    tensor = source.tensor(name, own=False)  # compress copies what it keeps
+    tensor = source.tensor(name)
     return [compress(h.matrix(tensor), dtype) for h in handles]
 
 
@@ -238,7 +245,7 @@ def _empty_model(config_dict: dict, dtype: torch.dtype) -> nn.Module:
         )
 
 
-def load_dense(source: str | os.PathLike, dtype: str = "auto") -> nn.Module:
+def load_dense(source: str | os.PathLike, dtype: str | torch.dtype = "auto") -> nn.Module:
     """The same checkpoint or export as an ordinary dense model (eval mode), in the dtype
     :func:`load_sparse` would use: the baseline it is compared with."""
     from transformers import AutoModelForCausalLM
@@ -261,26 +268,32 @@ def load_dense(source: str | os.PathLike, dtype: str = "auto") -> nn.Module:
 def sparsify(model: nn.Module, kernel_path: str = "auto", policy: str = "auto") -> nn.Module:
     """Replace, in place, the pruned matrices of an in-memory dense ``model`` by their sparse
     form (as :func:`load_sparse` does while loading); returns the model."""
-    summary = SparseSummary(kernel.resolve_path(kernel_path), str(model.dtype))
+    _check_policy(policy)
+    summary = SparseSummary(kernel.check_path(kernel_path), str(model.dtype).removeprefix("torch."))
+    timings = TimingCache()
     for name, handles in _targets(model).items():
         tensor = handles[0].param.detach()
         matrices = [compress(h.matrix(tensor)) for h in handles]
-        _place(model, name, handles, matrices, lambda t=tensor: t, policy, summary)
-        summary.dense_bytes += tensor.numel() * tensor.element_size()
+        _place(model, name, handles, matrices, lambda t=tensor: t, policy, timings, summary)
     model.sparse_summary = summary
     _log_summary(summary)
     return model.eval().requires_grad_(False)
+
+
+def _check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise SafeLLMError(f"unknown policy {policy!r}; choose {', '.join(POLICIES)}")
 
 
 def _log_summary(summary: SparseSummary) -> None:
     sparse = ", ".join(f"{n} {kind}" for kind, n in sorted(summary.sparse.items())) or "none"
     dense = ", ".join(f"{n} {kind}" for kind, n in sorted(summary.dense.items())) or "none"
     log.info(
-        "sparse matrices: %s; kept dense: %s (path %s, %s, torch reports %s)",
+        "sparse matrices: %s; kept dense: %s; %s (%s, torch reports %s)",
         sparse,
         dense,
-        summary.path,
-        summary.dtype,
+        summary.describe(),
+        cpu_name(),
         cpu_capability(),
     )
 
@@ -289,7 +302,7 @@ def _log_summary(summary: SparseSummary) -> None:
 def load_sparse(
     source: str | os.PathLike,
     *,
-    dtype: str = "auto",
+    dtype: str | torch.dtype = "auto",
     kernel_path: str = "auto",
     policy: str = "auto",
     progress: bool = True,
@@ -298,15 +311,18 @@ def load_sparse(
     output, every pruned matrix compressed (:class:`SparseLinear`, experts
     :class:`SparseExperts`); eval mode, CPU, no gradients.
 
-    ``dtype``: ``auto`` (the stored dtype where the CPU computes it natively, else float32),
-    ``float32`` or ``bfloat16``. ``kernel_path``: ``auto`` (the CPU's best) or one of
-    :data:`~safe_llm.inference.kernel.PATHS`. ``policy``: ``auto`` (sparse where the kernel is
-    measured faster than dense, :func:`kernel_pays`), ``sparse`` (every pruned matrix, for
-    memory) or ``dense``. ``model.sparse_summary`` tells what was done.
+    ``dtype``: ``auto`` (bfloat16 where the CPU computes it natively, else float32, whatever
+    the checkpoint's dtype), ``float32`` or ``bfloat16``, as a name or a ``torch.dtype``.
+    ``kernel_path``: ``auto`` (each matrix kind on the path measured fastest here,
+    :mod:`~safe_llm.inference.autotune`) or one of :data:`~safe_llm.inference.kernel.PATHS`.
+    ``policy``: ``auto`` (sparse where a kernel path is measured faster than dense),
+    ``sparse`` (every pruned matrix whose compressed form is smaller, for memory) or
+    ``dense``. ``model.sparse_summary`` tells what was done. Every tensor is read on its own
+    (no file mapping), so the load peaks at the model as held plus about one dense matrix.
     """
-    if policy not in POLICIES:
-        raise SafeLLMError(f"unknown policy {policy!r}; choose {', '.join(POLICIES)}")
-    summary = SparseSummary(kernel.resolve_path(kernel_path), "")
+    _check_policy(policy)
+    summary = SparseSummary(kernel.check_path(kernel_path), "")
+    timings = TimingCache()
     with TensorSource(source) as tensors:
         config = tensors.config
         torch_dtype = decode_dtype(dtype, config.get("dtype") or config.get("torch_dtype"))
@@ -321,9 +337,8 @@ def load_sparse(
         model.tie_weights()
         for name, handles in tqdm(targets.items(), desc="sparse matrices", disable=not progress):
             matrices = _read_matrices(tensors, name, handles, torch_dtype)
-            _place(
-                model, name, handles, matrices, lambda n=name: tensors.tensor(n), policy, summary
-            )
+            dense = lambda n=name: tensors.tensor(n)  # noqa: E731
+            _place(model, name, handles, matrices, dense, policy, timings, summary)
         _check_loaded(model, source)
         ready_to_generate(model, tensors.directory)
     return_freed_memory()  # the per-matrix temporaries of reading and compressing
@@ -338,7 +353,7 @@ def _same_layout(names: list[str], targets: dict, model: nn.Module) -> bool:
     return set(names) <= set(model.state_dict()) and set(targets) <= set(names)
 
 
-def _load_converted(source, dtype: str, kernel_path: str, policy: str) -> nn.Module:
+def _load_converted(source, dtype, kernel_path: str, policy: str) -> nn.Module:
     log.warning(
         "%s stores its tensors in another layout than the model holds them (per-expert "
         "keys): loading it dense through transformers first, then compressing each matrix "

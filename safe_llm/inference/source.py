@@ -1,24 +1,78 @@
 """Reading a pruned model one tensor at a time: a checkpoint directory (safetensors, one file
 or shards) or ``safe-llm export``'s bitmask file/directory, whose packed matrices are handed
-over as values + mask without being expanded."""
+over as values + mask without being expanded.
+
+Files are read with plain reads into memory of each tensor's own, not mapped: a mapped
+file's pages stay resident in the process (counted in its RSS) while the mapping lives, so a
+loader that maps the checkpoint peaks at the stored file's size however small the model it
+keeps (the format: an 8-byte little-endian header length, a JSON header, the tensors' bytes).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from safe_llm.io.export import BITMASK_FILE, FORMAT, VERSION, ExportError, unpack_tensor
 
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
-def _owned(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` in memory of its own: a tensor safetensors maps from the file would keep
-    the whole file's pages resident in the process (counted in its RSS) while it lives."""
-    return tensor.clone()
+
+class SafetensorsFile:
+    """One ``.safetensors`` file's tensors by name, each read into a fresh tensor."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "rb")  # noqa: SIM115 (closed by close())
+        try:
+            (length,) = struct.unpack("<Q", self._file.read(8))
+            header = json.loads(self._file.read(length))
+        except (struct.error, ValueError) as exc:
+            self._file.close()
+            raise ExportError(f"cannot read {path}: not a safetensors file ({exc})") from exc
+        self._metadata = header.pop("__metadata__", None) or {}
+        self._entries, self._start = header, 8 + length
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def metadata(self) -> dict:
+        return self._metadata
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        entry = self._entries[name]
+        if entry["dtype"] not in _DTYPES:
+            raise ExportError(f"{self.path}: {name} has an unsupported dtype {entry['dtype']}")
+        first, last = entry["data_offsets"]
+        tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+        buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else b""
+        self._file.seek(self._start + first)
+        done = 0
+        while done < last - first:
+            count = self._file.readinto(buffer[done:])
+            if not count:
+                raise ExportError(f"{self.path} ends inside {name}: the file is truncated")
+            done += count
+        return tensor
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class TensorSource:
@@ -47,11 +101,13 @@ class TensorSource:
                 f"a bitmask export ({BITMASK_FILE} or a .safetensors file from safe-llm export)"
             )
 
-    def _open(self, file: Path):
+    def _open(self, file: Path) -> SafetensorsFile:
         try:
-            return self._stack.enter_context(safe_open(str(file), framework="pt"))
-        except Exception as exc:  # safetensors raises its own error types
+            handle = SafetensorsFile(file)
+        except OSError as exc:
             raise ExportError(f"cannot read {file}: {exc}") from exc
+        self._stack.callback(handle.close)
+        return handle
 
     def _open_export(self, file: Path) -> None:
         handle = self._open(file)
@@ -81,22 +137,18 @@ class TensorSource:
     def names(self) -> list[str]:
         return list(self._files)
 
-    def tensor(self, name: str, own: bool = True) -> torch.Tensor:
-        """The tensor ``name`` dense (a packed matrix is unpacked: one tensor at a time);
-        ``own=False``: possibly a view of the file, for a tensor only read and dropped."""
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` dense (a packed matrix is unpacked: one tensor at a time)."""
         if name in self.packed:
             values, mask = self.packed_parts(name)
             info = self.packed[name]
             return unpack_tensor(values, mask, info["shape"], getattr(torch, info["dtype"]))
-        tensor = self._files[name].get_tensor(name)
-        return _owned(tensor) if own else tensor
+        return self._files[name].get_tensor(name)
 
     def packed_parts(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values [nnz], flat packed mask)`` of an exported matrix."""
         handle = self._files[name]
-        return _owned(handle.get_tensor(f"{name}::values")), _owned(
-            handle.get_tensor(f"{name}::mask")
-        )
+        return handle.get_tensor(f"{name}::values"), handle.get_tensor(f"{name}::mask")
 
     def close(self) -> None:
         self._stack.close()

@@ -1,23 +1,38 @@
 // Decode-shape sparse linear layer: y[b, r] = sum_j W[r, j] x[b, j] for a few activation rows,
-// computed from the compressed weight (kept values + a row-major bitmask, or N:M values +
-// packed in-group indices) without ever forming a dense weight.
+// computed from the compressed weight without ever forming a dense weight.
 //
-// One row kernel per path, each taking a row's mask bytes, its kept values and the activations
-// (fp32, [batch, in]) and returning the row's `batch` dot products:
-//   - avx512:  AVX-512F / BW / VBMI2 masked expand-load (_mm512_maskz_expandloadu_ps/_epi16)
-//              decompresses 16 (fp32) or 32 (bf16) weights per instruction into registers.
-//   - avx2:    an 8-bit mask -> permutation table: load 8 consecutive kept values, move each
-//              to its lane with _mm256_permutevar8x32_ps, zero the dropped lanes.
-//   - scalar:  plain C++ over the set bits (ARM and every other CPU).
-// The path is chosen in Python from what the CPU reports (cpu_paths below); the intrinsics are
-// compiled with __attribute__((target(...))) so one binary serves every x86 CPU.
-// Output rows are split over threads with at::parallel_for.
+// Layout ("tiled bitmask", built in format.py): the rows of W are cut into tiles of 16; a tile
+// is walked along the input dimension in steps of G inputs (G = 2 for bfloat16 values, 1 for
+// float32), and each step has one mask word of 16 * G bits, bit G * r + i set where
+// W[16 t + r, G s + i] is kept. A tile's kept values follow in the order of its set bits, so
+// one expand of the step's values fills a register with the weights of 16 output rows for G
+// inputs, in the lane order the multiply wants:
+//   - bf16, AVX-512-BF16: lane r of _mm512_dpbf16_ps sums the pair (2r, 2r + 1) times the
+//     broadcast activation pair (x[2s], x[2s + 1]) -> 16 row sums, no horizontal sum, the
+//     accumulators held in registers across the whole input dimension (as SparAMX does);
+//   - fp32: one _mm512_fmadd_ps against the broadcast x[s].
+// Value offsets come from popcounts of the mask words (a one-add dependency chain), so the
+// kernel reads each kept value and each mask bit once: its bytes are (1 - s) of dense's plus
+// one bit per weight.
+//
+// Paths, each compiled with __attribute__((target(...))) so one binary serves every x86 CPU:
+//   - avx512:      AVX-512F/BW/VBMI2: a plain 64-byte load, then the register-form expand
+//                  (_mm512_maskz_expand_epi16 / _ps). AMD's Zen 4 runs the memory-source
+//                  expand-load as microcode, many times slower; the register form is fast on
+//                  both vendors.
+//   - avx512-load: the same with the memory-source expand-load (_mm512_maskz_expandloadu_*),
+//                  one instruction fewer; kept for the CPUs where it is measured faster.
+//   - avx2:        an 8-bit mask -> permutation table with _mm256_permutevar8x32_ps.
+//   - scalar:      plain C++ over the set bits (ARM and every other CPU).
+// Which one runs is chosen in Python by measurement (kernel.py). Output tiles are split over
+// threads with at::parallel_for. Prefill decompresses tiles into dense rows (decompress_tiles)
+// for the dense GEMM.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -29,42 +44,64 @@
 
 namespace {
 
+constexpr int64_t kTile = 16;     // output rows per tile
 constexpr int64_t kMaxBatch = 8;  // decode shapes; more rows go to the tiled dense GEMM
+
+enum class Path { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Load = 3 };
+
+template <typename V>
+struct StepOf;  // G inputs per step and the mask word of one tile step
+template <>
+struct StepOf<float> {
+  static constexpr int G = 1;
+  using Word = uint16_t;
+};
+template <>
+struct StepOf<c10::BFloat16> {
+  static constexpr int G = 2;
+  using Word = uint32_t;
+};
 
 inline float to_float(float v) { return v; }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 
+// What one tile product reads: `steps` mask words, the tile's values, the activations as fp32
+// [batch, steps * G] (`xf`, zero-padded) and, for the dpbf16 kernel, as bf16 pairs (`xp`,
+// [batch, steps] 32-bit words). It writes out[b * 16 + r] (fp32).
+template <typename V>
+struct TileArgs {
+  const typename StepOf<V>::Word* words;
+  int64_t steps;
+  const V* v;
+  const float* xf;
+  const uint32_t* xp;
+  float* out;
+};
+
 // ---------------------------------------------------------------- portable path (plain C++)
 
-// Accumulates the mask bytes [first, last) of a row into acc; returns the values consumed.
 template <typename V>
-int64_t row_scalar_span(const uint8_t* mask, int64_t first, int64_t last, const V* v,
-                        const float* x, int64_t in, int64_t batch, float* acc) {
-  const V* start = v;
-  for (int64_t k = first; k < last; ++k) {
-    unsigned m = mask[k];
+void tile_scalar(const TileArgs<V>& a, int64_t batch) {
+  constexpr int G = StepOf<V>::G;
+  const int64_t width = a.steps * G;
+  std::fill(a.out, a.out + batch * kTile, 0.f);
+  const V* v = a.v;
+  for (int64_t s = 0; s < a.steps; ++s) {
+    uint32_t m = a.words[s];
     while (m) {
-      const int j = __builtin_ctz(m);
+      const int k = __builtin_ctz(m);
       const float w = to_float(*v++);
-      for (int64_t b = 0; b < batch; ++b) acc[b] += w * x[b * in + 8 * k + j];
+      for (int64_t b = 0; b < batch; ++b) a.out[b * kTile + k / G] += w * a.xf[b * width + G * s + k % G];
       m &= m - 1;
     }
   }
-  return v - start;
-}
-
-template <typename V>
-void row_scalar(const uint8_t* mask, int64_t in, const V* v, const float* x, int64_t batch,
-                float* acc) {
-  for (int64_t b = 0; b < batch; ++b) acc[b] = 0.f;
-  row_scalar_span(mask, 0, (in + 7) / 8, v, x, in, batch, acc);
 }
 
 #ifdef SAFE_LLM_X86
 // ---------------------------------------------------------------- avx2 path (x86 portable)
 
 struct PermTable {
-  alignas(32) int32_t perm[256][8];  // lane j of mask m takes kept value popcount(m & (2^j - 1))
+  alignas(32) int32_t perm[256][8];   // lane j of mask m takes kept value popcount(m & (2^j - 1))
   alignas(32) int32_t lanes[256][8];  // all ones in the lanes mask m keeps, zeros elsewhere
   PermTable() {
     for (int m = 0; m < 256; ++m)
@@ -84,14 +121,7 @@ __attribute__((target("avx2,fma"))) inline __m256 load8(const c10::BFloat16* v) 
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-__attribute__((target("avx2,fma"))) inline float hsum256(__m256 s) {
-  __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-  q = _mm_add_ss(q, _mm_movehdup_ps(q));
-  return _mm_cvtss_f32(q);
-}
-
-// The 8 weights of mask byte m, decompressed from the next popcount(m) kept values.
+// The 8 lanes of mask byte m, decompressed from the next popcount(m) kept values (reads 8).
 template <typename V>
 __attribute__((target("avx2,fma"))) inline __m256 expand8(unsigned m, const V* v) {
   const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.perm[m]));
@@ -99,248 +129,368 @@ __attribute__((target("avx2,fma"))) inline __m256 expand8(unsigned m, const V* v
   return _mm256_and_ps(_mm256_permutevar8x32_ps(load8(v), perm), lanes);
 }
 
-// Four mask bytes per step, their value offsets from one 32-bit popcount each (no chain
-// through the values pointer); A independent accumulators per activation row hide the FMA
-// latency. Reads up to 7 values past the row's last kept one: the values buffer is padded.
-template <int B, typename V>
-__attribute__((target("avx2,fma,popcnt"))) void row_avx2(const uint8_t* mask, int64_t in,
-                                                          const V* v, const float* x,
-                                                          float* acc) {
-  constexpr int A = B == 1 ? 4 : (B == 2 ? 2 : 1);
-  __m256 sum[B][A];
-  for (int b = 0; b < B; ++b)
-    for (int a = 0; a < A; ++a) sum[b][a] = _mm256_setzero_ps();
-  const int64_t full = in / 8, quads = full / 4 * 4;
-  for (int64_t k = 0; k < quads; k += 4) {
-    uint32_t m4;
-    std::memcpy(&m4, mask + k, 4);
-    const int offset[4] = {0, __builtin_popcount(m4 & 0xFFu), __builtin_popcount(m4 & 0xFFFFu),
-                           __builtin_popcount(m4 & 0xFFFFFFu)};
-    for (int q = 0; q < 4; ++q) {
-      const __m256 w = expand8((m4 >> (8 * q)) & 0xFFu, v + offset[q]);
-      for (int b = 0; b < B; ++b)
-        sum[b][q % A] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + b * in + 8 * (k + q)),
-                                        sum[b][q % A]);
+// fp32 (G = 1): the 16-bit word's low byte is rows 0-7, its high byte rows 8-15.
+template <int B>
+__attribute__((target("avx2,fma,popcnt"))) void tile_avx2(const TileArgs<float>& a) {
+  constexpr int U = B == 1 ? 2 : 1;  // independent accumulator sets hide the FMA latency
+  __m256 lo[U][B], hi[U][B];
+  for (int u = 0; u < U; ++u)
+    for (int b = 0; b < B; ++b) lo[u][b] = hi[u][b] = _mm256_setzero_ps();
+  const float* v = a.v;
+  for (int64_t s = 0; s < a.steps; ++s) {
+    const unsigned m = a.words[s], low = m & 0xFFu;
+    const __m256 w0 = expand8(low, v), w1 = expand8(m >> 8, v + __builtin_popcount(low));
+    v += __builtin_popcount(m);
+    const int u = U == 1 ? 0 : s & 1;
+    for (int b = 0; b < B; ++b) {
+      const __m256 x = _mm256_broadcast_ss(a.xf + b * a.steps + s);
+      lo[u][b] = _mm256_fmadd_ps(w0, x, lo[u][b]);
+      hi[u][b] = _mm256_fmadd_ps(w1, x, hi[u][b]);
     }
-    v += __builtin_popcount(m4);
-  }
-  for (int64_t k = quads; k < full; ++k) {
-    const __m256 w = expand8(mask[k], v);
-    for (int b = 0; b < B; ++b)
-      sum[b][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + b * in + 8 * k), sum[b][0]);
-    v += __builtin_popcount(mask[k]);
   }
   for (int b = 0; b < B; ++b) {
-    for (int a = 1; a < A; ++a) sum[b][0] = _mm256_add_ps(sum[b][0], sum[b][a]);
-    acc[b] = hsum256(sum[b][0]);
+    for (int u = 1; u < U; ++u) {
+      lo[0][b] = _mm256_add_ps(lo[0][b], lo[u][b]);
+      hi[0][b] = _mm256_add_ps(hi[0][b], hi[u][b]);
+    }
+    _mm256_storeu_ps(a.out + b * kTile, lo[0][b]);
+    _mm256_storeu_ps(a.out + b * kTile + 8, hi[0][b]);
   }
-  row_scalar_span(mask, full, (in + 7) / 8, v, x, in, B, acc);  // a last partial byte
 }
 
-// ---------------------------------------------------------------- avx512 path (VBMI2 expand)
-
+// bf16 (G = 2): byte q of the 32-bit word is rows 4q..4q+3, lanes (row, input) interleaved;
+// times the activation pair repeated, then the pairs of lanes are summed once per tile.
 template <int B>
-__attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) void row_avx512(
-    const uint8_t* mask, int64_t in, const float* v, const float* x, float* acc) {
-  __m512 sum[B];
-  for (int b = 0; b < B; ++b) sum[b] = _mm512_setzero_ps();
-  const int64_t full = (in / 16) * 2;  // mask bytes covered by whole 16-weight steps
-  for (int64_t k = 0; k < full; k += 2) {
-    uint16_t m;
-    std::memcpy(&m, mask + k, 2);
-    const __m512 w = _mm512_maskz_expandloadu_ps(m, v);  // AVX-512F
+__attribute__((target("avx2,fma,popcnt"))) void tile_avx2(const TileArgs<c10::BFloat16>& a) {
+  __m256 acc[B][4];
+  for (int b = 0; b < B; ++b)
+    for (int q = 0; q < 4; ++q) acc[b][q] = _mm256_setzero_ps();
+  const c10::BFloat16* v = a.v;
+  const int64_t width = 2 * a.steps;
+  for (int64_t s = 0; s < a.steps; ++s) {
+    const uint32_t m = a.words[s];
+    const int offset[4] = {0, __builtin_popcount(m & 0xFFu), __builtin_popcount(m & 0xFFFFu),
+                           __builtin_popcount(m & 0xFFFFFFu)};
+    for (int q = 0; q < 4; ++q) {
+      const __m256 w = expand8((m >> (8 * q)) & 0xFFu, v + offset[q]);
+      for (int b = 0; b < B; ++b) {
+        const __m256 x = _mm256_castpd_ps(
+            _mm256_broadcast_sd(reinterpret_cast<const double*>(a.xf + b * width + 2 * s)));
+        acc[b][q] = _mm256_fmadd_ps(w, x, acc[b][q]);
+      }
+    }
+    v += __builtin_popcount(m);
+  }
+  alignas(32) float lanes[8];
+  for (int b = 0; b < B; ++b)
+    for (int q = 0; q < 4; ++q) {
+      _mm256_store_ps(lanes, acc[b][q]);
+      for (int r = 0; r < 4; ++r) a.out[b * kTile + 4 * q + r] = lanes[2 * r] + lanes[2 * r + 1];
+    }
+}
+
+// ---------------------------------------------------------------- avx512 paths (VBMI2 expand)
+
+#define SAFE_LLM_AVX512 "avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt"
+
+template <bool kFromMemory>
+__attribute__((target(SAFE_LLM_AVX512))) inline __m512 expand16(uint16_t m, const float* v) {
+  if (kFromMemory) return _mm512_maskz_expandloadu_ps(m, v);
+  return _mm512_maskz_expand_ps(m, _mm512_loadu_ps(v));
+}
+
+template <bool kFromMemory>
+__attribute__((target(SAFE_LLM_AVX512))) inline __m512i expand32(uint32_t m, const void* v) {
+  if (kFromMemory) return _mm512_maskz_expandloadu_epi16(m, v);
+  return _mm512_maskz_expand_epi16(m, _mm512_loadu_si512(v));
+}
+
+// fp32 (G = 1): 16 rows for one input per step.
+template <int B, bool kFromMemory>
+__attribute__((target(SAFE_LLM_AVX512))) void tile_avx512(const TileArgs<float>& a) {
+  constexpr int U = B == 1 ? 4 : (B == 2 ? 2 : 1);
+  __m512 acc[U][B];
+  for (int u = 0; u < U; ++u)
+    for (int b = 0; b < B; ++b) acc[u][b] = _mm512_setzero_ps();
+  const float* v = a.v;
+  int64_t s = 0;
+  for (; s + U <= a.steps; s += U)
+    for (int u = 0; u < U; ++u) {
+      const uint16_t m = a.words[s + u];
+      const __m512 w = expand16<kFromMemory>(m, v);
+      v += __builtin_popcount(m);
+      for (int b = 0; b < B; ++b)
+        acc[u][b] = _mm512_fmadd_ps(w, _mm512_set1_ps(a.xf[b * a.steps + s + u]), acc[u][b]);
+    }
+  for (; s < a.steps; ++s) {
+    const uint16_t m = a.words[s];
+    const __m512 w = expand16<kFromMemory>(m, v);
     v += __builtin_popcount(m);
     for (int b = 0; b < B; ++b)
-      sum[b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + b * in + 8 * k), sum[b]);
+      acc[0][b] = _mm512_fmadd_ps(w, _mm512_set1_ps(a.xf[b * a.steps + s]), acc[0][b]);
   }
-  for (int b = 0; b < B; ++b) acc[b] = _mm512_reduce_add_ps(sum[b]);
-  row_scalar_span(mask, full, (in + 7) / 8, v, x, in, B, acc);
+  for (int b = 0; b < B; ++b) {
+    for (int u = 1; u < U; ++u) acc[0][b] = _mm512_add_ps(acc[0][b], acc[u][b]);
+    _mm512_storeu_ps(a.out + b * kTile, acc[0][b]);
+  }
 }
 
-template <int B>
-__attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) void row_avx512(
-    const uint8_t* mask, int64_t in, const c10::BFloat16* v, const float* x, float* acc) {
-  __m512 sum[B];
-  for (int b = 0; b < B; ++b) sum[b] = _mm512_setzero_ps();
-  const int64_t full = (in / 32) * 4;  // mask bytes covered by whole 32-weight steps
-  for (int64_t k = 0; k < full; k += 4) {
-    uint32_t m;
-    std::memcpy(&m, mask + k, 4);
-    const __m512i w16 = _mm512_maskz_expandloadu_epi16(m, v);  // VBMI2
+// One step of the dpbf16 kernel: returns the next step's values.
+template <int B, bool kFromMemory>
+__attribute__((target(SAFE_LLM_AVX512 ",avx512bf16"))) inline const c10::BFloat16* dpbf16_step(
+    const TileArgs<c10::BFloat16>& a, int64_t s, const c10::BFloat16* v, __m512* acc) {
+  const uint32_t m = a.words[s];
+  const __m512bh w = (__m512bh)expand32<kFromMemory>(m, v);
+  for (int b = 0; b < B; ++b) {
+    const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(a.xp[b * a.steps + s]));
+    acc[b] = _mm512_dpbf16_ps(acc[b], w, x);
+  }
+  return v + __builtin_popcount(m);
+}
+
+// bf16 (G = 2) with AVX-512-BF16: one dpbf16 per step and activation row.
+template <int B, bool kFromMemory>
+__attribute__((target(SAFE_LLM_AVX512 ",avx512bf16"))) void tile_avx512_dpbf16(
+    const TileArgs<c10::BFloat16>& a) {
+  constexpr int U = B == 1 ? 4 : (B == 2 ? 2 : 1);
+  __m512 acc[U][B];
+  for (int u = 0; u < U; ++u)
+    for (int b = 0; b < B; ++b) acc[u][b] = _mm512_setzero_ps();
+  const c10::BFloat16* v = a.v;
+  int64_t s = 0;
+  for (; s + U <= a.steps; s += U)
+    for (int u = 0; u < U; ++u) v = dpbf16_step<B, kFromMemory>(a, s + u, v, acc[u]);
+  for (; s < a.steps; ++s) v = dpbf16_step<B, kFromMemory>(a, s, v, acc[0]);
+  for (int b = 0; b < B; ++b) {
+    for (int u = 1; u < U; ++u) acc[0][b] = _mm512_add_ps(acc[0][b], acc[u][b]);
+    _mm512_storeu_ps(a.out + b * kTile, acc[0][b]);
+  }
+}
+
+// bf16 (G = 2) without AVX-512-BF16: the even lanes (input 2s) and the odd ones (2s + 1) of the
+// expanded pairs become two fp32 vectors of the 16 rows, each times its broadcast input.
+template <int B, bool kFromMemory>
+__attribute__((target(SAFE_LLM_AVX512))) void tile_avx512_pairs(
+    const TileArgs<c10::BFloat16>& a) {
+  constexpr int U = B == 1 ? 2 : 1;
+  __m512 acc[U][B];
+  for (int u = 0; u < U; ++u)
+    for (int b = 0; b < B; ++b) acc[u][b] = _mm512_setzero_ps();
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const c10::BFloat16* v = a.v;
+  const int64_t width = 2 * a.steps;
+  for (int64_t s = 0; s < a.steps; ++s) {
+    const uint32_t m = a.words[s];
+    const __m512i w = expand32<kFromMemory>(m, v);
     v += __builtin_popcount(m);
-    const __m512 lo = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w16)), 16));
-    const __m512 hi = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w16, 1)), 16));
+    const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(w, high));
+    const int u = U == 1 ? 0 : s & 1;
     for (int b = 0; b < B; ++b) {
-      sum[b] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + b * in + 8 * k), sum[b]);
-      sum[b] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + b * in + 8 * k + 16), sum[b]);
+      const float* x = a.xf + b * width + 2 * s;
+      acc[u][b] = _mm512_fmadd_ps(even, _mm512_set1_ps(x[0]), acc[u][b]);
+      acc[u][b] = _mm512_fmadd_ps(odd, _mm512_set1_ps(x[1]), acc[u][b]);
     }
   }
-  for (int b = 0; b < B; ++b) acc[b] = _mm512_reduce_add_ps(sum[b]);
-  row_scalar_span(mask, full, (in + 7) / 8, v, x, in, B, acc);
+  for (int b = 0; b < B; ++b) {
+    for (int u = 1; u < U; ++u) acc[0][b] = _mm512_add_ps(acc[0][b], acc[u][b]);
+    _mm512_storeu_ps(a.out + b * kTile, acc[0][b]);
+  }
+}
+
+bool has_avx512_bf16() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16");
+}
+const bool kNativeBf16 = has_avx512_bf16();
+
+template <int B, bool kFromMemory>
+void tile_avx512_any(const TileArgs<float>& a) {
+  tile_avx512<B, kFromMemory>(a);
+}
+template <int B, bool kFromMemory>
+void tile_avx512_any(const TileArgs<c10::BFloat16>& a) {
+  if (kNativeBf16) return tile_avx512_dpbf16<B, kFromMemory>(a);
+  tile_avx512_pairs<B, kFromMemory>(a);
 }
 #endif  // SAFE_LLM_X86
 
 // ---------------------------------------------------------------- dispatch
 
-enum class Path { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-
 template <int B, typename V>
-void row_fixed(Path path, const uint8_t* mask, int64_t in, const V* v, const float* x,
-               float* acc) {
+void tile_fixed(Path path, const TileArgs<V>& a) {
 #ifdef SAFE_LLM_X86
-  if (path == Path::kAvx512) return row_avx512<B>(mask, in, v, x, acc);
-  if (path == Path::kAvx2) return row_avx2<B>(mask, in, v, x, acc);
+  switch (path) {
+    case Path::kAvx512: return tile_avx512_any<B, false>(a);
+    case Path::kAvx512Load: return tile_avx512_any<B, true>(a);
+    case Path::kAvx2: return tile_avx2<B>(a);
+    default: break;
+  }
 #endif
-  row_scalar(mask, in, v, x, B, acc);
+  tile_scalar(a, B);
 }
 
 template <typename V>
-void row_any(Path path, const uint8_t* mask, int64_t in, const V* v, const float* x,
-             int64_t batch, float* acc) {
+void tile_any(Path path, const TileArgs<V>& a, int64_t batch) {
   switch (batch) {  // the batch as a template argument keeps the accumulators in registers
-    case 1: return row_fixed<1>(path, mask, in, v, x, acc);
-    case 2: return row_fixed<2>(path, mask, in, v, x, acc);
-    case 3: return row_fixed<3>(path, mask, in, v, x, acc);
-    case 4: return row_fixed<4>(path, mask, in, v, x, acc);
-    case 5: return row_fixed<5>(path, mask, in, v, x, acc);
-    case 6: return row_fixed<6>(path, mask, in, v, x, acc);
-    case 7: return row_fixed<7>(path, mask, in, v, x, acc);
-    default: return row_fixed<8>(path, mask, in, v, x, acc);
+    case 1: return tile_fixed<1>(path, a);
+    case 2: return tile_fixed<2>(path, a);
+    case 3: return tile_fixed<3>(path, a);
+    case 4: return tile_fixed<4>(path, a);
+    case 5: return tile_fixed<5>(path, a);
+    case 6: return tile_fixed<6>(path, a);
+    case 7: return tile_fixed<7>(path, a);
+    default: return tile_fixed<8>(path, a);
   }
 }
 
-// The mask bytes of one N:M row from its packed in-group indices: each mask byte (8 inputs,
-// 8 / m groups) comes from the next `width` = (8 / m) * n * bits code bits through `table`
-// (2:4: 8 bits, 4:8: 12 bits), built by nm_table.
-std::vector<uint8_t> nm_table(int64_t n, int64_t m, int64_t bits) {
-  const int64_t groups = 8 / m, width = groups * n * bits;
-  std::vector<uint8_t> table(size_t{1} << width);
-  for (uint32_t code = 0; code < table.size(); ++code) {
-    unsigned set = 0;
-    for (int64_t g = 0; g < groups; ++g)
-      for (int64_t i = 0; i < n; ++i) {
-        const unsigned index = (code >> ((g * n + i) * bits)) & ((1u << bits) - 1);
-        set |= 1u << (g * m + index);
-      }
-    table[code] = static_cast<uint8_t>(set);
-  }
-  return table;
+// x [batch, in] -> fp32 [batch, steps * G], zero-padded, and for bf16 values the same as
+// bf16 pairs (one 32-bit word per step: x[2s] low half, x[2s + 1] high half).
+std::pair<torch::Tensor, torch::Tensor> prepare_x(const torch::Tensor& x, int64_t steps,
+                                                  int64_t G) {
+  const int64_t in = x.size(1), padded = steps * G;
+  TORCH_CHECK(padded >= in && padded - in < G, "x's last dimension does not match the weight");
+  torch::Tensor xf = x.to(at::kFloat);
+  if (padded != in) xf = at::constant_pad_nd(xf, {0, padded - in});
+  xf = xf.contiguous();
+  torch::Tensor xp;
+  if (G == 2) xp = xf.to(at::kBFloat16).contiguous();
+  return {xf, xp};
 }
 
-void nm_row_mask(const uint8_t* codes, int64_t mask_bytes, int64_t width,
-                 const uint8_t* table, uint8_t* out) {
-  const uint32_t keep = (1u << width) - 1;
-  for (int64_t k = 0, at = 0; k < mask_bytes; ++k, at += width) {
-    uint32_t word;
-    std::memcpy(&word, codes + (at >> 3), 4);  // codes rows are padded by 4 bytes
-    out[k] = table[(word >> (at & 7)) & keep];
-  }
+template <typename V>
+torch::Tensor spmm(const torch::Tensor& x, const torch::Tensor& values,
+                   const torch::Tensor& mask, const torch::Tensor& tile_offsets, int64_t out,
+                   Path path) {
+  using Word = typename StepOf<V>::Word;
+  constexpr int G = StepOf<V>::G;
+  const int64_t tiles = mask.size(0), steps = mask.size(1) / static_cast<int64_t>(sizeof(Word));
+  TORCH_CHECK(tiles == (out + kTile - 1) / kTile, "mask has the wrong number of tiles");
+  auto [xf, xp] = prepare_x(x, steps, G);
+  const int64_t batch = x.size(0);
+  torch::Tensor y = torch::empty({batch, out}, xf.options());
+  const auto* words = reinterpret_cast<const Word*>(mask.data_ptr<uint8_t>());
+  const V* v = values.data_ptr<V>();
+  const int64_t* off = tile_offsets.data_ptr<int64_t>();
+  const float* xfp = xf.data_ptr<float>();
+  const uint32_t* xpp = G == 2 ? reinterpret_cast<const uint32_t*>(xp.data_ptr()) : nullptr;
+  float* yp = y.data_ptr<float>();
+  // chunks of at least ~64K weights: a small layer runs on the calling thread
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (kTile * steps * G));
+  at::parallel_for(0, tiles, grain, [&](int64_t first, int64_t last) {
+    alignas(64) float acc[kMaxBatch * kTile];
+    for (int64_t t = first; t < last; ++t) {
+      const TileArgs<V> a{words + t * steps, steps, v + off[t], xfp, xpp, acc};
+      tile_any(path, a, batch);
+      const int64_t rows = std::min(kTile, out - t * kTile);
+      for (int64_t b = 0; b < batch; ++b)
+        std::memcpy(yp + b * out + t * kTile, acc + b * kTile, rows * sizeof(float));
+    }
+  });
+  return y.to(x.scalar_type());
 }
 
-void check_inputs(const torch::Tensor& x, const torch::Tensor& values, int64_t path) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxBatch,
-              "x must be [batch <= 8, in]");
+void check_layout(const torch::Tensor& values, const torch::Tensor& mask,
+                  const torch::Tensor& tile_offsets) {
   TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16,
               "values must be float32 or bfloat16");
-  TORCH_CHECK(path >= 0 && path <= 2, "path must be 0 (scalar), 1 (avx2) or 2 (avx512)");
+  TORCH_CHECK(values.is_contiguous() && !values.is_cuda(), "values must be contiguous CPU");
+  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kByte && mask.is_contiguous(),
+              "mask must be contiguous uint8 [tiles, steps * word bytes]");
+  TORCH_CHECK(tile_offsets.scalar_type() == at::kLong && tile_offsets.numel() == mask.size(0) + 1,
+              "tile_offsets must be int64 [tiles + 1]");
 }
 
-// y [batch, out] for x [batch, in] (fp32): row r of W is given by row_mask(r, scratch) (a
-// pointer to its mask bytes) and row_offset(r) (the index of its first kept value). Threads
-// take chunks of at least ~32K weights: a small layer runs on the calling thread.
-template <typename V, typename MaskFn, typename OffsetFn>
-void spmm_rows(const float* x, int64_t batch, int64_t in, const V* values, int64_t out,
-               int64_t mask_bytes, Path path, MaskFn row_mask, OffsetFn row_offset, float* y) {
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(in, 1));
-  at::parallel_for(0, out, grain, [&](int64_t first, int64_t last) {
-    std::vector<uint8_t> scratch(mask_bytes + 4);
-    float acc[kMaxBatch];
-    for (int64_t r = first; r < last; ++r) {
-      row_any(path, row_mask(r, scratch.data()), in, values + row_offset(r), x, batch, acc);
-      for (int64_t b = 0; b < batch; ++b) y[b * out + r] = acc[b];
+template <typename V>
+void decompress(const torch::Tensor& values, const torch::Tensor& mask,
+                const torch::Tensor& tile_offsets, int64_t first, int64_t last, int64_t in,
+                torch::Tensor& dense) {
+  using Word = typename StepOf<V>::Word;
+  constexpr int G = StepOf<V>::G;
+  const int64_t steps = mask.size(1) / static_cast<int64_t>(sizeof(Word)), rows = dense.size(0);
+  const auto* words = reinterpret_cast<const Word*>(mask.data_ptr<uint8_t>());
+  const V* values_p = values.data_ptr<V>();
+  const int64_t* off = tile_offsets.data_ptr<int64_t>();
+  V* d = dense.data_ptr<V>();
+  at::parallel_for(first, last, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const V* v = values_p + off[t];
+      const Word* w = words + t * steps;
+      for (int64_t s = 0; s < steps; ++s) {
+        uint32_t m = w[s];
+        while (m) {
+          const int k = __builtin_ctz(m);
+          const int64_t row = (t - first) * kTile + k / G, col = G * s + k % G;
+          if (row < rows && col < in) d[row * in + col] = *v;
+          ++v;
+          m &= m - 1;
+        }
+      }
     }
   });
 }
 
-template <typename MaskFn, typename OffsetFn>
-torch::Tensor spmm(const torch::Tensor& x, const torch::Tensor& values, int64_t out,
-                   int64_t mask_bytes, int64_t path, MaskFn row_mask, OffsetFn row_offset) {
-  check_inputs(x, values, path);
-  const torch::Tensor xf = x.to(at::kFloat).contiguous();
-  const int64_t batch = xf.size(0), in = xf.size(1);
-  TORCH_CHECK(mask_bytes == (in + 7) / 8, "x's last dimension does not match the weight");
-  torch::Tensor y = torch::empty({batch, out}, xf.options());
-  const auto p = static_cast<Path>(path);
-  if (values.scalar_type() == at::kFloat)
-    spmm_rows(xf.data_ptr<float>(), batch, in, values.data_ptr<float>(), out, mask_bytes, p,
-              row_mask, row_offset, y.data_ptr<float>());
-  else
-    spmm_rows(xf.data_ptr<float>(), batch, in, values.data_ptr<c10::BFloat16>(), out,
-              mask_bytes, p, row_mask, row_offset, y.data_ptr<float>());
-  return y.to(x.scalar_type());
-}
-
 }  // namespace
 
-// W applied to x [batch, in] (x @ W.T), W as values [nnz + pad] (row-major kept values), mask
-// [out, ceil(in / 8)] uint8 (bit j % 8 of byte j / 8 of row r: W[r, j] is kept) and
-// row_offsets [out + 1] int64 (index of each row's first value).
-torch::Tensor bitmask_matmul(const torch::Tensor& values, const torch::Tensor& mask,
-                             const torch::Tensor& row_offsets, int64_t path,
-                             const torch::Tensor& x) {
-  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kByte && mask.is_contiguous(),
-              "mask must be contiguous uint8 [out, ceil(in / 8)]");
-  TORCH_CHECK(row_offsets.scalar_type() == at::kLong && row_offsets.numel() == mask.size(0) + 1,
-              "row_offsets must be int64 [out + 1]");
-  const uint8_t* m = mask.data_ptr<uint8_t>();
-  const int64_t* off = row_offsets.data_ptr<int64_t>();
-  const int64_t bytes = mask.size(1);
-  return spmm(x, values, mask.size(0), bytes, path,
-              [=](int64_t r, uint8_t*) { return m + r * bytes; },
-              [=](int64_t r) { return off[r]; });
+// x [batch <= 8, in] @ W.T -> [batch, out] in x's dtype, W in the tiled bitmask layout:
+// values [kept + pad] (float32 or bfloat16), mask [tiles, steps * word bytes] uint8,
+// tile_offsets [tiles + 1] int64 (the index of each tile's first value).
+torch::Tensor tiled_matmul(const torch::Tensor& values, const torch::Tensor& mask,
+                           const torch::Tensor& tile_offsets, int64_t out, int64_t path,
+                           const torch::Tensor& x) {
+  check_layout(values, mask, tile_offsets);
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxBatch,
+              "x must be [batch <= 8, in]");
+  TORCH_CHECK(path >= 0 && path <= 3, "path must be 0 (scalar) .. 3 (avx512-load)");
+  const auto p = static_cast<Path>(path);
+  if (values.scalar_type() == at::kFloat)
+    return spmm<float>(x, values, mask, tile_offsets, out, p);
+  return spmm<c10::BFloat16>(x, values, mask, tile_offsets, out, p);
 }
 
-// W applied to x [batch, in] (x @ W.T), W in N:M form: values [out * in * n / m + pad] (each group's n kept
-// values, ascending index) and codes [out, row_code_bytes + 4] uint8 (each group's n in-group
-// indices, `bits` bits each, packed little-endian along the row).
-torch::Tensor nm_matmul(const torch::Tensor& values, const torch::Tensor& codes, int64_t n,
-                        int64_t m, int64_t bits, int64_t path, const torch::Tensor& x) {
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(),
-              "codes must be contiguous uint8 [out, bytes]");
-  TORCH_CHECK(m == 2 || m == 4 || m == 8, "N:M kernels need m in {2, 4, 8}");
-  const int64_t in = x.size(-1), groups = in / m, kept = groups * n;
-  TORCH_CHECK(in % 8 == 0, "N:M kernels need in % 8 == 0");
-  const uint8_t* c = codes.data_ptr<uint8_t>();
-  const int64_t stride = codes.size(1), width = (8 / m) * n * bits;
-  TORCH_CHECK(width <= 16, "N:M pattern too wide for the decoder");
-  const std::vector<uint8_t> table = nm_table(n, m, bits);
-  const uint8_t* t = table.data();
-  return spmm(x, values, codes.size(0), in / 8, path,
-              [=](int64_t r, uint8_t* scratch) {
-                nm_row_mask(c + r * stride, in / 8, width, t, scratch);
-                return static_cast<const uint8_t*>(scratch);
-              },
-              [=](int64_t r) { return r * kept; });
+// Rows [16 first, min(16 last, out)) of W dense, [rows, in] in the values' dtype.
+torch::Tensor decompress_tiles(const torch::Tensor& values, const torch::Tensor& mask,
+                               const torch::Tensor& tile_offsets, int64_t out, int64_t in,
+                               int64_t first, int64_t last) {
+  check_layout(values, mask, tile_offsets);
+  TORCH_CHECK(0 <= first && first <= last && last <= mask.size(0), "tile range out of bounds");
+  const int64_t rows = std::min(last * kTile, out) - first * kTile;
+  torch::Tensor dense = torch::zeros({std::max<int64_t>(rows, 0), in}, values.options());
+  if (values.scalar_type() == at::kFloat)
+    decompress<float>(values, mask, tile_offsets, first, last, in, dense);
+  else
+    decompress<c10::BFloat16>(values, mask, tile_offsets, first, last, in, dense);
+  return dense;
 }
 
-// The paths this CPU can run, best first (the CPU's own report, no timing).
+// The paths this CPU can run, fastest-expected first (the CPU's own report, no timing), and
+// the features behind them.
 std::vector<std::string> cpu_paths() {
   std::vector<std::string> paths;
 #ifdef SAFE_LLM_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vbmi2"))
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2")) {
     paths.push_back("avx512");
+    paths.push_back("avx512-load");
+  }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) paths.push_back("avx2");
 #endif
   paths.push_back("scalar");
   return paths;
 }
 
+bool native_bf16() {
+#ifdef SAFE_LLM_X86
+  return has_avx512_bf16();
+#else
+  return false;
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("bitmask_matmul", &bitmask_matmul, "x @ W.T, W as values + row bitmask");
-  module.def("nm_matmul", &nm_matmul, "x @ W.T, W as N:M values + packed in-group indices");
-  module.def("cpu_paths", &cpu_paths, "kernel paths this CPU runs, best first");
+  module.def("tiled_matmul", &tiled_matmul, "x @ W.T, W in the tiled bitmask layout");
+  module.def("decompress_tiles", &decompress_tiles, "rows of W dense, from its tiles");
+  module.def("cpu_paths", &cpu_paths, "kernel paths this CPU runs");
+  module.def("native_bf16", &native_bf16, "whether the avx512 paths use AVX-512-BF16 dpbf16");
 }
