@@ -7,7 +7,7 @@ per variant, each its own process:
 * ``default``: recover's defaults (one pass over the calibration windows: 16 steps of 2);
 * ``n64`` / ``n128``: one pass over 64 / 128 windows (``--recover-nsamples``; the step size
   and everything else the default);
-* ``pass2``: two passes over the calibration windows (``--recover-tokens``);
+* ``pass2``: two passes over the calibration windows (``--recover-steps 32``);
 * ``lr2x``: the default budget at twice the default peak step;
 * ``hidden1``: the default budget with the hidden-state term at weight 1 (SquareHead);
 * ``bs1``: the default budget in steps of one window (32 steps).
@@ -46,7 +46,9 @@ VARIANTS = {
     "default": [],
     "n64": ["--recover-nsamples", "64"],
     "n128": ["--recover-nsamples", "128"],
-    "pass2": ["--recover-tokens", str(2 * CALIBRATION[0] * CALIBRATION[1])],
+    # two passes over the calibration windows in steps of 2 windows (--recover-tokens now
+    # streams fresh windows instead)
+    "pass2": ["--recover-steps", str(CALIBRATION[0])],
     "lr2x": ["--recover-lr", "5e-3"],
     "hidden1": ["--recover-hidden-weight", "1.0"],
     "bs1": ["--recover-batch-size", "1"],

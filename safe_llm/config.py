@@ -78,12 +78,36 @@ class RunConfig:
     dataset: str = option(
         "c4",
         "calibration text: c4, wikitext2, builtin-c4, builtin-wiki, a .txt/.jsonl/.parquet "
-        "file, or a datasets id (name or name:config)",
+        "file, a datasets id (name or name:config), or self: windows sampled from the dense "
+        "model itself (--self-temperature, --self-top-p, --self-top-k; cached on disk)",
     )
     text_column: str = option("text", "text column of a JSON/parquet/datasets source")
     nsamples: int = option(128, "number of calibration windows", at_least=1)
     seqlen: int = option(2048, "tokens per calibration window", at_least=2)
     seed: int = option(0, "random seed for calibration windows and the solver")
+    self_temperature: float = option(
+        1.0,
+        "--dataset self / --recover-dataset self: sampling temperature (provisional default "
+        "until measured)",
+        above=0,
+        at_most=100,
+    )
+    self_top_p: float = option(
+        0.95,
+        "self data: nucleus sampling, keep the most likely tokens up to this probability mass "
+        "(1: off; provisional default)",
+        above=0,
+        at_most=1,
+    )
+    self_top_k: int = option(
+        0, "self data: sample among the k most likely tokens only (0: off)", at_least=0
+    )
+    self_batch_size: int = option(
+        8,
+        "self data: windows generated together (one batch, one shard file on disk); part of "
+        "the cache key, since batched sampling draws per batch",
+        at_least=1,
+    )
     device: str = option("auto", "compute device: auto, cpu, cuda or cuda:N")
     dtype: str = option(
         "auto",
@@ -410,10 +434,36 @@ def _check_together(config: RunConfig, pattern) -> None:
             "--eval-tasks cannot run with --stream-from-disk (the model is never whole in "
             "memory); evaluate the written checkpoint with safe-llm eval --tasks"
         )
+    _check_self_and_budget(config, recover)
     if config.resume and not config.output:
         raise ConfigError("--resume needs --output (the directory of the interrupted run)")
     if config.push_to_hub and not (config.output and config.hub_repo_id):
         raise ConfigError("--push-to-hub needs --output and --hub-repo-id user/name")
+
+
+def _check_self_and_budget(config: RunConfig, recover: RecoverOptions | None) -> None:
+    """``--dataset self`` needs the whole dense model; a token budget of at least one window,
+    and not together with ``--recover-nsamples`` (the windows held in memory)."""
+    recovering = recover is not None and recover.enabled
+    uses_self = config.dataset == "self" or (recovering and recover.dataset == "self")
+    if config.stream_from_disk and uses_self:
+        raise ConfigError(
+            "--dataset self / --recover-dataset self generate with the whole dense model and "
+            "cannot run with --stream-from-disk; use a text source"
+        )
+    if not recovering or recover.tokens is None:
+        return
+    seqlen = recover.seqlen or config.seqlen
+    if recover.tokens < seqlen:
+        raise ConfigError(
+            f"--recover-tokens {recover.tokens} is less than one recovery window of {seqlen} "
+            f"tokens (--recover-seqlen, default --seqlen); give at least {seqlen}"
+        )
+    if recover.nsamples is not None:
+        raise ConfigError(
+            "--recover-tokens streams fresh windows and --recover-nsamples sets the windows "
+            "held in memory: give one of them"
+        )
 
 
 def check_run(config: RunConfig) -> None:
@@ -427,7 +477,7 @@ def check_run(config: RunConfig) -> None:
     recover = config.stage_options.get("recover")
     recovering = recover is not None and recover.enabled
     for source in [config.dataset, *config.eval, *([recover.dataset] if recovering else [])]:
-        if source:
+        if source and source != "self":
             check_source(source)
     if recovering and recover.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         from safe_llm.stages.recover.fsdp import NEEDS_RANKS

@@ -171,6 +171,18 @@ def parse_size(text: str, flag: str = "size") -> int:
     return int(float(match.group(1)) * scale[unit])
 
 
+def parse_count(text, flag: str) -> int:
+    """An integer count written with an optional decimal suffix: ``65536``, ``500k``,
+    ``2M``, ``1.5G`` (k = 10^3, M = 10^6, G = 10^9; case-insensitive). A sign is kept, so
+    the caller's bounds refuse ``-5``; anything else is a :class:`ConfigError` naming
+    ``flag``."""
+    match = re.fullmatch(r"\s*([-+]?\d+(?:\.\d+)?)\s*([kmg]?)\s*", str(text).lower())
+    if not match:
+        raise ConfigError(f"{flag} {text!r} is not a count such as 65536, 500k or 2M")
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[match.group(2)]
+    return round(float(match.group(1)) * scale)
+
+
 def parse_list(values: str | Iterable[str] | None) -> list[str]:
     """``"a,b"`` / ``["a", "b,c"]`` -> ``["a", "b", "c"]``: comma- and space-separated lists.
 

@@ -28,6 +28,7 @@ from safe_llm.core.walker import WalkOptions
 from safe_llm.evaluation.perplexity import refuse_long_windows
 from safe_llm.io import data
 from safe_llm.io.models import context_length, load_model, resolve_device, resolve_dtype
+from safe_llm.io.self_data import SELF, check_can_generate, self_windows
 from safe_llm.io.work_area import WorkArea, work_dir
 from safe_llm.options import parse_size
 from safe_llm.report import RunReport
@@ -173,16 +174,17 @@ def run_prune(
         model, tokenizer, source, weights_writer = _load(config, dtype)
     _, blocks = find_blocks(model)
     check_prunable(blocks, pattern, tuple(config.ignore))
-    with peaks.stage("calibration_data"):
-        windows = _calibration_windows(config, tokenizer)
+    _check_generation(config, model)
     walk = walk_options(config, device, progress and distributed.is_writer())
+    with peaks.stage("calibration_data"):
+        windows, made = _calibration_windows(config, tokenizer, model, device, walk.progress)
     context = RunContext(
         config,
         device,
         dtype,
         tokenizer,
         windows,
-        new_report(config, pattern),
+        new_report(config, pattern, made),
         peaks,
         pattern,
         blocks,
@@ -206,9 +208,19 @@ def run_prune(
     return PruneResult(model, tokenizer, config, report, write_weights)
 
 
-def new_report(config: RunConfig, pattern: SparsityPattern) -> RunReport:
+def _check_generation(config: RunConfig, model: nn.Module) -> None:
+    """``--dataset self`` / ``--recover-dataset self`` need a model that generates (checked
+    once it is loaded, before any window is made or block pruned)."""
+    if config.dataset == SELF:
+        check_can_generate(model)
+    if config.recover.enabled and config.recover.dataset == SELF:
+        check_can_generate(model, "--recover-dataset self")
+
+
+def new_report(config: RunConfig, pattern: SparsityPattern, self_data=None) -> RunReport:
     """The run's report before any stage ran: what the options say (the stages fill in the
-    rest)."""
+    rest); ``self_data``: what the self-generated calibration windows were, if any."""
+    extra = {"self_data": self_data} if self_data is not None else {}
     return RunReport(
         model=config.model,
         command=config.command_line,
@@ -221,14 +233,37 @@ def new_report(config: RunConfig, pattern: SparsityPattern) -> RunReport:
             "nsamples": config.nsamples,
             "seqlen": config.seqlen,
             "seed": config.seed,
+            **extra,
         },
         evaluation={"dense": {}, "pruned": {}},
         finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
 
 
-def _calibration_windows(config: RunConfig, tokenizer) -> torch.Tensor:
-    """The calibration token ids ``[nsamples, seqlen]`` of ``config``."""
+def _calibration_windows(config: RunConfig, tokenizer, model, device, progress):
+    """``(the calibration token ids [nsamples, seqlen] of config, what the self data was or
+    None)``; ``--dataset self``: sampled by the dense ``model`` on ``device`` (moved there for
+    the generation, back on its own device after), kept on disk."""
+    if config.dataset == SELF:
+        home = next(model.parameters()).device
+        try:
+            made = self_windows(
+                model.to(device),
+                tokenizer,
+                config,
+                config.seqlen,
+                config.seed,
+                config.nsamples,
+                progress,
+            )
+        finally:
+            model.to(home)
+        log.info(
+            "calibration: %d windows x %d tokens sampled from the model",
+            config.nsamples,
+            config.seqlen,
+        )
+        return made.read(0, config.nsamples), made.describe()
     windows = data.calibration_windows(
         tokenizer,
         config.dataset,
@@ -239,7 +274,7 @@ def _calibration_windows(config: RunConfig, tokenizer) -> torch.Tensor:
     )
     return_freed_memory()  # the tokenizer's buffers for the whole text
     log.info("calibration: %d windows x %d tokens from %s", *windows.shape, config.dataset)
-    return windows
+    return windows, None
 
 
 def recover_checkpoint(

@@ -127,3 +127,15 @@ def test_the_kl_chunk_help_says_what_the_memory_planner_counts():
 
     (kl_chunk,) = [f for f in dataclasses.fields(RecoverOptions) if f.name == "kl_chunk"]
     assert f"{plan.KL_TENSORS} x chunk x vocab x 4 bytes" in kl_chunk.metadata["help"]
+
+
+@pytest.mark.parametrize(
+    "given, tokens", [("2M", 2_000_000), ("500k", 500_000), ("65536", 65536), ("1.5G", 1.5e9)]
+)
+def test_recover_tokens_reads_k_m_g_suffixes_from_a_flag_or_a_recipe(given, tokens):
+    config = make_config({"model": "m", "recover": {"tokens": given}})
+    assert config.recover.tokens == tokens and isinstance(config.recover.tokens, int)
+    args = cli.parse_args(["recover", "ckpt", "--output", "o", "--recover-tokens", given])
+    assert make_config({"model": "m"}, {"recover_tokens": args.recover_tokens}).recover.tokens == (
+        tokens
+    )

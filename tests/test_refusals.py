@@ -113,3 +113,51 @@ def test_a_run_checks_its_blocks_once_before_the_calibration_text_is_read(base_a
     monkeypatch.setattr(pipeline, "_calibration_windows", calibrated)
     assert cli.main([*base_args, "--seqlen", "16", "--method", "magnitude", "--quiet"]) == 0
     assert events == ["check", "calibration"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--recover", "--recover-tokens", "0"], "--recover-tokens must be at least 1, got 0"),
+        (["--recover", "--recover-tokens", "-5"], "--recover-tokens must be at least 1, got -5"),
+        (["--recover", "--recover-tokens", "2X"], "--recover-tokens '2X' is not a count"),
+        (
+            ["--recover", "--recover-tokens", "10"],
+            "--recover-tokens 10 is less than one recovery window of 16 tokens",
+        ),
+        (
+            ["--recover", "--recover-tokens", "1k", "--recover-nsamples", "4"],
+            "give one of them",
+        ),
+        (["--self-top-p", "1.5"], "--self-top-p must be at most 1, got 1.5"),
+        (["--self-top-p", "0"], "--self-top-p must be above 0, got 0"),
+        (["--self-temperature", "0"], "--self-temperature must be above 0, got 0"),
+        (["--self-top-k", "-1"], "--self-top-k must be at least 0, got -1"),
+        (["--dataset", "self", "--stream-from-disk"], "cannot run with --stream-from-disk"),
+    ],
+)
+def test_a_bad_token_budget_or_sampling_setting_is_refused_before_the_model_loads(
+    base_args, no_weights, tmp_path, capsys, extra, message
+):
+    assert cli.main([*base_args, "--seqlen", "16", *extra]) == 2
+    assert message in _one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--dataset", "--recover-dataset"])
+def test_self_data_from_a_model_that_cannot_generate_is_refused_before_any_window(
+    base_args, tmp_path, capsys, monkeypatch, flag
+):
+    from transformers import LlamaForCausalLM
+
+    from safe_llm.io.self_data import SelfWindows
+
+    monkeypatch.setenv("SAFE_LLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(LlamaForCausalLM, "can_generate", classmethod(lambda cls: False))
+    monkeypatch.setattr(SelfWindows, "_shard", lambda *a: pytest.fail("generated"))
+    monkeypatch.setattr(engine, "_prune_block", lambda *a, **k: pytest.fail("pruned"))
+    extra = ["--recover"] if flag == "--recover-dataset" else []
+    assert cli.main([*base_args, "--seqlen", "16", *extra, flag, "self"]) == 2
+    line = _one_error_line(capsys)
+    assert f"{flag} self: LlamaForCausalLM cannot generate" in line and "text source" in line
+    assert not (tmp_path / "out").exists()

@@ -344,6 +344,64 @@ def evaluation_windows(
     return ids[0, : nwindows * seqlen].reshape(nwindows, seqlen)
 
 
+class TextWindows:
+    """Random windows of ``source`` made one at a time, for a recovery that streams its
+    windows (``--recover-tokens``) instead of holding them: ``batches(start, size)`` yields
+    ``[size, seqlen]`` int64 batches from window ``start`` on, without end.
+
+    Large sources (``c4``, datasets ids and directories) follow the document protocol of
+    :func:`calibration_windows`: a random document longer than ``seqlen`` tokens, then a random
+    window of it, each document tokenized when drawn (never the whole corpus at once). Small
+    sources (the builtin texts, local files, ``wikitext2``'s joined split) are tokenized once,
+    joined with ``"\\n\\n"``, and cut at random starts. Window ``i`` depends only on the
+    source, ``seqlen`` and ``seed`` (a private ``random.Random(seed)`` drawn in order), so a
+    resumed run that skips the first windows sees the same ones after them.
+    """
+
+    def __init__(self, tokenizer, source: str, seqlen: int, seed: int = 0, text_column="text"):
+        _check_sizes(None, seqlen)
+        _quiet(tokenizer)
+        self.tokenizer, self.source, self.seqlen = tokenizer, source, seqlen
+        self.seed, self.text_column = seed, text_column
+
+    def batches(self, start: int, size: int):
+        windows = self._windows()
+        for _ in range(start):  # the draws of the skipped windows, in order
+            next(windows)
+        while True:
+            yield torch.stack([next(windows) for _ in range(size)])
+
+    def _windows(self):
+        rng = random.Random(self.seed)
+        text = load_text(self.source, "train", self.text_column)
+        docs = [text] if isinstance(text, str) else text
+        _require_text(self.source, docs)
+        small = self.source in BUILTIN_SOURCES or Path(self.source).expanduser().is_file()
+        if isinstance(text, list) and not small:
+            yield from self._document_windows(docs, rng)
+        ids = _encode(self.tokenizer, "\n\n".join(docs))[0]
+        if ids.numel() <= self.seqlen:
+            raise _too_little(self.source, ids.numel(), self.seqlen + 1)
+        while True:
+            i = rng.randint(0, ids.numel() - self.seqlen - 1)
+            yield ids[i : i + self.seqlen]
+
+    def _document_windows(self, docs: list[str], rng: random.Random):
+        """Windows of random long documents; returns when no document is long enough (the
+        caller then cuts the joined text)."""
+        short: set[int] = set()
+        while len(short) < len(docs):
+            i = rng.randint(0, len(docs) - 1)
+            if i in short:
+                continue
+            ids = _encode(self.tokenizer, docs[i])[0]
+            if ids.numel() <= self.seqlen:
+                short.add(i)
+                continue
+            j = rng.randint(0, ids.numel() - self.seqlen - 1)
+            yield ids[j : j + self.seqlen]
+
+
 def check_source(source: str) -> None:
     """A text source that is plainly a local file must exist (checked before any loading)."""
     suffixes = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from safe_llm.core import distributed, precision
+from safe_llm.core import distributed, precision, throughput
 from safe_llm.core.memory import return_freed_memory
 from safe_llm.stages.recover import fsdp
 from safe_llm.stages.recover.loss import step_loss, teacher_hidden_states
@@ -55,6 +55,7 @@ from safe_llm.stages.recover.parameters import (
     sparsity_masks,
     trainable_parameters,
 )
+from safe_llm.stages.recover.plan import PROBE_STEPS, estimate_seconds
 from safe_llm.stages.recover.state import any_sharded, load_state, save_state
 from safe_llm.train import relative_adam
 from safe_llm.train.data_parallel import sum_over_ranks
@@ -86,19 +87,49 @@ class RecoveryReport:
     losses: list[float]
     seconds: float
     resumed_from_step: int = 0
+    streamed: bool = False  # windows streamed (a token budget), not held in memory
+    train_seconds: float = 0.0  # the step loop's wall time (this process's steps)
+    planned_seconds: float | None = None  # the step loop's estimate after its first steps
+    tokens_per_second: float = 0.0
+    matmul_flops_per_second: float = 0.0  # dense matmul rate, device and compute dtype
+    flop_fraction: float = 0.0  # 6 x parameters x tokens/s over that rate
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def total_steps(options: RecoverOptions, nsamples: int, seqlen: int) -> int:
+def total_steps(options: RecoverOptions, nsamples: int | None, seqlen: int) -> int:
     """Optimiser steps of the budget: ``steps``, else ``tokens`` / (batch x seqlen) rounded
-    up, else one pass over the windows."""
+    up, else one pass over the ``nsamples`` windows."""
     if options.steps is not None:
         return options.steps
     per_step = options.batch_size * seqlen
     tokens = options.tokens if options.tokens is not None else nsamples * seqlen
     return max(1, math.ceil(tokens / per_step))
+
+
+class _Batches:
+    """The windows of each step. Held in memory (``windows`` ``[n, seqlen]``): a seeded
+    permutation per pass (:func:`_batch_indices`), with the teacher's cached states. Streamed
+    (an object with ``seqlen`` and ``batches(start, size)``, e.g.
+    :class:`~safe_llm.io.data.TextWindows`): the next ``batch_size`` windows in order from
+    window ``first x batch_size`` on, the teacher run on each batch."""
+
+    def __init__(self, windows, batch_size: int, seed: int, cache, first: int):
+        self.windows, self.batch_size, self.seed, self.cache = windows, batch_size, seed, cache
+        self.streamed = not isinstance(windows, torch.Tensor)
+        if self.streamed:
+            self._stream = iter(windows.batches(first * batch_size, batch_size))
+
+    def at(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(windows, indices of the step's batch in them, teacher states or None)``."""
+        if not self.streamed:
+            order = _batch_indices(step, self.windows.shape[0], self.batch_size, self.seed)
+            return self.windows, order, self.cache
+        ids = next(self._stream, None)
+        if ids is None or len(ids) < self.batch_size:
+            raise RecoveryError(f"recovery step {step}: the window stream ran out")
+        return ids, torch.arange(len(ids)), None
 
 
 def _batch_indices(step: int, nwindows: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -123,22 +154,26 @@ def recover(
     state_dir: str | Path | None = None,
     progress: bool = True,
     release_teacher: bool = False,
+    matmul_rate: float | None = None,
 ) -> RecoveryReport:
-    """Distil ``teacher`` into the pruned ``student`` on ``windows`` ``[n, seqlen]``, in place.
+    """Distil ``teacher`` into the pruned ``student`` on ``windows`` ``[n, seqlen]`` in place,
+    or on a stream of windows (``seqlen``, ``batches(start, size)``; needs ``options.tokens``
+    or ``steps``) taken in order, the teacher run on each batch.
 
     The student's zeros (its sparsity mask) are frozen. Both models must be on ``device``;
     with ``options.fsdp`` they may be on the host: their blocks are sharded onto ``device``.
     ``seed`` orders the windows; ``state_dir`` makes the run resumable (see the module doc).
     ``release_teacher`` (with the lean state and the teacher cache): free the teacher's tensors
     but the shared ones once its hidden states are cached; the teacher cannot run after.
+    ``matmul_rate``: the device's dense matmul FLOP/s in the compute dtype (measured when
+    None) for the report's ``flop_fraction``.
     Raises :class:`RecoveryError` on a non-finite loss, gradient or weight, or a moved mask.
     """
     start = time.perf_counter()
+    streamed, seqlen, steps, batch_size = _budget(windows, options)
     masks = _masks(student, _lean(options))
     teacher.requires_grad_(False).eval()
     shared = share_frozen_tensors(student, teacher)
-    steps = total_steps(options, windows.shape[0], windows.shape[1])
-    batch_size = min(options.batch_size, windows.shape[0])
     state_path = Path(state_dir) if state_dir is not None else None
     bf16 = precision.reduced_precision(options.autocast, torch.device(device), "recovery autocast")
     with (
@@ -147,38 +182,82 @@ def recover(
     ):
         training = _training(student, options, masks, (steps, batch_size, seed), state_path, bf16)
         release = student if release_teacher else None
+        source = None if streamed else windows  # a stream's teacher runs batch by batch
         cache = _teacher_cache(
-            teacher, windows, options, batch_size, device, bf16, release, progress
+            teacher, source, options, batch_size, device, bf16, release, progress
         )
-        _train(student, teacher, windows, training, options, device, cache, state_path, progress)
-        names = set(training.params)
-    params = {n: p for n, p in student.named_parameters() if n in names}
+        batches = _Batches(windows, batch_size, seed, cache, training.first)
+        _train(student, teacher, batches, training, options, device, state_path, progress)
+    run = {"dataset": dataset, "seed": seed, "shared": shared, "bf16": bf16, "start": start}
+    return _finish(student, windows, options, training, masks, run, device, matmul_rate)
+
+
+def _finish(student, windows, options, training, masks, run, device, matmul_rate):
+    """Check the trained weights (finite) and the mask (unmoved); the
+    :class:`RecoveryReport` (``run``: dataset, seed, tensors shared with the teacher, bf16,
+    start time)."""
+    streamed, seqlen, steps, batch_size = _budget(windows, options)
+    params = {n: p for n, p in student.named_parameters() if n in training.params}
     check_finite_parameters(params, steps)
     check_masks(student, masks)
+    seconds = time.perf_counter() - run["start"]
+    measured = _throughput(student, training, batch_size * seqlen, device, run["bf16"], matmul_rate)
     return RecoveryReport(
         method="distill",
-        dataset=dataset,
-        nsamples=int(windows.shape[0]),
-        seqlen=int(windows.shape[1]),
-        seed=seed,
+        dataset=run["dataset"],
+        nsamples=steps * batch_size if streamed else int(windows.shape[0]),
+        seqlen=seqlen,
+        seed=run["seed"],
         steps=steps,
-        tokens=steps * batch_size * int(windows.shape[1]),
+        tokens=steps * batch_size * seqlen,
         **_settings(options, batch_size),
-        autocast_bf16=bf16,
+        autocast_bf16=run["bf16"],
         trainable_parameters=sum(p.numel() for p in params.values()),
-        shared_with_teacher=shared,
+        shared_with_teacher=run["shared"],
         losses=training.losses,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
         resumed_from_step=training.first,
+        streamed=streamed,
+        **measured,
     )
+
+
+def _budget(windows, options: RecoverOptions) -> tuple[bool, int, int, int]:
+    """``(streamed, seqlen, steps, batch size)`` of recovering on ``windows`` (a tensor held
+    in memory or a stream)."""
+    streamed = not isinstance(windows, torch.Tensor)
+    seqlen = int(windows.seqlen if streamed else windows.shape[1])
+    steps = total_steps(options, None if streamed else windows.shape[0], seqlen)
+    batch_size = options.batch_size if streamed else min(options.batch_size, windows.shape[0])
+    return streamed, seqlen, steps, batch_size
+
+
+def _throughput(student, training, tokens_per_step, device, bf16, matmul_rate) -> dict:
+    """The step loop's tokens/s and its share of the dense matmul rate (measured here in the
+    compute dtype unless given), as :class:`RecoveryReport` fields."""
+    done = training.steps - training.first
+    seconds = training.seconds
+    tokens_per_second = done * tokens_per_step / seconds if seconds > 0 else 0.0
+    if matmul_rate is None:
+        dtype = torch.bfloat16 if bf16 else next(student.parameters()).dtype
+        matmul_rate = throughput.matmul_flops(device, dtype)
+    parameters = sum(p.numel() for p in {id(p): p for p in student.parameters()}.values())
+    return {
+        "train_seconds": seconds,
+        "planned_seconds": training.planned_seconds,
+        "tokens_per_second": tokens_per_second,
+        "matmul_flops_per_second": matmul_rate,
+        "flop_fraction": throughput.flop_fraction(parameters, tokens_per_second, matmul_rate),
+    }
 
 
 def _teacher_cache(teacher, windows, options, batch_size, device, bf16, release, progress):
     """The teacher's final hidden states ``[n, seq, d]`` of every window, or None where the
-    teacher runs at every step (``--no-recover-teacher-cache``, or the hidden-state term).
+    teacher runs at every step (``--no-recover-teacher-cache``, the hidden-state term, or
+    streamed windows: ``windows`` None).
     ``release``: the student, whose tensors the teacher keeps, the rest of the teacher freed
     once its states are cached (with the lean state), or None."""
-    if not options.teacher_cache or options.hidden_weight > 0:
+    if windows is None or not options.teacher_cache or options.hidden_weight > 0:
         return None
     with precision.bf16_autocast(device, bf16):
         cache = teacher_hidden_states(teacher, windows, batch_size, device, progress)
@@ -274,19 +353,18 @@ class _Training:
     seed: int
     losses: list[float]
     bf16: bool = False
+    seconds: float = 0.0  # the step loop's wall time
+    planned_seconds: float | None = None  # its estimate after the probe steps
 
 
 def _train(
-    student, teacher, windows, training: _Training, options, device, hidden, state_path, progress
+    student, teacher, batches: _Batches, training: _Training, options, device, state_path, progress
 ) -> None:
-    """The recovery's step loop; the state is saved every ``options.save_every`` steps."""
+    """The recovery's step loop; the state is saved every ``options.save_every`` steps. After
+    :data:`~safe_llm.stages.recover.plan.PROBE_STEPS` steps the loop's time is estimated
+    (logged, ``training.planned_seconds``); the bar shows tokens/s."""
     params, optimizer, masked = training.params, training.optimizer, training.masked
-    first, steps, batch_size, seed = (
-        training.first,
-        training.steps,
-        training.batch_size,
-        training.seed,
-    )
+    first, steps = training.first, training.steps
     losses = training.losses
     was_training = student.training
     if options.gradient_checkpointing:
@@ -299,20 +377,22 @@ def _train(
     cache = not (lean and options.gradient_checkpointing)
     schedule = relative_adam.LinearSchedule(options.lr, steps, options.warmup_steps)
     bar = tqdm(range(first, steps), desc="recovery", unit="step", disable=not progress)
+    clock = [time.perf_counter()]  # the loop's start, then the end of each step
     try:
         for step in bar:
             schedule.apply(optimizer, step)
-            batch = _batch_indices(step, windows.shape[0], batch_size, seed)
+            windows, batch, hidden = batches.at(step)
             # autocast per step: its cache of bf16 weight copies must not outlive the update
             with precision.bf16_autocast(device, training.bf16, cache):
                 loss = step_loss(student, teacher, windows, batch, options, device, hidden)
             finish_step(optimizer, params, masked, options, step, loss)
             return_freed_memory()  # the step's freed temporaries, wherever they lie in the heap
             losses.append(sum_over_ranks(loss, device))
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            _timed(bar, clock, training, losses[-1], len(batch) * windows.shape[1])
             if _save_due(state_path, step + 1, steps, options.save_every):
                 save_state(state_path, step + 1, params, optimizer, losses)
     finally:
+        training.seconds = time.perf_counter() - clock[0]
         bar.close()
         if lean:
             optimizer.close()  # hooks removed, pruned entries zero again after an error
@@ -321,6 +401,28 @@ def _train(
             _checkpointing(student, False)
         for param in params.values():
             param.requires_grad_(False)
+
+
+def _timed(bar, clock: list[float], training: _Training, loss: float, tokens: int) -> None:
+    """After a step: its time on ``clock``, the bar's loss and tokens/s, and the time plan
+    once the probe steps are done."""
+    clock.append(time.perf_counter())
+    seconds = clock[-1] - clock[-2]
+    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+    done = len(clock) - 1
+    if done == PROBE_STEPS + 1:  # the first step warms up; the next PROBE_STEPS are timed
+        timed = [b - a for a, b in zip(clock[1:], clock[2:], strict=False)]
+        left = training.steps - training.first - done
+        training.planned_seconds = estimate_seconds(timed, left, clock[-1] - clock[0])
+        log.info(
+            "recovery: about %.0f s for the loop's %d steps of %d tokens (%.3f s per step, "
+            "measured on %d steps)",
+            training.planned_seconds,
+            training.steps - training.first,
+            tokens,
+            sorted(timed)[len(timed) // 2],
+            len(timed),
+        )
 
 
 def _save_due(state_path: Path | None, done: int, steps: int, every: int) -> bool:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from safe_llm.errors import SafeLLMError
-from safe_llm.options import ConfigError, check_fields, option
+from safe_llm.options import ConfigError, check_fields, option, parse_count
 
 TRAINABLE_GROUPS = ("weights", "norms")
 
@@ -32,7 +32,11 @@ class RecoverOptions:
         flag="recover",
     )
 
-    dataset: str | None = option(None, "recovery text (default: the calibration --dataset)")
+    dataset: str | None = option(
+        None,
+        "recovery text (default: the calibration --dataset); self: windows sampled from the "
+        "dense model (--self-temperature, --self-top-p, --self-top-k)",
+    )
     nsamples: int | None = option(None, "recovery windows (default: --nsamples)", at_least=1)
     seqlen: int | None = option(None, "tokens per recovery window (default: --seqlen)", at_least=2)
     seed: int | None = option(
@@ -42,11 +46,18 @@ class RecoverOptions:
     )
     tokens: int | None = option(
         None,
-        "training budget in tokens (rounded up to whole steps; default: one pass)",
+        "training budget in tokens, e.g. 65536, 500k, 2M (k/M/G: 10^3/10^6/10^9; rounded up "
+        "to whole steps): recovery then streams that many fresh windows (text tokenized "
+        "lazily, or the self-generated windows from disk) instead of holding windows and "
+        "the teacher's states in memory; default: one pass over --recover-nsamples windows",
         at_least=1,
+        flag_type=str,
     )
     steps: int | None = option(
-        None, "training budget in optimiser steps (overrides tokens)", at_least=1
+        None,
+        "training budget in optimiser steps (overrides tokens; with tokens, steps x "
+        "batch-size windows are streamed)",
+        at_least=1,
     )
     lr: float = option(
         2.5e-3,
@@ -124,6 +135,8 @@ class RecoverOptions:
     )
 
     def __post_init__(self):
+        if isinstance(self.tokens, str):  # "2M" from a flag or a recipe
+            self.tokens = parse_count(self.tokens, "--recover-tokens")
         check_fields(self)
         if not self.train:
             raise ConfigError(

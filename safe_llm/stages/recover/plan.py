@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from safe_llm.core.blocks import find_blocks, prunable_layers
+from safe_llm.core.throughput import FLOPS_PER_TOKEN_PER_PARAMETER
 
 KL_TENSORS = 2  # the chunk's logits (student, teacher), float32; the rest is in place
 BLOCK_ACTIVATIONS = 12  # residual-width tensors alive in one block's forward and backward
@@ -111,6 +112,7 @@ class RecoveryPlan:
     available: int | None
     parameters: int
     suggestions: list[str] = field(default_factory=list)
+    timing: dict = field(default_factory=dict)  # tokens, matmul rate, seconds at best
 
     @property
     def training_phase(self) -> int:
@@ -132,6 +134,26 @@ class RecoveryPlan:
             "training_phase_bytes": self.training_phase,
             "parts": dict(self.parts),
             "available_bytes": self.available,
+            **self.timing,
+        }
+
+    def time_line(self) -> str:
+        """The budget and the least time it can take ("" before :meth:`add_time`)."""
+        if not self.timing:
+            return ""
+        return (
+            f"{self.timing['tokens']} tokens take at least {self.timing['seconds_at_best']:.0f} s "
+            f"at this device's dense matmul rate ({self.timing['matmul_flops_per_second'] / 1e9:.1f}"
+            " GFLOP/s, 6 x parameters FLOPs per token); the loop's time is estimated after its "
+            "first steps"
+        )
+
+    def add_time(self, tokens: int, matmul_rate: float) -> None:
+        """Record the budget of ``tokens`` and the device's matmul rate (FLOP/s)."""
+        self.timing = {
+            "tokens": tokens,
+            "matmul_flops_per_second": matmul_rate,
+            "seconds_at_best": seconds_at_best(self.parameters, tokens, matmul_rate),
         }
 
     def summary(self) -> str:
@@ -212,6 +234,23 @@ def estimate(
     teacher_phase = RUNTIME + student + state["masks"] + cache + teacher_blocks
     teacher_phase += counts.shared * size  # loaded whole, shared with the student after
     return RecoveryPlan(parts, teacher_phase, None, counts.parameters)
+
+
+PROBE_STEPS = 3  # steps timed (after one warm-up step) before the loop's time is estimated
+
+
+def estimate_seconds(step_seconds: list[float], steps_left: int, elapsed: float) -> float:
+    """The step loop's whole time: ``elapsed`` so far plus ``steps_left`` steps of the median
+    of the measured ``step_seconds`` (the median: one step slowed by the machine does not
+    move it)."""
+    median = sorted(step_seconds)[len(step_seconds) // 2]
+    return elapsed + steps_left * median
+
+
+def seconds_at_best(parameters: int, tokens: int, matmul_rate: float) -> float:
+    """The least time ``tokens`` of training can take: ``6 x parameters`` FLOPs per token at
+    the device's dense matmul rate (FLOP/s), i.e. a flop fraction of 1."""
+    return FLOPS_PER_TOKEN_PER_PARAMETER * parameters * tokens / matmul_rate
 
 
 def available_bytes(device: torch.device) -> int | None:
