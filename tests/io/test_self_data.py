@@ -133,3 +133,20 @@ def _weights(path):
     from safetensors.torch import load_file
 
     return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.slow  # the real SmolLM2 (its GGUF converted once per session)
+def test_smollm2_samples_from_its_bos_token_and_greedy_equals_generate(smollm2_cache, tmp_path):
+    from safe_llm.io.models import load_model
+
+    model, tokenizer, _ = load_model("smollm2-135m")
+    made = SelfWindows(model, tokenizer, 24, Sampling(), 0, 2, "cpu", root=tmp_path)
+    windows = made.ensure(2, progress=False).read(0, 2)
+    assert (windows[:, 0] == tokenizer.bos_token_id).all()
+    assert len(set(windows[0].tolist())) > 5 and not torch.equal(windows[0], windows[1])
+    greedy = Sampling(1.0, 1.0, 1)
+    ours = self_data.generate(model, windows[:, :4], 20, greedy, torch.Generator())
+    theirs = model.generate(
+        windows[:, :4], max_new_tokens=16, min_new_tokens=16, do_sample=False, use_cache=True
+    )
+    assert torch.equal(ours, theirs)
