@@ -1,32 +1,39 @@
-"""Decode benchmark: batch-1 tokens/s and weight memory, dense vs sparse, from one checkpoint.
+"""Decode benchmark against the memory-bandwidth limit: batch-1 tokens/s and memory of
+``transformers``' dense model and of ``load_sparse``, each in a fresh process.
 
-For each model and pattern a pruned checkpoint is written, then loaded three ways in this one
-process: dense (``load_dense``), sparse as ``load_sparse`` decides by default (``policy=auto``:
-a matrix is sparse only where the kernel was measured faster than dense) and sparse for every
-pruned matrix (``policy=sparse``: the kernel's own speed and the memory floor). The variants
-decode greedily in interleaved rounds (dense, auto, all, dense, ...) so that their ratios
-survive a loaded machine; the medians are reported with the CPU capability, the load average,
-the weights' bytes (:func:`~safe_llm.inference.load.weight_bytes`), the RSS of a fresh process
-that loaded the variant alone (and that less the RSS of one that loaded nothing),
-the bytes read per token against the measured memory bandwidth (a large copy and a large
-sum), and whether every variant produced the same tokens.
+Batch-1 decoding reads every weight once per token, so a model's speed limit is its bytes
+per token over the memory bandwidth. For each model, pattern (50%, 70%, 2:4) and thread
+count (1, 2), the dense model (``AutoModelForCausalLM.from_pretrained``, the dtype
+``load_sparse`` picks: bf16 where the CPU computes it natively, else fp32) and the sparse one
+(``load_sparse`` with ``policy=auto``) decode greedily in fresh processes, alternating over
+``--rounds`` (medians). Reported per case: tokens/s of each and their ratio; the RSS of each
+process after generating and its peak (the load included); the weight bytes each reads per
+token; the read bandwidth measured by the same run (one large ``sum`` per thread count, in a
+fresh process); the **limit ratio** (dense bytes per token / sparse bytes per token, the
+speedup at equal bandwidth) and how much of it was reached; whether both produced the same
+tokens; the CPU's name and ``torch.backends.cpu.get_cpu_capability()``.
 
-Models: the built-in SmolLM2-135M pruned with ``magnitude`` through ``safe_llm.prune``, and a
-random LLaMA-shaped model of about 1.2B parameters (Llama-3.2-1B's shapes) pruned by
-magnitude per matrix. Patterns: 50% and 70% unstructured, 2:4. Usage::
+``--matrices`` adds per-matrix GB/s (compressed bytes over time) of every kernel path and of
+dense ``F.linear`` for the shapes of the 1.5B model, from the same measurement ``auto`` uses.
+
+Models: the built-in SmolLM2-135M pruned by ``safe_llm.prune`` (magnitude), and random-weight
+LLaMA-shaped models (no tokenizer to calibrate with: each linear layer of the blocks is pruned
+by magnitude, per matrix or per N:M group, as the magnitude method does): ``llama1.5b``
+(hidden 1536, intermediate 8960, 28 layers, 12 heads with 2 KV heads) and ``llama4096x4``
+(hidden 4096, intermediate 11008, 4 layers). ``--isa avx2`` runs both processes as an AVX2
+CPU would (``ATEN_CPU_CAPABILITY=avx2``, ``ONEDNN_MAX_CPU_ISA=AVX2``: fp32, and the ``avx2``
+kernel path). Usage::
 
     python eval/decode_benchmark.py --json eval/results/decode_benchmark.json
-    python eval/decode_benchmark.py --models smollm2 --patterns 0.5 --steps 16   # quick
+    python eval/decode_benchmark.py --models smollm2 --patterns 0.5 --threads 1 --rounds 1
+    python eval/decode_benchmark.py --isa avx2 --models llama1.5b --json ...avx2.json
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import logging
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -35,57 +42,33 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-import safe_llm
-from safe_llm.core.memory import process_peak_bytes, resident_bytes, return_freed_memory
-from safe_llm.core.precision import cpu_capability
-from safe_llm.inference import kernel
-from safe_llm.inference.linear import SparseLinear
-from safe_llm.inference.load import load_dense, load_sparse, weight_bytes
-
-LLAMA_1B = dict(  # Llama-3.2-1B's shapes: 1.24 B parameters with the tied embedding
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=4096,
-    tie_word_embeddings=True,
-)
-
-
-def cpu_flags() -> list[str]:
-    wanted = {"avx2", "fma", "avx512f", "avx512bw", "avx512_vbmi2", "avx512_bf16", "amx_bf16"}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return sorted(wanted & set(line.split(":")[1].split()))
-    except OSError:
-        pass
-    return []
+LLAMAS = {
+    "llama1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+    ),
+    "llama4096x4": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=4,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+    ),
+}
+LLAMA_COMMON = dict(vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False)
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
-def bandwidth_gbs(megabytes: int = 512) -> dict:
-    """Memory bandwidth from a large copy (read + write bytes) and a large sum (read bytes),
-    the best of 5 each, with torch's threads."""
-    src = torch.ones(megabytes << 18)  # float32: megabytes MiB
-    dst = torch.empty_like(src)
-    copy, read = [], []
-    for _ in range(5):
-        start = time.perf_counter()
-        dst.copy_(src)
-        copy.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        src.sum()
-        read.append(time.perf_counter() - start)
-    size = src.numel() * 4
-    return {"copy": 2 * size / min(copy) / 1e9, "read": size / min(read) / 1e9}
+# ---------------------------------------------------------------- checkpoints
 
 
-def prune_smollm2(root: Path, pattern: str) -> Path:
-    output = root / f"smollm2-{pattern.replace(':', '-')}"
+def prune_smollm2(path: Path, pattern: str) -> None:
+    import safe_llm
+
     options = {"structure": pattern} if ":" in pattern else {"sparsity": float(pattern)}
     safe_llm.prune(
         "smollm2-135m",
@@ -93,11 +76,10 @@ def prune_smollm2(root: Path, pattern: str) -> Path:
         dataset="builtin-c4",
         nsamples=1,
         seqlen=64,
-        output=str(output),
+        output=str(path),
         overwrite=True,
         **options,
     )
-    return output
 
 
 def _magnitude(weight: torch.Tensor, pattern: str) -> None:
@@ -112,188 +94,304 @@ def _magnitude(weight: torch.Tensor, pattern: str) -> None:
     weight[weight.abs() <= threshold] = 0
 
 
-def prune_llama_1b(root: Path, pattern: str) -> Path:
-    """A random Llama-3.2-1B-shaped model (seeded, bf16 on disk), magnitude-pruned."""
-    output = root / f"llama1b-{pattern.replace(':', '-')}"
+def prune_llama(path: Path, pattern: str, shape: dict) -> None:
+    """A random LLaMA-shaped model (seeded, bf16 on disk), every block matrix magnitude-pruned."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B, dtype="bfloat16")).to(torch.bfloat16)
+    config = LlamaConfig(**shape, **LLAMA_COMMON, dtype="bfloat16")
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
     with torch.no_grad():
         for layer in model.model.layers:
             for module in layer.modules():
                 if isinstance(module, torch.nn.Linear):
                     _magnitude(module.weight, pattern)
-    model.save_pretrained(output)
-    del model
-    gc.collect()
-    return output
+    model.save_pretrained(path)
 
 
-def decode_rate(model, prompt: torch.Tensor, steps: int) -> tuple[float, list[int]]:
-    """Greedy batch-1 decoding after a prefill of ``prompt``: (tokens/s of the ``steps``
-    decode steps, the tokens)."""
-    tokens = []
-    with torch.inference_mode():
-        out = model(prompt, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        start = time.perf_counter()
-        for _ in range(steps):
-            out = model(token, past_key_values=out.past_key_values, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            tokens.append(int(token))
-        return steps / (time.perf_counter() - start), tokens
+def checkpoint(root: Path, model: str, pattern: str) -> Path:
+    """The pruned checkpoint of ``model`` at ``pattern``, made once under ``root``."""
+    path = root / f"{model}-{pattern.replace(':', '-')}"
+    if not (path / "config.json").is_file():
+        if model == "smollm2":
+            prune_smollm2(path, pattern)
+        else:
+            prune_llama(path, pattern, LLAMAS[model])
+    return path
 
 
-def read_bytes(model) -> int:
+# ---------------------------------------------------------------- one process, one variant
+
+
+def _weights_read_per_token(model) -> int:
     """Weight bytes one decode step reads: every weight, less an untied input embedding (of
     which one row is read)."""
+    from safe_llm.inference.load import weight_bytes
+
     embedding = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
     tied = output is not None and getattr(output, "weight", None) is embedding
     return weight_bytes(model) - (0 if tied else embedding.numel() * embedding.element_size())
 
 
-LOADERS = {
-    "sparse (all)": lambda path: load_sparse(path, policy="sparse", progress=False),
-    "dense": load_dense,
-    "sparse (auto)": lambda path: load_sparse(path, progress=False),
-    "nothing": lambda path: None,  # the process's own RSS: torch, transformers, safe_llm
-}
+def _decode(model, prompt: torch.Tensor, steps: int) -> tuple[float, list[int]]:
+    """Greedy batch-1 decoding after a prefill of ``prompt``: (seconds of the ``steps``
+    decode steps, the tokens), through the KV cache as ``generate`` runs it."""
+    from transformers import DynamicCache
+
+    tokens = []
+    with torch.inference_mode():
+        cache = DynamicCache()
+        logits = model(prompt, past_key_values=cache, use_cache=True).logits
+        token = logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(steps):
+            logits = model(token, past_key_values=cache, use_cache=True).logits
+            token = logits[:, -1:].argmax(-1)
+            tokens.append(int(token))
+        return time.perf_counter() - start, tokens
 
 
-def rss_in_child(variant: str, checkpoint: Path) -> dict:
-    """RSS (MiB) of a fresh process after loading ``variant`` alone and running one prefill,
-    and its peak."""
-    command = [sys.executable, __file__, "--rss-of", variant, str(checkpoint)]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def run_variant(variant: str, path: str, threads: int, kernel: str, steps: int) -> dict:
+    """Load ``variant`` (``dense``: transformers; ``sparse``: load_sparse) in this fresh
+    process, decode, and measure."""
+    import logging
 
+    from safe_llm.core.memory import process_peak_bytes, resident_bytes
+    from safe_llm.inference.load import decode_dtype, load_sparse
 
-def _report_rss(variant: str, checkpoint: str) -> None:
-    torch.set_num_threads(1)
-    model = LOADERS[variant](Path(checkpoint))
-    if model is not None:  # one prefill touches every weight (a dense load maps the file)
-        with torch.inference_mode():
-            model(torch.arange(100, 116).unsqueeze(0))
-    gc.collect()
-    return_freed_memory()
-    weights = 0 if model is None else weight_bytes(model)
-    rss, peak = resident_bytes() / 2**20, process_peak_bytes() / 2**20
-    print(json.dumps({"rss_mib": rss, "peak_mib": peak, "weights_mib": weights / 2**20}))
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("safe_llm.inference").setLevel(logging.INFO)
+    start = time.perf_counter()
+    if variant == "dense":
+        from transformers import AutoModelForCausalLM
 
-
-def load_variants(checkpoint: Path) -> tuple[dict, dict]:
-    """``({name: model}, {name: child-process RSS})``; ``auto`` is kept only when its
-    measured rule makes some matrix sparse (else it is the same model as ``dense``)."""
-    models, rss = {}, {"nothing": rss_in_child("nothing", checkpoint)}
-    for name in ("sparse (all)", "dense", "sparse (auto)"):
-        models[name] = LOADERS[name](checkpoint)
-        if name == "sparse (auto)" and not models[name].sparse_summary.sparse:
-            del models[name]  # every matrix dense: the same model as "dense"
-            continue
-        rss[name] = rss_in_child(name, checkpoint)
-    return models, rss
-
-
-def run_case(model_name: str, pattern: str, checkpoint: Path, args) -> dict:
-    models, rss = load_variants(checkpoint)
-    prompt = torch.arange(100, 100 + args.prompt_tokens).unsqueeze(0)
-    rates = {name: [] for name in models}
-    tokens = {}
-    for _ in range(args.rounds):
-        for name, model in models.items():
-            rate, tokens[name] = decode_rate(model, prompt, args.steps)
-            rates[name].append(rate)
-    auto = models.get("sparse (auto)")
-    rows = []
-    for name, model in models.items():
-        rate = statistics.median(rates[name])
-        rows.append(
-            {
-                "model": model_name,
-                "pattern": pattern,
-                "variant": name,
-                "tokens_per_s": rate,
-                "speedup": rate / statistics.median(rates["dense"]),
-                "weights_mib": weight_bytes(model) / 2**20,
-                "rss_mib": rss[name]["rss_mib"],
-                "rss_added_mib": rss[name]["rss_mib"] - rss["nothing"]["rss_mib"],
-                "peak_mib": rss[name]["peak_mib"],
-                "bytes_per_token_mib": read_bytes(model) / 2**20,
-                "implied_gbs": read_bytes(model) * rate / 1e9,
-                "sparse_layers": sum(isinstance(m, SparseLinear) for m in model.modules()),
-                "same_tokens_as_dense": tokens[name] == tokens["dense"],
-            }
-        )
-    decisions = (auto or models["sparse (all)"]).sparse_summary.decisions
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=decode_dtype("auto")).eval()
+    else:
+        model = load_sparse(path, kernel_path=kernel, progress=False)
+    load_s = time.perf_counter() - start
+    prompt = torch.arange(100, 116).unsqueeze(0)
+    _decode(model, prompt, 2)  # warm-up
+    seconds, tokens = _decode(model, prompt, steps)
+    summary = getattr(model, "sparse_summary", None)
     return {
-        "rows": rows,
-        "auto_is_dense": auto is None,
-        "rss_without_model_mib": rss["nothing"]["rss_mib"],
-        "decisions": [{**d, "key": [str(k) for k in d["key"]]} for d in decisions],
+        "tokens_per_s": steps / seconds,
+        "tokens": tokens,
+        "load_s": load_s,
+        "rss_after_mib": resident_bytes() / 2**20,
+        "peak_mib": process_peak_bytes() / 2**20,
+        "bytes_per_token": _weights_read_per_token(model),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "summary": None if summary is None else summary.describe(),
+        "paths": None if summary is None else dict(summary.paths),
     }
 
 
-def print_table(rows: list[dict], bandwidth: dict) -> None:
+def read_bandwidth(threads: int, megabytes: int = 1024) -> float:
+    """GB/s of a large ``sum`` (read bytes), the best of 5, with ``threads`` threads."""
+    torch.set_num_threads(threads)
+    data = torch.ones(megabytes << 18)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best / 1e9
+
+
+def in_child(env: dict, *args: str) -> dict:
+    """Run this script with ``args`` in a fresh process; its last stdout line is JSON."""
+    command = [sys.executable, __file__, *args]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env})
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- the cases
+
+
+def run_case(path: Path, threads: int, args, env: dict, bandwidth: float) -> dict:
+    runs = {"dense": [], "sparse": []}
+    for _ in range(args.rounds):
+        for variant in runs:
+            child = ("--child", variant, str(path), str(threads), args.kernel, str(args.steps))
+            runs[variant].append(in_child(env, *child))
+    dense, sparse = runs["dense"][-1], runs["sparse"][-1]
+    rate = {v: statistics.median(r["tokens_per_s"] for r in runs[v]) for v in runs}
+    limit = dense["bytes_per_token"] / sparse["bytes_per_token"]
+    return {
+        "threads": threads,
+        "dense_tokens_per_s": rate["dense"],
+        "sparse_tokens_per_s": rate["sparse"],
+        "speedup": rate["sparse"] / rate["dense"],
+        "limit_ratio": limit,
+        "share_of_limit": rate["sparse"] / rate["dense"] / limit,
+        "dense_gbs": dense["bytes_per_token"] * rate["dense"] / 1e9,
+        "sparse_gbs": sparse["bytes_per_token"] * rate["sparse"] / 1e9,
+        "bandwidth_gbs": bandwidth,
+        "rss_ratio": sparse["rss_after_mib"] / dense["rss_after_mib"],
+        "peak_ratio": sparse["peak_mib"] / dense["peak_mib"],
+        "same_tokens": dense["tokens"] == sparse["tokens"],
+        "dense": dense,
+        "sparse": sparse,
+        "rates": {v: [r["tokens_per_s"] for r in runs[v]] for v in runs},
+    }
+
+
+def matrix_table(threads_list: list[int], env: dict) -> list[dict]:
+    rows = []
+    for threads in threads_list:
+        rows += in_child(env, "--child-matrices", str(threads))["rows"]
+    return rows
+
+
+def run_matrices(threads: int) -> dict:
+    """GB/s of every compiled path and of dense for the 1.5B model's matrix shapes."""
+    from safe_llm.inference import autotune, kernel
+
+    torch.set_num_threads(threads)
+    shape = LLAMAS["llama1.5b"]
+    hidden, inter = shape["hidden_size"], shape["intermediate_size"]
+    kv = hidden // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    rows = []
+    dtypes = [torch.bfloat16] if _bf16_native() else [torch.float32]
+    for dtype in dtypes:
+        for out, width in ((hidden, hidden), (kv, hidden), (inter, hidden), (hidden, inter)):
+            for pattern in ("0.5", "0.7", "2:4"):
+                torch.manual_seed(0)
+                weight = torch.randn(out, width)
+                _magnitude(weight, pattern)
+                matrix = kernel.compress(weight, dtype)
+                paths = autotune.candidate_paths("auto")
+                seconds = autotune.measure(matrix, paths)
+                dense_bytes = out * width * matrix.values.element_size()
+                gbs = {p: matrix.nbytes / s / 1e9 for p, s in seconds.items() if p != "dense"}
+                rows.append(
+                    {
+                        "threads": threads,
+                        "shape": f"{out}x{width}",
+                        "pattern": pattern,
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "dense_gbs": dense_bytes / seconds["dense"] / 1e9,
+                        "path_gbs": gbs,
+                        "x_dense": {p: seconds["dense"] / s for p, s in seconds.items()},
+                    }
+                )
+    return {"rows": rows}
+
+
+def _bf16_native() -> bool:
+    from safe_llm.core.precision import cpu_bf16_is_native
+
+    return cpu_bf16_is_native()
+
+
+def machine(env: dict) -> dict:
+    return in_child(env, "--child-machine")
+
+
+def describe_machine() -> dict:
+    from safe_llm.core.precision import cpu_capability
+    from safe_llm.inference import autotune, kernel
+
+    return {
+        "cpu": autotune.cpu_name(),
+        "torch_cpu_capability": cpu_capability(),
+        "bf16_native": _bf16_native(),
+        "kernel_paths": kernel.cpu_paths(),
+        "dpbf16": kernel.native_bf16_kernel(),
+        "torch": torch.__version__,
+    }
+
+
+def print_cases(cases: list[dict]) -> None:
     print(
-        f"\n| model | pattern | variant | tokens/s | x dense | weights MiB | RSS MiB (model) | "
-        f"MiB/token | GB/s (of {bandwidth['read']:.1f} read) | same tokens |"
+        "\n| model | pattern | threads | dense tok/s | sparse tok/s | x dense | limit | "
+        "of limit | dense GB/s | sparse GB/s | read GB/s | RSS x dense | peak x dense | "
+        "same tokens |"
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
-    for r in rows:
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for c in cases:
         print(
-            f"| {r['model']} | {r['pattern']} | {r['variant']} | {r['tokens_per_s']:.2f} | "
-            f"{r['speedup']:.2f} | {r['weights_mib']:.0f} | "
-            f"{r['rss_mib']:.0f} ({r['rss_added_mib']:.0f}) | "
-            f"{r['bytes_per_token_mib']:.0f} | {r['implied_gbs']:.1f} | "
-            f"{r['same_tokens_as_dense']} |"
+            f"| {c['model']} | {c['pattern']} | {c['threads']} | "
+            f"{c['dense_tokens_per_s']:.2f} | {c['sparse_tokens_per_s']:.2f} | "
+            f"{c['speedup']:.2f} | {c['limit_ratio']:.2f} | {c['share_of_limit']:.0%} | "
+            f"{c['dense_gbs']:.1f} | {c['sparse_gbs']:.1f} | {c['bandwidth_gbs']:.1f} | "
+            f"{c['rss_ratio']:.2f} | {c['peak_ratio']:.2f} | {c['same_tokens']} |"
+        )
+
+
+def print_matrices(rows: list[dict]) -> None:
+    paths = sorted({p for r in rows for p in r["path_gbs"]})
+    print(f"\n| shape | pattern | dtype | threads | dense GB/s | {' | '.join(paths)} |")
+    print("|---|---|---|---:|---:|" + "---:|" * len(paths))
+    for r in rows:
+        cells = " | ".join(
+            f"{r['path_gbs'][p]:.1f} ({r['x_dense'][p]:.2f}x)" if p in r["path_gbs"] else "-"
+            for p in paths
+        )
+        print(
+            f"| {r['shape']} | {r['pattern']} | {r['dtype']} | {r['threads']} | "
+            f"{r['dense_gbs']:.1f} | {cells} |"
         )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="smollm2,llama1b", help="smollm2 and/or llama1b")
+    parser.add_argument("--models", default="smollm2,llama1.5b,llama4096x4")
     parser.add_argument("--patterns", default="0.5,0.7,2:4", help="sparsities and/or N:M")
-    parser.add_argument("--steps", type=int, default=16, help="decode steps per round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
-    parser.add_argument("--prompt-tokens", type=int, default=16, help="prefill length")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--workdir", help="where checkpoints go (default: a temporary dir)")
-    parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--rss-of", nargs=2, metavar=("VARIANT", "CHECKPOINT"), help="internal")
+    parser.add_argument("--threads", default="1,2", help="thread counts")
+    parser.add_argument("--steps", type=int, default=32, help="greedy tokens per process")
+    parser.add_argument("--rounds", type=int, default=2, help="fresh processes per variant")
+    parser.add_argument("--kernel", default="auto", help="load_sparse's kernel_path")
+    parser.add_argument("--isa", choices=["native", "avx2"], default="native")
+    parser.add_argument("--matrices", action="store_true", help="per-matrix GB/s table too")
+    parser.add_argument("--workdir", help="where checkpoints are made and kept")
+    parser.add_argument("--json", help="write the results here (after every case)")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--child-bandwidth", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child-matrices", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child-machine", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.rss_of:
-        return _report_rss(*args.rss_of)
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("safe_llm.inference").setLevel(logging.INFO)  # the kernel's decisions
-    machine = {
-        "torch_cpu_capability": cpu_capability(),
-        "kernel_path": kernel.best_path(),
-        "cpu_flags": cpu_flags(),
-        "threads": args.threads,
-        "bandwidth_gbs": bandwidth_gbs(),
-        "load_average_start": os.getloadavg(),
-    }
-    print(json.dumps(machine))
+    if args.child:
+        variant, path, threads, kernel, steps = args.child
+        return print(json.dumps(run_variant(variant, path, int(threads), kernel, int(steps))))
+    if args.child_bandwidth:
+        return print(json.dumps({"gbs": read_bandwidth(args.child_bandwidth)}))
+    if args.child_matrices:
+        return print(json.dumps(run_matrices(args.child_matrices)))
+    if args.child_machine:
+        return print(json.dumps(describe_machine()))
+
+    env = dict(AVX2_ENV) if args.isa == "avx2" else {}
+    if args.isa == "avx2" and args.kernel == "auto":
+        args.kernel = "avx2"
+    threads_list = [int(t) for t in args.threads.split(",")]
+    document = {"machine": machine(env), "isa": args.isa, "kernel": args.kernel, "cases": []}
+    print(json.dumps(document["machine"]), flush=True)
+    bandwidth = {t: in_child(env, "--child-bandwidth", str(t))["gbs"] for t in threads_list}
+    document["read_bandwidth_gbs"] = bandwidth
     root = Path(args.workdir or tempfile.mkdtemp(prefix="decode-benchmark-"))
-    makers = {"smollm2": prune_smollm2, "llama1b": prune_llama_1b}
-    cases, rows = [], []
-    for model_name in args.models.split(","):
+    root.mkdir(parents=True, exist_ok=True)
+    if args.matrices:
+        document["matrices"] = matrix_table(threads_list, env)
+        print_matrices(document["matrices"])
+    for model in args.models.split(","):
         for pattern in args.patterns.split(","):
-            checkpoint = makers[model_name](root, pattern)
-            case = run_case(model_name, pattern, checkpoint, args)
-            cases.append(case)
-            rows += case["rows"]
-            print_table(case["rows"], machine["bandwidth_gbs"])
-            if case["auto_is_dense"]:
-                print("sparse (auto): every matrix dense (the kernel measured slower): = dense")
-            shutil.rmtree(checkpoint)
-            machine["load_average_end"] = os.getloadavg()
-            if args.json:  # after every case: a long run stopped early keeps what it measured
-                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                document = {"machine": machine, "cases": cases}
-                Path(args.json).write_text(json.dumps(document, indent=1))
-    print_table(rows, machine["bandwidth_gbs"])
+            path = checkpoint(root, model, pattern)
+            for threads in threads_list:
+                case = run_case(path, threads, args, env, bandwidth[threads])
+                document["cases"].append({"model": model, "pattern": pattern, **case})
+                print_cases(document["cases"][-1:])
+                sys.stdout.flush()
+                if args.json:
+                    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                    Path(args.json).write_text(json.dumps(document, indent=1))
+    print_cases(document["cases"])
+    if args.matrices:
+        print_matrices(document["matrices"])
 
 
 if __name__ == "__main__":

@@ -100,53 +100,78 @@ def _tile_order(weight: torch.Tensor, g: int) -> torch.Tensor:
     return padded.view(tiles, TILE, steps, g).permute(0, 2, 1, 3).reshape(tiles, steps, -1)
 
 
-def nm_kind(keep: torch.Tensor, density: float) -> str:
-    """The N:M pattern a bool ``keep [out, in]`` follows (``"2:4"``, ``"4:8"``), else
+def nm_kind(weight: torch.Tensor, density: float, compiled=None) -> str:
+    """The N:M pattern a pruned ``weight [out, in]`` follows (``"2:4"``, ``"4:8"``), else
     ``"bitmask"``; a matrix much sparser than ``n / m`` fits 2:4 too but is not labelled."""
-    width = keep.shape[1]
+    width = weight.shape[1]
     for n, m in NM_PATTERNS:
-        fits = width % m == 0 and density >= NM_MIN_FILL * n / m
-        if fits and bool((keep.view(keep.shape[0], -1, m).sum(-1) <= n).all()):
+        if width % m or density < NM_MIN_FILL * n / m:
+            continue
+        if compiled is not None:
+            most = compiled.group_max_kept(weight, m)
+        else:
+            most = int(stored_mask(weight).view(weight.shape[0], -1, m).sum(-1).max())
+        if most <= n:
             return f"{n}:{m}"
     return "bitmask"
 
 
-def compress(weight: torch.Tensor, dtype: torch.dtype | None = None) -> CompressedMatrix:
+def compress(
+    weight: torch.Tensor, dtype: torch.dtype | None = None, compiled=None
+) -> CompressedMatrix:
     """The compressed form of a dense ``[out, in]`` weight (zeros are the pruned entries),
-    values cast to ``dtype`` (default: the weight's; float32 or bfloat16). Peak memory: about
-    two copies of the dense weight."""
+    values cast to ``dtype`` (default: the weight's; float32 or bfloat16). ``compiled``: the
+    kernel extension, whose ``compress_tiles`` builds the same layout in one pass over the
+    weight (:func:`safe_llm.inference.kernel.compress` passes it); without it, PyTorch ops
+    (slower, about two extra copies of the weight at peak)."""
     dtype = dtype or weight.dtype
     if dtype not in DTYPES:
         raise ValueError(f"sparse values must be float32 or bfloat16, not {dtype}")
-    weight = weight.detach().to(dtype)
-    tiled = _tile_order(weight, group(dtype))
+    weight = weight.detach().to(dtype).contiguous()
+    if compiled is not None:
+        values, mask, offsets = compiled.compress_tiles(weight, PAD)
+    else:
+        values, mask, offsets = _compress_reference(weight)
+    kept = int(offsets[-1])
+    kind = nm_kind(weight, kept / max(weight.numel(), 1), compiled)
+    return CompressedMatrix(tuple(weight.shape), values, kept, mask, offsets, kind)
+
+
+def _compress_reference(weight: torch.Tensor):
+    """``(values [kept + PAD], mask, tile_offsets)`` of ``weight`` in PyTorch ops."""
+    tiled = _tile_order(weight, group(weight.dtype))
     keep = stored_mask(tiled).view(tiled.shape)
-    values = tiled[keep]
     offsets = torch.zeros(keep.shape[0] + 1, dtype=torch.int64)
     torch.cumsum(keep.sum((1, 2)), 0, out=offsets[1:])
-    mask = pack_bits(keep).view(keep.shape[0], -1)
-    del tiled, keep
-    density = values.numel() / max(weight.numel(), 1)
-    kind = nm_kind(stored_mask(weight).view(weight.shape), density)
-    padded = F.pad(values, (0, PAD))
-    return CompressedMatrix(tuple(weight.shape), padded, values.numel(), mask, offsets, kind)
+    return F.pad(tiled[keep], (0, PAD)), pack_bits(keep).view(keep.shape[0], -1), offsets
 
 
-def from_export(
+def export_dense(
     values: torch.Tensor, packed: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype
-) -> CompressedMatrix:
-    """The compressed matrix from ``safe-llm export``'s ``::values`` and flat ``::mask``
-    (:func:`safe_llm.io.export.pack_tensor`) of an ``[out, in]`` matrix, through one dense
-    copy of the matrix (the loader's "plus one tensor")."""
+) -> torch.Tensor:
+    """The dense ``[out, in]`` matrix of ``safe-llm export``'s ``::values`` and flat
+    ``::mask`` (:func:`safe_llm.io.export.pack_tensor`), in ``dtype``."""
     out, width = shape
     dense = torch.zeros(out * width, dtype=dtype)
     dense[unpack_bits(packed, out * width)] = values.to(dtype)
-    return compress(dense.view(out, width))
+    return dense.view(out, width)
 
 
-def relayout(matrix: CompressedMatrix, dtype: torch.dtype) -> CompressedMatrix:
-    """``matrix`` with its values in ``dtype`` (the layout depends on the dtype), a tile band
-    at a time would do as well; matrices are rebuilt whole (a model's ``.to(dtype)``)."""
+def from_export(
+    values: torch.Tensor,
+    packed: torch.Tensor,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    compiled=None,
+) -> CompressedMatrix:
+    """The compressed matrix from an export's values and flat mask, through one dense copy of
+    the matrix (the loader's "plus one tensor")."""
+    return compress(export_dense(values, packed, shape, dtype), compiled=compiled)
+
+
+def relayout(matrix: CompressedMatrix, dtype: torch.dtype, compiled=None) -> CompressedMatrix:
+    """``matrix`` with its values in ``dtype`` (the layout depends on the dtype: a model's
+    ``.to(dtype)``), rebuilt through its dense form."""
     if dtype == matrix.dtype:
         return matrix
-    return compress(matrix.to_dense(), dtype)
+    return compress(matrix.to_dense(), dtype, compiled)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from safe_llm.errors import SafeLLMError
+from safe_llm.inference import format as layout
 from safe_llm.inference.format import TILE, CompressedMatrix
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,16 @@ def decoder(matrix: CompressedMatrix, path: str):
     arguments bound once (a decode step calls it for every layer)."""
     args = (matrix.values, matrix.mask, matrix.tile_offsets, matrix.shape[0], _CODES[path])
     return functools.partial(extension().tiled_matmul, *args)
+
+
+def compress(weight: torch.Tensor, dtype: torch.dtype | None = None) -> CompressedMatrix:
+    """:func:`safe_llm.inference.format.compress`, compiled where the extension is."""
+    return layout.compress(weight, dtype, extension())
+
+
+def relayout(matrix: CompressedMatrix, dtype: torch.dtype) -> CompressedMatrix:
+    """:func:`safe_llm.inference.format.relayout`, compiled where the extension is."""
+    return layout.relayout(matrix, dtype, extension())
 
 
 def dense_tiles(matrix: CompressedMatrix, first: int, last: int) -> torch.Tensor:

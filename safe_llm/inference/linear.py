@@ -9,7 +9,7 @@ from torch import nn
 
 from safe_llm.errors import SafeLLMError
 from safe_llm.inference import kernel
-from safe_llm.inference.format import CompressedMatrix, relayout
+from safe_llm.inference.format import CompressedMatrix
 
 TILE_BYTES = 4 << 20  # the largest dense tile prefill forms (4 MiB)
 _BUFFERS = ("values", "mask", "tile_offsets")
@@ -51,7 +51,7 @@ class SparseLinear(nn.Module):
         super()._apply(fn, recurse)
         values = self._buffers["values"]
         if values.dtype != layout_dtype:  # the layout depends on the dtype: rebuild it
-            self.matrix = relayout(self.matrix, values.dtype)
+            self.matrix = kernel.relayout(self.matrix, values.dtype)
             for name in _BUFFERS:
                 self._buffers[name] = getattr(self.matrix, name)
         for name in _BUFFERS:

@@ -34,7 +34,7 @@ from safe_llm.inference.autotune import (
     fastest,
     matrix_key,
 )
-from safe_llm.inference.format import DTYPES, CompressedMatrix, compress, from_export
+from safe_llm.inference.format import DTYPES, CompressedMatrix, export_dense
 from safe_llm.inference.linear import SparseExperts, SparseLinear
 from safe_llm.inference.source import TensorSource
 
@@ -223,9 +223,10 @@ def _read_matrices(source: TensorSource, name: str, handles, dtype) -> list[Comp
     first = handles[0]
     if name in source.packed and first.expert is None and not first.transposed:
         values, mask = source.packed_parts(name)
-        return [from_export(values, mask, tuple(source.packed[name]["shape"]), dtype)]
+        shape = tuple(source.packed[name]["shape"])
+        return [kernel.compress(export_dense(values, mask, shape, dtype))]
     tensor = source.tensor(name)
-    return [compress(h.matrix(tensor), dtype) for h in handles]
+    return [kernel.compress(h.matrix(tensor), dtype) for h in handles]
 
 
 def _empty_model(config_dict: dict, dtype: torch.dtype) -> nn.Module:
@@ -273,7 +274,7 @@ def sparsify(model: nn.Module, kernel_path: str = "auto", policy: str = "auto") 
     timings = TimingCache()
     for name, handles in _targets(model).items():
         tensor = handles[0].param.detach()
-        matrices = [compress(h.matrix(tensor)) for h in handles]
+        matrices = [kernel.compress(h.matrix(tensor)) for h in handles]
         _place(model, name, handles, matrices, lambda t=tensor: t, policy, timings, summary)
     model.sparse_summary = summary
     _log_summary(summary)
@@ -331,8 +332,13 @@ def load_sparse(
         targets = _targets(model)
         if not _same_layout(tensors.names, targets, model):
             return _load_converted(source, dtype, kernel_path, policy)
+        lookup_only = _untied_input_embedding(model)
         for name in tensors.names:
-            if name not in targets:
+            if name in targets:
+                continue
+            if name == lookup_only:  # one row read per token: map it, pages come as read
+                _assign(model, name, tensors.mapped(name, torch_dtype), torch_dtype)
+            else:
                 _assign(model, name, tensors.tensor(name), torch_dtype)
         model.tie_weights()
         for name, handles in tqdm(targets.items(), desc="sparse matrices", disable=not progress):
@@ -345,6 +351,17 @@ def load_sparse(
     model.sparse_summary = summary
     _log_summary(summary)
     return model.eval().requires_grad_(False)
+
+
+def _untied_input_embedding(model: nn.Module) -> str | None:
+    """The state-dict name of the input embedding when no other module shares its weight."""
+    embedding = model.get_input_embeddings()
+    output = model.get_output_embeddings()
+    tied = model.config.get_text_config().tie_word_embeddings if hasattr(model, "config") else True
+    if embedding is None or tied or getattr(output, "weight", None) is embedding.weight:
+        return None
+    names = [n for n, p in model.named_parameters() if p is embedding.weight]
+    return names[0] if len(names) == 1 else None
 
 
 def _same_layout(names: list[str], targets: dict, model: nn.Module) -> bool:
@@ -389,12 +406,13 @@ def _check_loaded(model: nn.Module, source) -> None:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's weights as held: parameters and buffers, each storage once (the
-    sparse layers' compressed buffers, tied embeddings counted once)."""
+    """Bytes of the model's weights as held: parameters and buffers, each once (the sparse
+    layers' compressed buffers; tied embeddings, and a view of a mapped file, by their own
+    bytes)."""
     seen, total = set(), 0
     for tensor in [*model.parameters(), *model.buffers()]:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
+        key = (tensor.data_ptr(), tensor.nbytes)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.nbytes
     return total

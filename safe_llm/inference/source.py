@@ -71,6 +71,20 @@ class SafetensorsFile:
             done += count
         return tensor
 
+    def mapped(self, name: str) -> torch.Tensor | None:
+        """Tensor ``name`` as a private (copy-on-write) map of the file: its pages become
+        resident only as they are read (an input embedding: one row per token), or None
+        where the tensor's offset does not suit its dtype."""
+        entry = self._entries[name]
+        dtype = _DTYPES.get(entry["dtype"])
+        first, last = entry["data_offsets"]
+        start = self._start + first
+        if dtype is None or start % dtype.itemsize or last == first:
+            return None
+        size = start + last - first
+        whole = torch.from_file(str(self.path), shared=False, size=size, dtype=torch.uint8)
+        return whole[start:].view(dtype).view(entry["shape"])
+
     def close(self) -> None:
         self._file.close()
 
@@ -144,6 +158,16 @@ class TensorSource:
             info = self.packed[name]
             return unpack_tensor(values, mask, info["shape"], getattr(torch, info["dtype"]))
         return self._files[name].get_tensor(name)
+
+    def mapped(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Tensor ``name`` mapped from its file (:meth:`SafetensorsFile.mapped`) when it is
+        stored in ``dtype``, else read as :meth:`tensor` does."""
+        handle = self._files[name]
+        if name not in self.packed and isinstance(handle, SafetensorsFile):
+            tensor = handle.mapped(name)
+            if tensor is not None and tensor.dtype == dtype:
+                return tensor
+        return self.tensor(name)
 
     def packed_parts(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values [nnz], flat packed mask)`` of an exported matrix."""

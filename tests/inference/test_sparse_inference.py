@@ -48,8 +48,12 @@ def shapes(pattern: str):
 def test_compressed_form_round_trips_bit_for_bit_from_dense_and_from_export(pattern, dtype):
     for seed, (out, width) in enumerate(shapes(pattern)):
         weight = pruned(out, width, pattern, dtype, seed)
-        matrix = compress(weight)
+        matrix = compress(weight)  # PyTorch ops
         assert matrix.kind == ("bitmask" if ":" not in pattern else pattern)
+        compiled = kernel.compress(weight)  # the extension's one pass: the same layout
+        assert compiled.kind == matrix.kind and compiled.kept == matrix.kept
+        for name in ("values", "mask", "tile_offsets"):
+            assert torch.equal(getattr(compiled, name), getattr(matrix, name)), name
         assert matrix.dtype == dtype and torch.equal(matrix.to_dense(), weight)
         if out > TILE:  # the second tile alone, in PyTorch and compiled (prefill's band)
             second = weight[TILE : 2 * TILE]
@@ -97,7 +101,7 @@ def test_sparse_linear_equals_f_linear_on_the_decompressed_weight(path, dtype, p
     for seed, (out, width) in enumerate(shapes(pattern)):
         weight = pruned(out, width, pattern, dtype, seed)
         bias = torch.randn(out, generator=generator).to(dtype)
-        layer = SparseLinear(compress(weight), bias, path=path, tile_bytes=width * 4 * 20)
+        layer = SparseLinear(kernel.compress(weight), bias, path=path, tile_bytes=width * 4 * 20)
         for rows in (1, 2, 5, 8, 19):  # decode shapes, then the tiled prefill
             x = torch.randn(rows, width, generator=generator).to(dtype)
             expected = _reference(x, weight) + bias
@@ -191,10 +195,12 @@ def test_auto_policy_measures_each_shape_and_keeps_outputs_equal(save_tiny_model
     assert [d["ms"] for d in again.sparse_summary.decisions] == [d["ms"] for d in summary.decisions]
 
 
-def _pruned_checkpoint(save_tiny_model, name: str, pattern: str = "0.7", dtype=torch.float32):
+def _pruned_checkpoint(
+    save_tiny_model, name: str, pattern: str = "0.7", dtype=torch.float32, **overrides
+):
     from transformers import AutoModelForCausalLM
 
-    directory = save_tiny_model(name)
+    directory = save_tiny_model(name, **overrides)
     model = _prune_model(AutoModelForCausalLM.from_pretrained(directory), pattern).eval()
     model.to(dtype).save_pretrained(directory)
     return directory
@@ -254,7 +260,8 @@ def test_auto_dtype_is_bf16_exactly_where_the_cpu_computes_it_whatever_was_store
 
 
 def test_reading_a_checkpoint_maps_none_of_its_files(save_tiny_model):
-    """A mapped checkpoint keeps its pages resident in the process: the loader reads instead."""
+    """A mapped checkpoint keeps the pages it touched resident in the process: the loader reads
+    every tensor into memory of its own instead."""
     from pathlib import Path
 
     from safe_llm.inference.source import TensorSource
@@ -270,6 +277,27 @@ def test_reading_a_checkpoint_maps_none_of_its_files(save_tiny_model):
     ids = torch.randint(0, 50, (1, 7))
     with torch.inference_mode():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+
+
+def test_an_untied_input_embedding_is_mapped_and_the_rest_read(save_tiny_model):
+    """Decoding reads one row of an untied input embedding per token: mapped (copy-on-write),
+    only the rows read become resident; an output head (tied or not) is read whole."""
+    untied = _pruned_checkpoint(save_tiny_model, "untied", tie_word_embeddings=False)
+    model = load_sparse(untied, dtype="float32", policy="sparse", progress=False)
+    embedding = model.get_input_embeddings().weight
+    assert embedding.untyped_storage().nbytes() > embedding.nbytes  # a view of the file map
+    head = model.get_output_embeddings().weight
+    assert head.untyped_storage().nbytes() == head.nbytes
+    reference = load_dense(untied, torch.float32)
+    ids = torch.randint(0, 50, (1, 7))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+    assert weight_bytes(model) < weight_bytes(reference)  # the map counted by its own bytes
+
+    tied = _pruned_checkpoint(save_tiny_model, "tied", tie_word_embeddings=True)
+    model = load_sparse(tied, dtype="float32", policy="sparse", progress=False)
+    embedding = model.get_input_embeddings().weight
+    assert embedding.untyped_storage().nbytes() == embedding.nbytes
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "llama4"])

@@ -35,6 +35,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -430,7 +431,98 @@ void decompress(const torch::Tensor& values, const torch::Tensor& mask,
   });
 }
 
+// Raw bits of one value: a weight is kept where they are not all zero (-0.0 counts).
+template <typename V>
+using RawOf = std::conditional_t<sizeof(V) == 4, uint32_t, uint16_t>;
+
+template <typename V>
+std::vector<torch::Tensor> compress_typed(const torch::Tensor& weight, int64_t pad) {
+  using Word = typename StepOf<V>::Word;
+  using Raw = RawOf<V>;
+  constexpr int G = StepOf<V>::G;
+  const int64_t out = weight.size(0), in = weight.size(1);
+  const int64_t tiles = (out + kTile - 1) / kTile, steps = (in + G - 1) / G;
+  const auto* raw = reinterpret_cast<const Raw*>(weight.data_ptr());
+  const V* w = weight.data_ptr<V>();
+  torch::Tensor mask = torch::empty({tiles, steps * static_cast<int64_t>(sizeof(Word))},
+                                    weight.options().dtype(at::kByte));
+  auto* words = reinterpret_cast<Word*>(mask.data_ptr<uint8_t>());
+  torch::Tensor offsets = torch::zeros({tiles + 1}, weight.options().dtype(at::kLong));
+  int64_t* off = offsets.data_ptr<int64_t>();
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t rows = std::min(kTile, out - t * kTile);
+      int64_t count = 0;
+      for (int64_t s = 0; s < steps; ++s) {
+        Word word = 0;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t i = 0; i < G && G * s + i < in; ++i)
+            if (raw[(t * kTile + r) * in + G * s + i] != 0) word |= Word{1} << (G * r + i);
+        words[t * steps + s] = word;
+        count += __builtin_popcount(word);
+      }
+      off[t + 1] = count;
+    }
+  });
+  for (int64_t t = 0; t < tiles; ++t) off[t + 1] += off[t];
+  torch::Tensor values = torch::zeros({off[tiles] + pad}, weight.options());
+  V* v_all = values.data_ptr<V>();
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      V* v = v_all + off[t];
+      for (int64_t s = 0; s < steps; ++s) {
+        uint32_t m = words[t * steps + s];
+        while (m) {
+          const int k = __builtin_ctz(m);
+          *v++ = w[(t * kTile + k / G) * in + G * s + k % G];
+          m &= m - 1;
+        }
+      }
+    }
+  });
+  return {values, mask, offsets};
+}
+
+template <typename V>
+int64_t max_group_kept(const torch::Tensor& weight, int64_t m) {
+  using Raw = RawOf<V>;
+  const int64_t out = weight.size(0), in = weight.size(1), groups = in / m;
+  const auto* raw = reinterpret_cast<const Raw*>(weight.data_ptr());
+  std::vector<int64_t> row_max(out, 0);
+  at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t most = 0;
+      for (int64_t g = 0; g < groups; ++g) {
+        int64_t kept = 0;
+        for (int64_t j = 0; j < m; ++j) kept += raw[r * in + g * m + j] != 0;
+        most = std::max(most, kept);
+      }
+      row_max[r] = most;
+    }
+  });
+  return out ? *std::max_element(row_max.begin(), row_max.end()) : 0;
+}
+
 }  // namespace
+
+// The tiled bitmask layout of a dense [out, in] weight (float32 or bfloat16; its zeros are
+// the pruned entries): {values [kept + pad], mask, tile_offsets}, as format.py describes.
+std::vector<torch::Tensor> compress_tiles(const torch::Tensor& weight, int64_t pad) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && !weight.is_cuda(),
+              "weight must be a contiguous CPU [out, in] tensor");
+  if (weight.scalar_type() == at::kFloat) return compress_typed<float>(weight, pad);
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "weight must be float32 or bfloat16");
+  return compress_typed<c10::BFloat16>(weight, pad);
+}
+
+// The most entries any group of m consecutive inputs keeps (in % m == 0): N:M when <= n.
+int64_t group_max_kept(const torch::Tensor& weight, int64_t m) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(1) % m == 0,
+              "weight must be contiguous [out, in] with in % m == 0");
+  if (weight.scalar_type() == at::kFloat) return max_group_kept<float>(weight, m);
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "weight must be float32 or bfloat16");
+  return max_group_kept<c10::BFloat16>(weight, m);
+}
 
 // x [batch <= 8, in] @ W.T -> [batch, out] in x's dtype, W in the tiled bitmask layout:
 // values [kept + pad] (float32 or bfloat16), mask [tiles, steps * word bytes] uint8,
@@ -491,6 +583,8 @@ bool native_bf16() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("tiled_matmul", &tiled_matmul, "x @ W.T, W in the tiled bitmask layout");
   module.def("decompress_tiles", &decompress_tiles, "rows of W dense, from its tiles");
+  module.def("compress_tiles", &compress_tiles, "the tiled bitmask layout of a dense weight");
+  module.def("group_max_kept", &group_max_kept, "most entries kept by a group of m inputs");
   module.def("cpu_paths", &cpu_paths, "kernel paths this CPU runs");
   module.def("native_bf16", &native_bf16, "whether the avx512 paths use AVX-512-BF16 dpbf16");
 }
