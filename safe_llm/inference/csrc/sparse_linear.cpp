@@ -99,6 +99,44 @@ void tile_scalar(const TileArgs<V>& a, int64_t batch) {
 }
 
 #ifdef SAFE_LLM_X86
+// Four consecutive steps' mask words and where each step's values start: read as 64-bit
+// words, so that the values pointer advances once per four steps (one add on the loop's
+// dependency chain, not one popcount and add per step).
+struct Quad {
+  uint32_t m[4];
+  int64_t first[4];
+  int64_t total;
+};
+
+__attribute__((target("popcnt"))) inline Quad quad(const uint16_t* words) {
+  uint64_t x;
+  std::memcpy(&x, words, 8);
+  Quad q;
+  for (int i = 0; i < 4; ++i) q.m[i] = static_cast<uint32_t>((x >> (16 * i)) & 0xFFFFu);
+  q.first[0] = 0;
+  q.first[1] = __builtin_popcountll(x & 0xFFFFull);
+  q.first[2] = __builtin_popcountll(x & 0xFFFFFFFFull);
+  q.first[3] = __builtin_popcountll(x & 0xFFFFFFFFFFFFull);
+  q.total = __builtin_popcountll(x);
+  return q;
+}
+
+__attribute__((target("popcnt"))) inline Quad quad(const uint32_t* words) {
+  uint64_t lo, hi;
+  std::memcpy(&lo, words, 8);
+  std::memcpy(&hi, words + 2, 8);
+  Quad q;
+  q.m[0] = static_cast<uint32_t>(lo), q.m[1] = static_cast<uint32_t>(lo >> 32);
+  q.m[2] = static_cast<uint32_t>(hi), q.m[3] = static_cast<uint32_t>(hi >> 32);
+  const int64_t low = __builtin_popcountll(lo);
+  q.first[0] = 0;
+  q.first[1] = __builtin_popcountll(lo & 0xFFFFFFFFull);
+  q.first[2] = low;
+  q.first[3] = low + __builtin_popcountll(hi & 0xFFFFFFFFull);
+  q.total = low + __builtin_popcountll(hi);
+  return q;
+}
+
 // ---------------------------------------------------------------- avx2 path (x86 portable)
 
 struct PermTable {
@@ -132,22 +170,35 @@ __attribute__((target("avx2,fma"))) inline __m256 expand8(unsigned m, const V* v
 
 // fp32 (G = 1): the 16-bit word's low byte is rows 0-7, its high byte rows 8-15.
 template <int B>
+__attribute__((target("avx2,fma"))) inline void avx2_step(const TileArgs<float>& a, int64_t s,
+                                                          uint32_t m, const float* v,
+                                                          __m256* lo, __m256* hi) {
+  const unsigned low = m & 0xFFu;
+  const __m256 w0 = expand8(low, v), w1 = expand8(m >> 8, v + __builtin_popcount(low));
+  for (int b = 0; b < B; ++b) {
+    const __m256 x = _mm256_broadcast_ss(a.xf + b * a.steps + s);
+    lo[b] = _mm256_fmadd_ps(w0, x, lo[b]);
+    hi[b] = _mm256_fmadd_ps(w1, x, hi[b]);
+  }
+}
+
+template <int B>
 __attribute__((target("avx2,fma,popcnt"))) void tile_avx2(const TileArgs<float>& a) {
   constexpr int U = B == 1 ? 2 : 1;  // independent accumulator sets hide the FMA latency
   __m256 lo[U][B], hi[U][B];
   for (int u = 0; u < U; ++u)
     for (int b = 0; b < B; ++b) lo[u][b] = hi[u][b] = _mm256_setzero_ps();
   const float* v = a.v;
-  for (int64_t s = 0; s < a.steps; ++s) {
-    const unsigned m = a.words[s], low = m & 0xFFu;
-    const __m256 w0 = expand8(low, v), w1 = expand8(m >> 8, v + __builtin_popcount(low));
-    v += __builtin_popcount(m);
-    const int u = U == 1 ? 0 : s & 1;
-    for (int b = 0; b < B; ++b) {
-      const __m256 x = _mm256_broadcast_ss(a.xf + b * a.steps + s);
-      lo[u][b] = _mm256_fmadd_ps(w0, x, lo[u][b]);
-      hi[u][b] = _mm256_fmadd_ps(w1, x, hi[u][b]);
-    }
+  int64_t s = 0;
+  for (; s + 4 <= a.steps; s += 4) {
+    const Quad q = quad(a.words + s);
+    for (int i = 0; i < 4; ++i)
+      avx2_step<B>(a, s + i, q.m[i], v + q.first[i], lo[i % U], hi[i % U]);
+    v += q.total;
+  }
+  for (; s < a.steps; ++s) {
+    avx2_step<B>(a, s, a.words[s], v, lo[0], hi[0]);
+    v += __builtin_popcount(a.words[s]);
   }
   for (int b = 0; b < B; ++b) {
     for (int u = 1; u < U; ++u) {
@@ -194,38 +245,46 @@ __attribute__((target("avx2,fma,popcnt"))) void tile_avx2(const TileArgs<c10::BF
 
 #define SAFE_LLM_AVX512 "avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt"
 
+// The register forms load first; the empty asm keeps the compiler from folding the load into
+// the expand's memory-source form (which it otherwise does, at -O3).
 template <bool kFromMemory>
 __attribute__((target(SAFE_LLM_AVX512))) inline __m512 expand16(uint16_t m, const float* v) {
   if (kFromMemory) return _mm512_maskz_expandloadu_ps(m, v);
-  return _mm512_maskz_expand_ps(m, _mm512_loadu_ps(v));
+  __m512 loaded = _mm512_loadu_ps(v);
+  asm("" : "+v"(loaded));
+  return _mm512_maskz_expand_ps(m, loaded);
 }
 
 template <bool kFromMemory>
 __attribute__((target(SAFE_LLM_AVX512))) inline __m512i expand32(uint32_t m, const void* v) {
   if (kFromMemory) return _mm512_maskz_expandloadu_epi16(m, v);
-  return _mm512_maskz_expand_epi16(m, _mm512_loadu_si512(v));
+  __m512i loaded = _mm512_loadu_si512(v);
+  asm("" : "+v"(loaded));
+  return _mm512_maskz_expand_epi16(m, loaded);
 }
 
-// fp32 (G = 1): 16 rows for one input per step.
+// fp32 (G = 1): 16 rows for one input per step, four steps per block.
 template <int B, bool kFromMemory>
 __attribute__((target(SAFE_LLM_AVX512))) void tile_avx512(const TileArgs<float>& a) {
-  constexpr int U = B == 1 ? 4 : (B == 2 ? 2 : 1);
+  constexpr int U = B == 1 ? 4 : (B == 2 ? 2 : 1);  // accumulator sets hide the FMA latency
   __m512 acc[U][B];
   for (int u = 0; u < U; ++u)
     for (int b = 0; b < B; ++b) acc[u][b] = _mm512_setzero_ps();
   const float* v = a.v;
   int64_t s = 0;
-  for (; s + U <= a.steps; s += U)
-    for (int u = 0; u < U; ++u) {
-      const uint16_t m = a.words[s + u];
-      const __m512 w = expand16<kFromMemory>(m, v);
-      v += __builtin_popcount(m);
+  for (; s + 4 <= a.steps; s += 4) {
+    const Quad q = quad(a.words + s);
+    for (int i = 0; i < 4; ++i) {
+      const __m512 w = expand16<kFromMemory>(static_cast<uint16_t>(q.m[i]), v + q.first[i]);
       for (int b = 0; b < B; ++b)
-        acc[u][b] = _mm512_fmadd_ps(w, _mm512_set1_ps(a.xf[b * a.steps + s + u]), acc[u][b]);
+        acc[i % U][b] =
+            _mm512_fmadd_ps(w, _mm512_set1_ps(a.xf[b * a.steps + s + i]), acc[i % U][b]);
     }
+    v += q.total;
+  }
   for (; s < a.steps; ++s) {
-    const uint16_t m = a.words[s];
-    const __m512 w = expand16<kFromMemory>(m, v);
+    const uint32_t m = a.words[s];
+    const __m512 w = expand16<kFromMemory>(static_cast<uint16_t>(m), v);
     v += __builtin_popcount(m);
     for (int b = 0; b < B; ++b)
       acc[0][b] = _mm512_fmadd_ps(w, _mm512_set1_ps(a.xf[b * a.steps + s]), acc[0][b]);
@@ -236,17 +295,16 @@ __attribute__((target(SAFE_LLM_AVX512))) void tile_avx512(const TileArgs<float>&
   }
 }
 
-// One step of the dpbf16 kernel: returns the next step's values.
+// One step of the dpbf16 kernel at values v: 16 rows x the activation pair of step s.
 template <int B, bool kFromMemory>
-__attribute__((target(SAFE_LLM_AVX512 ",avx512bf16"))) inline const c10::BFloat16* dpbf16_step(
-    const TileArgs<c10::BFloat16>& a, int64_t s, const c10::BFloat16* v, __m512* acc) {
-  const uint32_t m = a.words[s];
+__attribute__((target(SAFE_LLM_AVX512 ",avx512bf16"))) inline void dpbf16_step(
+    const TileArgs<c10::BFloat16>& a, int64_t s, uint32_t m, const c10::BFloat16* v,
+    __m512* acc) {
   const __m512bh w = (__m512bh)expand32<kFromMemory>(m, v);
   for (int b = 0; b < B; ++b) {
     const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(a.xp[b * a.steps + s]));
     acc[b] = _mm512_dpbf16_ps(acc[b], w, x);
   }
-  return v + __builtin_popcount(m);
 }
 
 // bf16 (G = 2) with AVX-512-BF16: one dpbf16 per step and activation row.
@@ -259,9 +317,15 @@ __attribute__((target(SAFE_LLM_AVX512 ",avx512bf16"))) void tile_avx512_dpbf16(
     for (int b = 0; b < B; ++b) acc[u][b] = _mm512_setzero_ps();
   const c10::BFloat16* v = a.v;
   int64_t s = 0;
-  for (; s + U <= a.steps; s += U)
-    for (int u = 0; u < U; ++u) v = dpbf16_step<B, kFromMemory>(a, s + u, v, acc[u]);
-  for (; s < a.steps; ++s) v = dpbf16_step<B, kFromMemory>(a, s, v, acc[0]);
+  for (; s + 4 <= a.steps; s += 4) {
+    const Quad q = quad(a.words + s);
+    for (int i = 0; i < 4; ++i) dpbf16_step<B, kFromMemory>(a, s + i, q.m[i], v + q.first[i], acc[i % U]);
+    v += q.total;
+  }
+  for (; s < a.steps; ++s) {
+    dpbf16_step<B, kFromMemory>(a, s, a.words[s], v, acc[0]);
+    v += __builtin_popcount(a.words[s]);
+  }
   for (int b = 0; b < B; ++b) {
     for (int u = 1; u < U; ++u) acc[0][b] = _mm512_add_ps(acc[0][b], acc[u][b]);
     _mm512_storeu_ps(a.out + b * kTile, acc[0][b]);
@@ -271,27 +335,37 @@ __attribute__((target(SAFE_LLM_AVX512 ",avx512bf16"))) void tile_avx512_dpbf16(
 // bf16 (G = 2) without AVX-512-BF16: the even lanes (input 2s) and the odd ones (2s + 1) of the
 // expanded pairs become two fp32 vectors of the 16 rows, each times its broadcast input.
 template <int B, bool kFromMemory>
+__attribute__((target(SAFE_LLM_AVX512))) inline void pairs_step(
+    const TileArgs<c10::BFloat16>& a, int64_t s, uint32_t m, const c10::BFloat16* v,
+    __m512* acc) {
+  const __m512i w = expand32<kFromMemory>(m, v);
+  const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  const __m512 odd = _mm512_castsi512_ps(
+      _mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  for (int b = 0; b < B; ++b) {
+    const float* x = a.xf + b * 2 * a.steps + 2 * s;
+    acc[b] = _mm512_fmadd_ps(even, _mm512_set1_ps(x[0]), acc[b]);
+    acc[b] = _mm512_fmadd_ps(odd, _mm512_set1_ps(x[1]), acc[b]);
+  }
+}
+
+template <int B, bool kFromMemory>
 __attribute__((target(SAFE_LLM_AVX512))) void tile_avx512_pairs(
     const TileArgs<c10::BFloat16>& a) {
   constexpr int U = B == 1 ? 2 : 1;
   __m512 acc[U][B];
   for (int u = 0; u < U; ++u)
     for (int b = 0; b < B; ++b) acc[u][b] = _mm512_setzero_ps();
-  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   const c10::BFloat16* v = a.v;
-  const int64_t width = 2 * a.steps;
-  for (int64_t s = 0; s < a.steps; ++s) {
-    const uint32_t m = a.words[s];
-    const __m512i w = expand32<kFromMemory>(m, v);
-    v += __builtin_popcount(m);
-    const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-    const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(w, high));
-    const int u = U == 1 ? 0 : s & 1;
-    for (int b = 0; b < B; ++b) {
-      const float* x = a.xf + b * width + 2 * s;
-      acc[u][b] = _mm512_fmadd_ps(even, _mm512_set1_ps(x[0]), acc[u][b]);
-      acc[u][b] = _mm512_fmadd_ps(odd, _mm512_set1_ps(x[1]), acc[u][b]);
-    }
+  int64_t s = 0;
+  for (; s + 4 <= a.steps; s += 4) {
+    const Quad q = quad(a.words + s);
+    for (int i = 0; i < 4; ++i) pairs_step<B, kFromMemory>(a, s + i, q.m[i], v + q.first[i], acc[i % U]);
+    v += q.total;
+  }
+  for (; s < a.steps; ++s) {
+    pairs_step<B, kFromMemory>(a, s, a.words[s], v, acc[0]);
+    v += __builtin_popcount(a.words[s]);
   }
   for (int b = 0; b < B; ++b) {
     for (int u = 1; u < U; ++u) acc[0][b] = _mm512_add_ps(acc[0][b], acc[u][b]);
