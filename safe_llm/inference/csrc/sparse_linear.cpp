@@ -32,6 +32,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -139,15 +140,14 @@ __attribute__((target("popcnt"))) inline Quad quad(const uint32_t* words) {
 
 // ---------------------------------------------------------------- avx2 path (x86 portable)
 
+// Lane j of mask byte m takes kept value popcount(m & (2^j - 1)); a dropped lane's entry has
+// its sign bit set (vpermps reads only the low 3 bits), and blendv zeroes those lanes: one
+// 8 KiB table, one table load per 8 weights.
 struct PermTable {
-  alignas(32) int32_t perm[256][8];   // lane j of mask m takes kept value popcount(m & (2^j - 1))
-  alignas(32) int32_t lanes[256][8];  // all ones in the lanes mask m keeps, zeros elsewhere
+  alignas(32) int32_t perm[256][8];
   PermTable() {
     for (int m = 0; m < 256; ++m)
-      for (int j = 0, k = 0; j < 8; ++j) {
-        lanes[m][j] = (m >> j) & 1 ? -1 : 0;
-        perm[m][j] = (m >> j) & 1 ? k++ : 0;
-      }
+      for (int j = 0, k = 0; j < 8; ++j) perm[m][j] = (m >> j) & 1 ? k++ : INT32_MIN;
   }
 };
 const PermTable kPerm;
@@ -164,8 +164,8 @@ __attribute__((target("avx2,fma"))) inline __m256 load8(const c10::BFloat16* v) 
 template <typename V>
 __attribute__((target("avx2,fma"))) inline __m256 expand8(unsigned m, const V* v) {
   const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.perm[m]));
-  const __m256 lanes = _mm256_load_ps(reinterpret_cast<const float*>(kPerm.lanes[m]));
-  return _mm256_and_ps(_mm256_permutevar8x32_ps(load8(v), perm), lanes);
+  const __m256 moved = _mm256_permutevar8x32_ps(load8(v), perm);
+  return _mm256_blendv_ps(moved, _mm256_setzero_ps(), _mm256_castsi256_ps(perm));
 }
 
 // fp32 (G = 1): the 16-bit word's low byte is rows 0-7, its high byte rows 8-15.
