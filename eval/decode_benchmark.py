@@ -168,8 +168,9 @@ def run_variant(variant: str, path: str, threads: int, kernel: str, steps: int) 
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=decode_dtype("auto")).eval()
-    else:
-        model = load_sparse(path, kernel_path=kernel, progress=False)
+    else:  # "sparse": the default; "all dense": load_sparse keeping every matrix dense
+        policy = "dense" if variant == "all dense" else "auto"
+        model = load_sparse(path, kernel_path=kernel, policy=policy, progress=False)
     load_s = time.perf_counter() - start
     prompt = torch.arange(100, 116).unsqueeze(0)
     _decode(model, prompt, 2)  # warm-up
@@ -214,6 +215,8 @@ def in_child(env: dict, *args: str) -> dict:
 
 def run_case(path: Path, threads: int, args, env: dict, bandwidth: float) -> dict:
     runs = {"dense": [], "sparse": []}
+    if args.all_dense:
+        runs["all dense"] = []
     for _ in range(args.rounds):
         for variant in runs:
             child = ("--child", variant, str(path), str(threads), args.kernel, str(args.steps))
@@ -237,6 +240,7 @@ def run_case(path: Path, threads: int, args, env: dict, bandwidth: float) -> dic
         "dense": dense,
         "sparse": sparse,
         "rates": {v: [r["tokens_per_s"] for r in runs[v]] for v in runs},
+        "all_dense_x_dense": rate["all dense"] / rate["dense"] if "all dense" in rate else None,
     }
 
 
@@ -310,16 +314,17 @@ def print_cases(cases: list[dict]) -> None:
     print(
         "\n| model | pattern | threads | dense tok/s | sparse tok/s | x dense | limit | "
         "of limit | dense GB/s | sparse GB/s | read GB/s | RSS x dense | peak x dense | "
-        "same tokens |"
+        "same tokens | all-dense load x dense |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for c in cases:
         print(
             f"| {c['model']} | {c['pattern']} | {c['threads']} | "
             f"{c['dense_tokens_per_s']:.2f} | {c['sparse_tokens_per_s']:.2f} | "
             f"{c['speedup']:.2f} | {c['limit_ratio']:.2f} | {c['share_of_limit']:.0%} | "
             f"{c['dense_gbs']:.1f} | {c['sparse_gbs']:.1f} | {c['bandwidth_gbs']:.1f} | "
-            f"{c['rss_ratio']:.2f} | {c['peak_ratio']:.2f} | {c['same_tokens']} |"
+            f"{c['rss_ratio']:.2f} | {c['peak_ratio']:.2f} | {c['same_tokens']} | "
+            + (f"{c['all_dense_x_dense']:.2f} |" if c["all_dense_x_dense"] else "- |")
         )
 
 
@@ -348,6 +353,11 @@ def main() -> None:
     parser.add_argument("--kernel", default="auto", help="load_sparse's kernel_path")
     parser.add_argument("--isa", choices=["native", "avx2"], default="native")
     parser.add_argument("--matrices", action="store_true", help="per-matrix GB/s table too")
+    parser.add_argument(
+        "--all-dense",
+        action="store_true",
+        help="also load_sparse(policy='dense'): every matrix dense, against transformers' speed",
+    )
     parser.add_argument("--workdir", help="where checkpoints are made and kept")
     parser.add_argument("--json", help="write the results here (after every case)")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)

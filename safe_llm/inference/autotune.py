@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import re
@@ -54,9 +53,8 @@ def cpu_name() -> str:
 
 def timings_file() -> Path:
     """The timing cache of this CPU model, torch capability and kernel build."""
-    build = hashlib.sha256(kernel.SOURCE.read_bytes() + torch.__version__.encode())
     cpu = re.sub(r"[^A-Za-z0-9]+", "-", f"{cpu_name()}-{cpu_capability()}").strip("-")
-    return cache_dir() / "kernel-timings" / f"{cpu}-{build.hexdigest()[:12]}.json"
+    return cache_dir() / "kernel-timings" / f"{cpu}-{kernel.build_id()}.json"
 
 
 def matrix_key(matrix: CompressedMatrix, threads: int) -> str:

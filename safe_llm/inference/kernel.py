@@ -39,6 +39,18 @@ NAME = "safe_llm_sparse_linear"
 PATHS = ("avx512", "avx512-load", "avx2", "scalar", "torch")
 _CODES = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512-load": 3}
 DECODE_ROWS = 8  # at most this many activation rows go through the kernel
+# at::parallel_for is OpenMP in torch's CPU builds: without -fopenmp its pragma is ignored and
+# every product runs on one thread
+CFLAGS = ["-O3", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+
+
+def build_id() -> str:
+    """What identifies a build of the kernel: its source, flags and torch's version."""
+    import hashlib
+
+    text = SOURCE.read_bytes() + " ".join([*CFLAGS, *LDFLAGS, torch.__version__]).encode()
+    return hashlib.sha256(text).hexdigest()[:12]
 
 
 class KernelError(SafeLLMError):
@@ -61,7 +73,9 @@ def missing_tools() -> list[str]:
 def _compile():
     from torch.utils.cpp_extension import load
 
-    return load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
+    return load(
+        name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, verbose=False
+    )
 
 
 def build() -> list[str]:
