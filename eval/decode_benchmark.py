@@ -152,7 +152,9 @@ def _decode(model, prompt: torch.Tensor, steps: int) -> tuple[float, list[int]]:
         return time.perf_counter() - start, tokens
 
 
-def run_variant(variant: str, path: str, threads: int, kernel: str, steps: int) -> dict:
+def run_variant(
+    variant: str, path: str, threads: int, kernel: str, steps: int, dtype: str = "auto"
+) -> dict:
     """Load ``variant`` (``dense``: transformers; ``sparse``: load_sparse) in this fresh
     process, decode, and measure."""
     import logging
@@ -167,10 +169,10 @@ def run_variant(variant: str, path: str, threads: int, kernel: str, steps: int) 
     if variant == "dense":
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=decode_dtype("auto")).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=decode_dtype(dtype)).eval()
     else:  # "sparse": the default; "all dense": load_sparse keeping every matrix dense
         policy = "dense" if variant == "all dense" else "auto"
-        model = load_sparse(path, kernel_path=kernel, policy=policy, progress=False)
+        model = load_sparse(path, dtype=dtype, kernel_path=kernel, policy=policy, progress=False)
     load_s = time.perf_counter() - start
     prompt = torch.arange(100, 116).unsqueeze(0)
     _decode(model, prompt, 2)  # warm-up
@@ -219,7 +221,8 @@ def run_case(path: Path, threads: int, args, env: dict, bandwidth: float) -> dic
         runs["all dense"] = []
     for _ in range(args.rounds):
         for variant in runs:
-            child = ("--child", variant, str(path), str(threads), args.kernel, str(args.steps))
+            child = (str(path), str(threads), args.kernel, str(args.steps), args.dtype)
+            child = ("--child", variant, *child)
             runs[variant].append(in_child(env, *child))
     dense, sparse = runs["dense"][-1], runs["sparse"][-1]
     rate = {v: statistics.median(r["tokens_per_s"] for r in runs[v]) for v in runs}
@@ -244,10 +247,11 @@ def run_case(path: Path, threads: int, args, env: dict, bandwidth: float) -> dic
     }
 
 
-def matrix_table(threads_list: list[int], env: dict) -> list[dict]:
+def matrix_table(threads_list: list[int], env: dict, dtype: str) -> list[dict]:
     rows = []
     for threads in threads_list:
-        rows += in_child(env, "--child-matrices", str(threads))["rows"]
+        child_env = {**env, "DECODE_BENCHMARK_DTYPE": dtype}
+        rows += in_child(child_env, "--child-matrices", str(threads))["rows"]
     return rows
 
 
@@ -261,6 +265,8 @@ def run_matrices(threads: int) -> dict:
     kv = hidden // shape["num_attention_heads"] * shape["num_key_value_heads"]
     rows = []
     dtypes = [torch.bfloat16] if _bf16_native() else [torch.float32]
+    if os.environ.get("DECODE_BENCHMARK_DTYPE", "auto") != "auto":
+        dtypes = [getattr(torch, os.environ["DECODE_BENCHMARK_DTYPE"])]
     for dtype in dtypes:
         for out, width in ((hidden, hidden), (kv, hidden), (inter, hidden), (hidden, inter)):
             for pattern in ("0.5", "0.7", "2:4"):
@@ -360,14 +366,21 @@ def main() -> None:
     )
     parser.add_argument("--workdir", help="where checkpoints are made and kept")
     parser.add_argument("--json", help="write the results here (after every case)")
-    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="both processes' dtype (auto: bf16 where native, else fp32; float32 on an "
+        "AVX-512 CPU stands for one without AVX-512-BF16)",
+    )
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     parser.add_argument("--child-bandwidth", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-matrices", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-machine", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        variant, path, threads, kernel, steps = args.child
-        return print(json.dumps(run_variant(variant, path, int(threads), kernel, int(steps))))
+        variant, path, threads, kernel, steps, dtype = args.child
+        result = run_variant(variant, path, int(threads), kernel, int(steps), dtype)
+        return print(json.dumps(result))
     if args.child_bandwidth:
         return print(json.dumps({"gbs": read_bandwidth(args.child_bandwidth)}))
     if args.child_matrices:
@@ -380,13 +393,14 @@ def main() -> None:
         args.kernel = "avx2"
     threads_list = [int(t) for t in args.threads.split(",")]
     document = {"machine": machine(env), "isa": args.isa, "kernel": args.kernel, "cases": []}
+    document["dtype"] = args.dtype
     print(json.dumps(document["machine"]), flush=True)
     bandwidth = {t: in_child(env, "--child-bandwidth", str(t))["gbs"] for t in threads_list}
     document["read_bandwidth_gbs"] = bandwidth
     root = Path(args.workdir or tempfile.mkdtemp(prefix="decode-benchmark-"))
     root.mkdir(parents=True, exist_ok=True)
     if args.matrices:
-        document["matrices"] = matrix_table(threads_list, env)
+        document["matrices"] = matrix_table(threads_list, env, args.dtype)
         print_matrices(document["matrices"])
     for model in args.models.split(","):
         for pattern in args.patterns.split(","):

@@ -114,6 +114,29 @@ def test_sparse_linear_equals_f_linear_on_the_decompressed_weight(path, dtype, p
         assert layer(x3).shape == (2, 3, out)
 
 
+@pytest.mark.parametrize("path", ["avx512", "avx512-load"])
+def test_avx512_bf16_without_dpbf16_multiplies_the_two_fp32_halves(path, threads):
+    """What an AVX-512 CPU without AVX-512-BF16 runs for bf16 values (turned on here by
+    switching dpbf16 off where the CPU has it)."""
+    if path not in kernel.cpu_paths():
+        pytest.skip(f"this CPU runs {kernel.cpu_paths()}, not {path}")
+    module = kernel.extension()
+    before = module.use_dpbf16(False)
+    try:
+        assert not module.native_bf16()
+        generator = torch.Generator().manual_seed(2)
+        for seed, (out, width) in enumerate(shapes("0.5")):
+            weight = pruned(out, width, "0.5", torch.bfloat16, seed)
+            layer = SparseLinear(kernel.compress(weight), path=path)
+            for rows in (1, 3, 8):
+                x = torch.randn(rows, width, generator=generator).to(torch.bfloat16)
+                expected = _reference(x, weight)
+                scale = max(1.0, float(expected.float().abs().max()))
+                torch.testing.assert_close(layer(x), expected, rtol=1.6e-2, atol=1e-2 * scale)
+    finally:
+        module.use_dpbf16(before)
+
+
 def test_a_missing_compiler_is_one_warning_and_the_torch_path(monkeypatch, caplog):
     monkeypatch.setattr(kernel, "missing_tools", lambda: ["a C++ compiler (c++; apt-get ...)"])
     kernel.extension.cache_clear()

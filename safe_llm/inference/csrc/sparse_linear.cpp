@@ -32,6 +32,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <cstring>
@@ -377,7 +378,9 @@ bool has_avx512_bf16() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512bf16");
 }
-const bool kNativeBf16 = has_avx512_bf16();
+// Whether the avx512 paths multiply bf16 with dpbf16: where the CPU has it, unless a caller
+// turned it off (the tests run the two-fp32-halves kernel that way on such a CPU).
+std::atomic<bool> g_dpbf16{has_avx512_bf16()};
 
 template <int B, bool kFromMemory>
 void tile_avx512_any(const TileArgs<float>& a) {
@@ -385,7 +388,7 @@ void tile_avx512_any(const TileArgs<float>& a) {
 }
 template <int B, bool kFromMemory>
 void tile_avx512_any(const TileArgs<c10::BFloat16>& a) {
-  if (kNativeBf16) return tile_avx512_dpbf16<B, kFromMemory>(a);
+  if (g_dpbf16.load(std::memory_order_relaxed)) return tile_avx512_dpbf16<B, kFromMemory>(a);
   tile_avx512_pairs<B, kFromMemory>(a);
 }
 #endif  // SAFE_LLM_X86
@@ -648,7 +651,16 @@ std::vector<std::string> cpu_paths() {
 
 bool native_bf16() {
 #ifdef SAFE_LLM_X86
-  return has_avx512_bf16();
+  return g_dpbf16.load();
+#else
+  return false;
+#endif
+}
+
+// Turn the dpbf16 multiply on (where the CPU has it) or off; returns the previous setting.
+bool use_dpbf16(bool on) {
+#ifdef SAFE_LLM_X86
+  return g_dpbf16.exchange(on && has_avx512_bf16());
 #else
   return false;
 #endif
@@ -661,4 +673,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("group_max_kept", &group_max_kept, "most entries kept by a group of m inputs");
   module.def("cpu_paths", &cpu_paths, "kernel paths this CPU runs");
   module.def("native_bf16", &native_bf16, "whether the avx512 paths use AVX-512-BF16 dpbf16");
+  module.def("use_dpbf16", &use_dpbf16, "turn dpbf16 on (where the CPU has it) or off");
 }
