@@ -13,7 +13,8 @@ Jobs run side by side (``--jobs``, default 1): with a 135M model the CPU side of
 (lm-eval building and batching requests) dominates, so on a GPU machine with many cores several
 jobs pay; their kernels time-slice one GPU, so many jobs do not come free (on an H200 with 16
 jobs, recovery on 128 windows took 264-303 s). Checkpoints and scores are kept in
-``--runs-dir`` and a rerun reuses them.
+``--runs-dir`` and a rerun reuses them (a killed prune or recovery continues from its work
+area).
 
 Usage (the committed results: an H200, about 80 s for the nine scores once the checkpoints
 exist)::
@@ -48,6 +49,10 @@ sys.path.insert(0, str(ROOT / "eval"))
 from benchmark import reference_windows  # noqa: E402
 from field_table import SEPARATING, damage_cut, pattern_flags, row_name  # noqa: E402
 from zeroshot_splits import gap_closed, task_mean  # noqa: E402
+
+# a run stopped before its checkpoint continues from its work area (finished blocks, the
+# recovery's last saved state); an output without one is replaced
+RESTART = ("--resume", "--overwrite")
 
 
 def recovered(windows: int) -> str:
@@ -95,14 +100,25 @@ class Runner:
             self.args.device,
         ]
 
-    def prune(self, method: str, pattern: str) -> tuple[Path, float | None]:
-        out = self.runs / row_name(method, pattern)
+    def prune(
+        self,
+        method: str,
+        pattern: str,
+        dataset: str = "builtin-c4",
+        nsamples: int | None = None,
+        name: str | None = None,
+    ) -> tuple[Path, float | None]:
+        """``method`` at ``pattern`` on ``nsamples`` (default ``--nsamples``) windows of
+        ``dataset`` into ``<runs-dir>/<name>`` (default: the field table's row name), unless
+        its checkpoint is there: ``(directory, seconds or None when reused)``."""
+        out = self.runs / (name or row_name(method, pattern))
         if (out / "report.json").is_file():
             return out, None
         command = self.cli("prune", "--model", self.args.model, "--method", method)
-        command += [*pattern_flags(pattern), "--dataset", "builtin-c4", "--seed", "0"]
-        command += ["--nsamples", str(self.args.nsamples), "--seqlen", str(self.args.seqlen)]
-        command += ["--dtype", "float32", "--output", str(out), "--overwrite"]
+        command += [*pattern_flags(pattern), "--dataset", dataset, "--seed", "0"]
+        command += ["--nsamples", str(nsamples or self.args.nsamples)]
+        command += ["--seqlen", str(self.args.seqlen), "--dtype", "float32"]
+        command += ["--output", str(out), *RESTART]
         return out, self.run(out.name, command)
 
     def recover(self, source: Future, windows: int, pattern: str) -> tuple[Path, float | None]:
@@ -111,7 +127,7 @@ class Runner:
         if (out / "report.json").is_file():
             return out, None
         command = self.cli("recover", str(checkpoint), "--recover-nsamples", str(windows))
-        command += ["--output", str(out), "--overwrite"]
+        command += ["--output", str(out), *RESTART]
         return out, self.run(out.name, command)
 
     def score(self, method: str, pattern: str, made: Future | None) -> dict:

@@ -31,8 +31,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -81,30 +83,78 @@ def parse_limits(items: list[str]) -> dict[str, int]:
 def score_row(method: str, pattern: str, tokenizer, args) -> dict:
     """The row's cached results, with every missing task scored (and cached) first."""
     cache = Path(args.runs_dir) / "splits" / f"{row_name(method, pattern)}.json"
+
+    def directory() -> str:
+        if method == "dense":
+            return resolve_model_path(args.model)[0]
+        return make_checkpoint(method, pattern, args)[0]
+
+    identity = {"method": method, "pattern": pattern}
+    return score_into(
+        cache, identity, directory, tokenizer, args.tasks, args.limits, args.cached_only
+    )
+
+
+def score_into(
+    cache: Path,
+    identity: dict,
+    directory: Callable[[], str | Path],
+    tokenizer,
+    tasks: list[str],
+    limits: dict[str, int],
+    cached_only: bool = False,
+    batch_size: int = 8,
+    device: str = "cpu",
+) -> dict:
+    """The results cached in ``cache`` (a row: ``identity``, the reference perplexity ``ref``
+    and each task's result with its per-example answers), with the reference perplexity and
+    every missing task of ``tasks`` scored first on the checkpoint ``directory()`` (called
+    only then) and the cache rewritten after each (atomically): a stopped scoring resumes at
+    the task it was on. ``limits``: the first N examples of a task (absent or 0: whole); each
+    result notes its limit, and one cached with another is scored again."""
     row = json.loads(cache.read_text()) if cache.is_file() else {}
-    row.update(method=method, pattern=pattern)
-    missing = [t for t in args.tasks if t not in row.get("tasks", {})]
-    if args.cached_only or (not missing and "ref" in row):
+    row.update(identity)
+    missing = missing_tasks(row, tasks, limits)
+    if cached_only or (not missing and "ref" in row):
         return row
-    if method == "dense":
-        directory = resolve_model_path(args.model)[0]
-    else:
-        directory, _ = make_checkpoint(method, pattern, args)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(directory(), dtype=torch.float32)
+    model = model.to(device).eval()
+    cache.parent.mkdir(parents=True, exist_ok=True)
     if "ref" not in row:
         row["ref"] = perplexity(model, reference_windows(tokenizer), batch_size=8)
+        _write(cache, row)
     for task in missing:
-        limit = args.limits.get(task) or None
+        limit = limits.get(task) or None
         start = time.perf_counter()
         result = evaluate_tasks(
-            model, tokenizer, [task], batch_size=8, limit=limit, metric="acc_norm", per_example=True
+            model,
+            tokenizer,
+            [task],
+            batch_size=batch_size,
+            limit=limit,
+            metric="acc_norm",
+            per_example=True,
         )["tasks"][task]
         result["seconds"] = time.perf_counter() - start
+        result["limit"] = limit
         row.setdefault("tasks", {})[task] = result
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(row, indent=1))
-        print(f"{row_name(method, pattern)} {task}: {result['value']:.4f}", flush=True)
+        _write(cache, row)
+        print(f"{cache.stem} {task}: {result['value']:.4f}", flush=True)
     return row
+
+
+def missing_tasks(row: dict, tasks: list[str], limits: dict[str, int]) -> list[str]:
+    """The tasks of ``tasks`` the cached ``row`` lacks, or holds scored with another limit
+    than ``limits`` gives (a result without a noted limit, from before, counts as matching)."""
+    cached = row.get("tasks", {})
+    wanted = {t: limits.get(t) or None for t in tasks}
+    return [t for t in tasks if t not in cached or cached[t].get("limit", wanted[t]) != wanted[t]]
+
+
+def _write(path: Path, row: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row, indent=1))
+    os.replace(tmp, path)
 
 
 def task_mean(row: dict, tasks: list[str]) -> tuple[float, float] | None:
