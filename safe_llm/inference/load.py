@@ -217,9 +217,10 @@ def _place(model, name, handles, matrices, dense, policy, timings, summary) -> N
 
 
 def _read_matrices(source: TensorSource, name: str, handles, dtype) -> list[CompressedMatrix]:
-    """The compressed matrices of parameter ``name``: an exported ``[out, in]`` matrix straight
-    from its values and mask; anything else (a dense checkpoint's tensor, a fused expert
-    parameter, a transposed ``Conv1D`` weight) read as the one dense tensor it is."""
+    """The compressed matrices of parameter ``name``, each through one dense copy of itself: an
+    exported ``[out, in]`` matrix from its values and mask; anything else (a dense checkpoint's
+    tensor, a fused expert parameter, a transposed ``Conv1D`` weight) read as the one dense
+    tensor it is."""
     first = handles[0]
     if name in source.packed and first.expert is None and not first.transposed:
         values, mask = source.packed_parts(name)
