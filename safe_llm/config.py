@@ -103,9 +103,9 @@ class RunConfig:
         0, "self data: sample among the k most likely tokens only (0: off)", at_least=0
     )
     self_batch_size: int = option(
-        8,
-        "self data: windows generated together (one batch, one shard file on disk); part of "
-        "the cache key, since batched sampling draws per batch",
+        32,
+        "self data: windows generated together (one batch, one shard file on disk; their KV "
+        "cache must fit on the device); part of the cache key, since sampling draws per batch",
         at_least=1,
     )
     device: str = option("auto", "compute device: auto, cpu, cuda or cuda:N")
