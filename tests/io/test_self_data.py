@@ -150,3 +150,26 @@ def test_smollm2_samples_from_its_bos_token_and_greedy_equals_generate(smollm2_c
         windows[:, :4], max_new_tokens=16, min_new_tokens=16, do_sample=False, use_cache=True
     )
     assert torch.equal(ours, theirs)
+
+
+def _nucleus_by_full_sort(logits: torch.Tensor, top_p: float) -> list[set[int]]:
+    ordered, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(ordered, dim=-1)
+    kept = (probs.cumsum(-1) - probs) < top_p
+    return [set(order[row][kept[row]].tolist()) for row in range(len(logits))]
+
+
+def test_top_p_draws_from_the_whole_vocabulary_nucleus_whether_or_not_candidates_hold_it(
+    monkeypatch,
+):
+    monkeypatch.setattr(self_data, "NUCLEUS_CANDIDATES", 8)
+    generator = torch.Generator().manual_seed(0)
+    peaked = torch.full((64,), -10.0)
+    peaked[[3, 40, 7]] = torch.tensor([4.0, 3.5, 3.0])  # nucleus of 3 inside 8 candidates
+    flat = torch.randn(64, generator=generator) * 0.1  # nucleus of ~60: sorted whole
+    logits = torch.stack([peaked, flat]).repeat_interleave(3000, dim=0)
+    drawn = self_data.sample_tokens(logits, Sampling(1.0, 0.9, 0), generator)
+    nuclei = _nucleus_by_full_sort(logits[[0, -1]], 0.9)
+    assert set(drawn[:3000].tolist()) == nuclei[0]
+    assert set(drawn[3000:].tolist()) == nuclei[1]
+    assert len(nuclei[1]) > 8
