@@ -295,7 +295,8 @@ class CurveRunner(Runner):
         if (out / "report.json").is_file():
             return out, None
         command = self.cli("recover", str(checkpoint), "--recover-tokens", str(row["budget"]))
-        command += ["--recover-dataset", row["source"], "--output", str(out), *RESTART]
+        command += ["--recover-dataset", row["source"], *self.args.recover_options.split()]
+        command += ["--output", str(out), *RESTART]
         return out, self.run(out.name, command)
 
     def score(self, row: dict, made: Future) -> dict:
@@ -674,6 +675,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda, for every job")
     parser.add_argument("--batch-size", type=int, default=8, help="zero-shot batch size")
     parser.add_argument("--jobs", type=int, default=1, help="processes at a time")
+    parser.add_argument(
+        "--recover-options",
+        default="",
+        help="more recover options for every recovery row, one string (e.g. "
+        '"--no-recover-lean --no-recover-gradient-checkpointing": the same steps, faster '
+        "where memory allows); kept in the JSON's meta",
+    )
     parser.add_argument("--runs-dir", default="runs/curve", help="checkpoints, logs, scores")
     parser.add_argument("--json", help="rows and views (a .md and a .png are written beside)")
     parser.add_argument(
@@ -734,6 +742,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "limits": parse_limits(args.limit),
         "split": args.split,
         "jobs": args.jobs,
+        "recover_options": args.recover_options,
         "threads_per_job": CurveRunner(args).env["OMP_NUM_THREADS"],
         "machine": machine(args.device),
         "environment": {

@@ -216,7 +216,8 @@ def test_a_killed_recovery_resumes_to_the_same_weights_bit_for_bit(make_tiny_lla
         with pytest.raises(KeyboardInterrupt):
             loop.recover(killed, teacher, _windows(), options, state_dir=tmp_path, progress=False)
     resumed, teacher = _pruned_pair(make_tiny_llama)
-    report = loop.recover(resumed, teacher, _windows(), options, state_dir=tmp_path, progress=False)
+    auto = replace(options, lean=None)  # auto resumes with the state that was saved
+    report = loop.recover(resumed, teacher, _windows(), auto, state_dir=tmp_path, progress=False)
     assert report.resumed_from_step == 4 and report.optimizer == ("lean" if lean else "adam")
     for name, param in whole.named_parameters():
         assert torch.equal(resumed.get_parameter(name), param), name

@@ -94,7 +94,7 @@ def test_a_recovery_that_will_not_fit_stops_in_one_line_before_the_teacher_is_lo
     pruned = _pruned_checkpoint(save_tiny_model, fast_prune_argv, tmp_path, **SHAPE)
     student, _, _ = models.load_model(str(pruned))
     counts = recovery_plan.ModelCounts.of(student)
-    lean = recovery_plan.estimate(counts, RecoverOptions(), 2, 64, 4, bf16=False).peak
+    lean = recovery_plan.estimate(counts, RecoverOptions(lean=True), 2, 64, 4, bf16=False).peak
     adam = recovery_plan.estimate(counts, RecoverOptions(lean=False), 2, 64, 4, bf16=False).peak
     assert lean < 0.75 * adam
     loads, allowed = [], [1]
@@ -123,3 +123,34 @@ def test_a_recovery_that_will_not_fit_stops_in_one_line_before_the_teacher_is_lo
     allowed[0] = 2
     assert cli.main([*args, "--no-recover-memory-check", "--overwrite"]) == 0  # told to run
     assert len(loads) == 2
+
+
+@pytest.mark.parametrize(("free_gib", "expected"), [(64.0, False), (0.02, True), (None, True)])
+def test_auto_memory_modes_take_the_fast_state_only_where_it_fits_in_half_the_free_memory(
+    make_tiny_llama, monkeypatch, free_gib, expected
+):
+    import torch
+
+    from safe_llm.stages.recover.options import RecoverOptions
+
+    free = None if free_gib is None else int(free_gib * 2**30)
+    monkeypatch.setattr(recovery_plan, "available_bytes", lambda device: free)
+    student = make_tiny_llama()
+    cpu = torch.device("cpu")
+    auto = RecoverOptions()
+    chosen = recovery_plan.resolve_memory_modes(student, auto, 2, 64, 0, cpu, False)
+    assert (chosen.lean, chosen.gradient_checkpointing) == (expected, expected)
+    fast = recovery_plan.estimate(
+        recovery_plan.ModelCounts.of(student),
+        RecoverOptions(lean=False, gradient_checkpointing=False),
+        2,
+        64,
+        0,
+        bf16=False,
+    ).peak
+    if free is not None:  # the rule itself: the fast peak against half the free memory
+        student_bytes = sum(p.numel() * p.element_size() for p in student.parameters())
+        assert (fast <= 0.5 * (free + student_bytes)) is not expected
+    explicit = RecoverOptions(lean=True, gradient_checkpointing=False)
+    kept = recovery_plan.resolve_memory_modes(student, explicit, 2, 64, 0, cpu, False)
+    assert (kept.lean, kept.gradient_checkpointing) == (True, False)

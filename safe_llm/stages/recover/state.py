@@ -52,8 +52,19 @@ def save_state(state_dir, step, params, optimizer, losses) -> None:
     if sharded:
         distributed.barrier()
     if distributed.is_writer():
-        record = {"step": step, "losses": losses}
+        record = {"step": step, "losses": losses, "lean": isinstance(optimizer, MaskedAdam)}
         atomic_write(progress, lambda tmp: tmp.write_text(json.dumps(record)))
+
+
+def saved_lean(state_dir) -> bool | None:
+    """Whether the state saved in ``state_dir`` used the lean optimiser state (None: no state
+    saved, or saved before this was recorded): an auto ``--recover-lean`` resumes that way."""
+    if state_dir is None:
+        return None
+    progress = _state_files(Path(state_dir))[0]
+    if not progress.is_file():
+        return None
+    return json.loads(progress.read_text()).get("lean")
 
 
 def load_state(state_dir, params, optimizer) -> tuple[int, list[float]]:
