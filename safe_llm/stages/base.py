@@ -162,6 +162,13 @@ class RunContext:
         self.start_work_area()
         return self.work.path / stage
 
+    def saved_state_dir(self, stage: str) -> Path | None:
+        """Where :meth:`state_dir` is, only if a run saved state there before (nothing is
+        started: a run refused early leaves no work area)."""
+        if self.work is None or not (self.work.path / stage).is_dir():
+            return None
+        return self.work.path / stage
+
     def start_work_area(self) -> None:
         """Record the run's options in the work area, once (the first time state is saved)."""
         if self.work is not None and self.fresh and self.writes and not self.work.started:

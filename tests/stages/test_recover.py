@@ -469,7 +469,13 @@ def test_the_lean_state_takes_the_same_steps_as_torch_adam(
     on, at a limit the gradients exceed, and off; at 50% and 2:4 the gradients wait in the
     pruned entries, at 30% in buffers of their own)."""
     options = RecoverOptions(
-        steps=8, lr=3e-3, batch_size=3, grad_clip=clip, autocast="off", step_scale="absolute"
+        steps=8,
+        lr=3e-3,
+        batch_size=3,
+        grad_clip=clip,
+        autocast="off",
+        step_scale="absolute",
+        lean=True,
     )
     old, teacher = _pruned_pair(make_tiny_llama, structure, sparsity)
     report_old = loop.recover(
@@ -520,7 +526,7 @@ def test_the_lean_state_holds_no_whole_gradient_and_frees_the_teacher(make_tiny_
         seen.append([name for name, p in params.items() if p.grad is not None])
         return real_step(optimizer, params, *args)
 
-    options = RecoverOptions(steps=2, lr=1e-2)
+    options = RecoverOptions(steps=2, lr=1e-2, lean=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(loop, "finish_step", finish)
         report = loop.recover(

@@ -100,10 +100,8 @@ def run_recovery(model: nn.Module, context) -> dict:
         " (streamed)" if streamed else "",
         config.model,
     )
-    state_dir = context.state_dir("recover")
-    options = _memory_modes(
-        model, options, (batch, drawn["seqlen"], held), device, streamed, state_dir
-    )
+    saved = context.saved_state_dir("recover")
+    options = _memory_modes(model, options, (batch, drawn["seqlen"], held), device, streamed, saved)
     plan, rate = _plan(model, options, (batch, drawn["seqlen"], held), device, streamed)
     dtype = next(model.parameters()).dtype
     teacher, _, _ = load_model(config.model, dtype, config.trust_remote_code)
@@ -122,7 +120,7 @@ def run_recovery(model: nn.Module, context) -> dict:
             device=device,
             dataset=drawn["dataset"],
             seed=drawn["seed"],
-            state_dir=state_dir,
+            state_dir=context.state_dir("recover"),
             progress=context.progress,
             release_teacher=True,
             matmul_rate=rate,
