@@ -94,7 +94,7 @@ def sample_tokens(
     if keep == vocab and sampling.top_p >= 1:
         probs = torch.softmax(logits, dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    if keep < vocab or NUCLEUS_CANDIDATES >= vocab or sampling.top_p >= 1:
+    if keep < vocab or vocab <= NUCLEUS_CANDIDATES or sampling.top_p >= 1:
         return _draw(*torch.topk(logits, keep, dim=-1), sampling.top_p, generator)
     top, index = torch.topk(logits, NUCLEUS_CANDIDATES, dim=-1)
     tokens = _draw(top, index, sampling.top_p, generator)
