@@ -56,7 +56,7 @@ from safe_llm.stages.recover.parameters import (
     trainable_parameters,
 )
 from safe_llm.stages.recover.plan import PROBE_STEPS, estimate_seconds, resolve_memory_modes
-from safe_llm.stages.recover.state import any_sharded, load_state, save_state, saved_lean
+from safe_llm.stages.recover.state import any_sharded, load_state, save_state
 from safe_llm.train import relative_adam
 from safe_llm.train.data_parallel import sum_over_ranks
 from safe_llm.train.masked_adam import BitMask, MaskedAdam
@@ -173,10 +173,9 @@ def recover(
     streamed, seqlen, steps, batch_size = _budget(windows, options)
     bf16 = precision.reduced_precision(options.autocast, torch.device(device), "recovery autocast")
     held = 0 if streamed or not options.teacher_cache else len(windows)
-    world = distributed.world_size()
-    if options.lean is None:  # a resumed run continues with the state it saved
-        options = dataclasses.replace(options, lean=saved_lean(state_dir))
-    options = resolve_memory_modes(student, options, batch_size, seqlen, held, device, bf16, world)
+    options = resolve_memory_modes(
+        student, options, batch_size, seqlen, held, device, bf16, state_dir
+    )
     masks = _masks(student, _lean(options))
     teacher.requires_grad_(False).eval()
     shared = share_frozen_tensors(student, teacher)

@@ -19,6 +19,7 @@ measured peak).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,12 +30,16 @@ from torch import nn
 from safe_llm.core import distributed
 from safe_llm.core.blocks import find_blocks, prunable_layers
 from safe_llm.core.throughput import FLOPS_PER_TOKEN_PER_PARAMETER
+from safe_llm.stages.recover.state import saved_lean
+
+log = logging.getLogger(__name__)
 
 KL_TENSORS = 2  # the chunk's logits (student, teacher), float32; the rest is in place
 BLOCK_ACTIVATIONS = 12  # residual-width tensors alive in one block's forward and backward
 MLP_ACTIVATIONS = 4  # intermediate-width tensors (gate, up, their product, its gradient)
 RUNTIME = 135 * 2**20  # safe-llm's imports above a bare import torch, transformers (measured)
 FAST_SHARE = 0.5  # the fast state is taken when its peak is at most this share of free memory
+MEMORY_MODES = ("lean", "gradient_checkpointing")  # the options that trade speed for memory
 
 
 @dataclass
@@ -202,11 +207,8 @@ def estimate(
     (:class:`~safe_llm.stages.recover.options.RecoverOptions`), ``windows`` per step of ``seqlen`` tokens on
     each of ``world`` ranks, ``nwindows`` windows cached, bf16 autocast or not. A lean state
     or checkpointing left to auto (None) is counted on: the least memory it can take."""
-    lean_on, checkpointing_on = (
-        options.lean is not False,
-        options.gradient_checkpointing is not False,
-    )
-    options = replace(options, lean=lean_on, gradient_checkpointing=checkpointing_on)
+    on = {name: getattr(options, name) is not False for name in MEMORY_MODES}
+    options = replace(options, **on)
     size = counts.itemsize
     lean = options.lean and not options.fsdp
     shard = world if options.fsdp else 1  # FSDP: the blocks' tensors are split over ranks
@@ -310,16 +312,20 @@ def resolve_memory_modes(
     nwindows: int,
     device: torch.device,
     bf16: bool,
-    world: int = 1,
+    state_dir=None,
 ):
     """``options`` with ``lean`` and ``gradient_checkpointing`` decided where they are None
-    (auto): both off where the plan without them peaks at most :data:`FAST_SHARE` of the
-    device's free memory (the fast state: no gradient packing, no recompute; measured 1.5x
-    the tokens/s on SmolLM2, CPU), else both on (the least memory). Where the free memory is
-    unknown they are on. Under torchrun every rank takes the same decision."""
-    auto = [name for name in ("lean", "gradient_checkpointing") if getattr(options, name) is None]
+    (auto): a lean state saved in ``state_dir`` is resumed as saved; otherwise both are off
+    where the plan without them peaks at most :data:`FAST_SHARE` of the device's free memory
+    (the fast state: no gradient packing, no recompute; measured 1.5x the tokens/s on SmolLM2,
+    CPU), else both on (the least memory; also where the free memory is unknown). Every
+    torchrun rank takes the same decision; it is logged."""
+    if options.lean is None:
+        options = replace(options, lean=saved_lean(state_dir))
+    auto = [name for name in MEMORY_MODES if getattr(options, name) is None]
     if not auto:
         return options
+    world = distributed.world_size()
     fast = replace(options, **dict.fromkeys(auto, False))
     plan = plan_recovery(
         student, fast, windows, seqlen, nwindows, torch.device(device), bf16, world
@@ -327,7 +333,14 @@ def resolve_memory_modes(
     roomy = plan.available is not None and plan.peak <= FAST_SHARE * plan.available
     tight = torch.tensor([0.0 if roomy else 1.0], device=device)
     distributed.all_reduce_sum_([tight])  # every rank decides alike: fast only if all have room
-    return replace(options, **dict.fromkeys(auto, bool(tight.item() > 0)))
+    on = bool(tight.item() > 0)
+    log.info(
+        "recovery: %s %s (auto: the faster plan %s half the free memory)",
+        " and ".join(name.replace("_", " ") for name in auto),
+        "on" if on else "off",
+        "needs more than, or cannot measure," if on else "fits in",
+    )
+    return replace(options, **dict.fromkeys(auto, on))
 
 
 def _suggestions(counts, options, windows, seqlen, nwindows, bf16, free) -> list[str]:

@@ -15,8 +15,12 @@ from safe_llm.core.memory import large_buffers_from_mmap, return_freed_memory
 from safe_llm.io.self_data import SELF, check_can_generate, self_windows
 from safe_llm.stages.recover.loop import recover, total_steps
 from safe_llm.stages.recover.options import RecoverOptions, RecoveryError
-from safe_llm.stages.recover.plan import RecoveryPlan, plan_recovery, resolve_memory_modes
-from safe_llm.stages.recover.state import saved_lean
+from safe_llm.stages.recover.plan import (
+    MEMORY_MODES,
+    RecoveryPlan,
+    plan_recovery,
+    resolve_memory_modes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +134,7 @@ def run_recovery(model: nn.Module, context) -> dict:
         del teacher
     _log_report(report)
     extra = {"self_data": drawn["self_data"]} if "self_data" in drawn else {}
-    modes = {"lean": options.lean, "gradient_checkpointing": options.gradient_checkpointing}
+    modes = {name: getattr(options, name) for name in MEMORY_MODES}
     return {**report.to_dict(), **modes, "memory_plan": plan.to_dict(), **extra}
 
 
@@ -150,25 +154,13 @@ def _log_report(report) -> None:
 
 def _memory_modes(model, options, shape, device, streamed: bool, state_dir) -> RecoverOptions:
     """``options`` with the lean state and checkpointing decided where they are auto
-    (:func:`~safe_llm.stages.recover.plan.resolve_memory_modes`; logged)."""
+    (:func:`~safe_llm.stages.recover.plan.resolve_memory_modes`), planned as the run will go
+    (a streamed run keeps no teacher cache)."""
     batch, seqlen, held = shape
-    if options.lean is None:  # a resumed run continues with the state it saved
-        options = replace(options, lean=saved_lean(state_dir))
     planned = replace(options, teacher_cache=False) if streamed else options
     bf16 = precision.reduced_precision(options.autocast, torch.device(device), "recovery autocast")
-    world = distributed.world_size()
-    resolved = resolve_memory_modes(model, planned, batch, seqlen, held, device, bf16, world)
-    modes = {"lean": resolved.lean, "gradient_checkpointing": resolved.gradient_checkpointing}
-    if modes != {"lean": options.lean, "gradient_checkpointing": options.gradient_checkpointing}:
-        log.info(
-            "recovery: lean state %s, gradient checkpointing %s (auto: %s)",
-            "on" if modes["lean"] else "off",
-            "on" if modes["gradient_checkpointing"] else "off",
-            "the faster plan fits in half the free memory"
-            if not (modes["lean"] and modes["gradient_checkpointing"])
-            else "the faster plan needs more than half the free memory, or it is unknown",
-        )
-    return replace(options, **modes)
+    resolved = resolve_memory_modes(model, planned, batch, seqlen, held, device, bf16, state_dir)
+    return replace(options, **{name: getattr(resolved, name) for name in MEMORY_MODES})
 
 
 def _plan(model, options, shape, device, streamed: bool) -> tuple[RecoveryPlan, float]:
